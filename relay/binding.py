@@ -1,0 +1,77 @@
+"""Bind a message to exactly one configured tenant, or refuse it (pure; no I/O).
+
+The relay re-injects mail through tenants' trusted inbound connectors, so a message that cannot
+be bound to a tenant must never be relayed: that is what makes us not an open relay. Exchange
+Online's IPs and client certificate are shared by every tenant, so they can only ever prove
+"this is Exchange Online" — never "this is tenant X" (the 2024 "EchoSpoofing" abuse).
+
+This is the first layer set (issue #2): the ``X-MS-Exchange-CrossTenant-Id`` header Exchange
+Online adds with CloudServicesMailEnabled, cross-checked with the envelope sender's domain, and —
+for the dev profile only — the sender's domain alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relay.config import Config, Tenant
+from relay.errors import PermanentError
+from relay.mime import headers
+from relay.smtp import replies
+
+CROSS_TENANT_HEADER = "X-MS-Exchange-CrossTenant-Id"
+
+
+class Unbound(PermanentError):
+    """No served tenant owns this message. The reply is generic; ``detail`` is for the log."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(replies.NOT_AUTHORIZED, detail)
+
+
+@dataclass(frozen=True)
+class Binding:
+    tenant: Tenant
+    how: str  # "cross-tenant-id" or "sender-domain"
+
+
+def sender_domain(mail_from: str) -> str | None:
+    """Domain of an envelope sender; None for the null sender ``<>``."""
+    if not mail_from:
+        return None
+    _, at, dom = mail_from.rpartition("@")
+    return dom.strip().lower().rstrip(".") if at else ""
+
+
+def check_sender(cfg: Config, mail_from: str) -> None:
+    """At MAIL FROM: a non-null sender must belong to a served tenant.
+
+    Rejecting here (not only after DATA) means a stranger never even gets a 250 to RCPT.
+    """
+    dom = sender_domain(mail_from)
+    if dom is not None and cfg.tenant_by_domain(dom) is None:
+        raise Unbound(f"sender domain {dom!r} belongs to no configured tenant")
+
+
+def bind(cfg: Config, mail_from: str, raw: bytes) -> Binding:
+    """Bind the message (after DATA) to its tenant, or raise :class:`Unbound`."""
+    ids = headers.get_all(raw, CROSS_TENANT_HEADER)
+    dom = sender_domain(mail_from)
+    if len(ids) > 1:
+        # More than one is either a misrouted message or an attempt to confuse us.
+        raise Unbound(f"{len(ids)} {CROSS_TENANT_HEADER} fields")
+    if ids:
+        tenant = cfg.tenant_by_id(ids[0])
+        if tenant is None:
+            raise Unbound(f"{CROSS_TENANT_HEADER} {ids[0][:64]!r} is not a configured tenant")
+        if dom is not None and dom not in tenant.accepted_domains:
+            raise Unbound(f"sender domain {dom!r} is not an accepted domain of tenant {tenant.name!r}")
+        return Binding(tenant, "cross-tenant-id")
+    if dom is None:
+        raise Unbound(f"null sender without {CROSS_TENANT_HEADER}")
+    tenant = cfg.tenant_by_domain(dom)
+    if tenant is None:
+        raise Unbound(f"sender domain {dom!r} belongs to no configured tenant")
+    if not tenant.bind_by_sender_domain:
+        raise Unbound(f"no {CROSS_TENANT_HEADER} and tenant {tenant.name!r} requires it")
+    return Binding(tenant, "sender-domain")

@@ -1,0 +1,486 @@
+"""Load and validate the service and tenant configuration once, into frozen objects.
+
+Every error names the file, the key and the reason (``rules/contoso/tenant.toml: inbound.endpoint:
+expected 'host:port' or 'mx:<domain>[:port]', got 'localhost'``) and stops start-up: invalid config
+is never half-applied. Files are TOML (stdlib ``tomllib``) so a reviewer can diff them in git.
+
+Relative paths in a config file are resolved against that file's directory; the embedded default
+(``relay/defaults/relay.toml``, the dev profile) resolves them against the working directory, so a
+checkout is a working deployment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+from relay.errors import ConfigError
+
+DEFAULT_CONFIG_NAME: Final = "relay/defaults/relay.toml (embedded dev profile)"
+# Exchange Online advertises SIZE 157286400 (150 MiB); a smaller limit here would bounce mail
+# Exchange Online itself accepted.
+EXO_MAX_SIZE: Final = 157_286_400
+_DOMAIN_RE: Final = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+_HEADER_NAME_RE: Final = re.compile(r"^[!-9;-~]+$")  # RFC 5322 §3.6.8 ftext
+_SUBDOMAIN_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_REQUIRED: Final = object()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a tenant's inbound connector listens: a fixed host or the MX of a domain."""
+
+    kind: str  # "host" or "mx"
+    host: str  # host name/IP, or the domain whose MX to resolve
+    port: int
+
+    @classmethod
+    def parse(cls, spec: str) -> Endpoint:
+        """``"127.0.0.1:2526"``, ``"[::1]:25"``, ``"mx:contoso.onmicrosoft.com"`` (port 25)."""
+        if spec.startswith("mx:"):
+            rest = spec[3:]
+            domain, _, port_s = rest.partition(":")
+            port = _parse_port(port_s) if port_s else 25
+            domain = domain.lower().rstrip(".")
+            if not _DOMAIN_RE.match(domain):
+                raise ValueError(f"not a domain name: {domain!r}")
+            return cls("mx", domain, port)
+        host, port = _parse_hostport(spec)
+        return cls("host", host, port)
+
+    def __str__(self) -> str:
+        if self.kind == "mx":
+            return f"mx:{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Listener:
+    host: str
+    port: int
+    implicit_tls: bool = False
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    chain: Path | None
+    # TLS 1.2 is the floor: Exchange Online speaks 1.2/1.3 only, and 1.0/1.1 are deprecated
+    # (RFC 8996).
+    min_version: str = "TLSv1.2"
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    ca_bundle: Path | None  # None = the operating system's trust store
+    connect_timeout: float
+    command_timeout: float
+    # RFC 5321 §4.5.3.2.6: wait at least 10 minutes for the reply to the final ".".
+    data_timeout: float
+    pool_size: int
+    pool_idle: float
+    dns_servers: tuple[str, ...]  # empty = system resolver (/etc/resolv.conf)
+    dns_timeout: float
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """The dev tenant-inbound emulator (what Exchange Online's inbound connector does)."""
+
+    enabled: bool
+    host: str
+    port: int
+    cert: Path
+    key: Path
+    client_ca: Path
+    maildir: Path
+
+
+@dataclass(frozen=True)
+class CertsConfig:
+    dir: Path
+    ca_cert: Path
+    ca_key: Path
+    server_names: tuple[str, ...]
+    sink_names: tuple[str, ...]
+    days: int
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    id: str  # Entra ID tenant GUID, lower case
+    initial_domain: str
+    accepted_domains: frozenset[str]
+    region: str  # "global" or "de"
+    subdomain: str
+    certificate_name: str  # the inbound connector's TlsSenderCertificateName
+    endpoint: Endpoint
+    tls_server_name: str
+    client_cert: Path
+    client_key: Path
+    bind_by_sender_domain: bool
+    source: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    hostname: str
+    service_domain: str
+    processed_header: str
+    listeners: tuple[Listener, ...]
+    require_starttls: bool
+    max_message_size: int
+    idle_timeout: float
+    tls: TlsConfig
+    delivery: DeliveryConfig
+    sink: SinkConfig
+    certs: CertsConfig
+    tenants_dir: Path
+    signatures_dir: Path
+    var_dir: Path
+    tenants: tuple[Tenant, ...]
+    _by_id: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
+    _by_domain: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
+
+    def tenant_by_id(self, tenant_id: str) -> Tenant | None:
+        return self._by_id.get(tenant_id.strip().lower())
+
+    def tenant_by_domain(self, domain: str) -> Tenant | None:
+        return self._by_domain.get(domain.strip().lower().rstrip("."))
+
+    def tenant_by_name(self, name: str) -> Tenant | None:
+        return next((t for t in self.tenants if t.name == name), None)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Load the config file at ``path`` (or the embedded dev profile) and every tenant."""
+    if path is None:
+        text = resources.files("relay").joinpath("defaults/relay.toml").read_text("utf-8")
+        return _load_text(text, DEFAULT_CONFIG_NAME, Path.cwd())
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except OSError as e:
+        raise ConfigError(str(p), "", f"cannot read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), "", f"not UTF-8 text: {e}") from e
+    return _load_text(text, str(p), p.resolve().parent)
+
+
+def _load_text(text: str, name: str, base: Path) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(name, "", f"invalid TOML: {e}") from e
+    root = _Section(data, name, "", base)
+    svc = root.section("service")
+    hostname = svc.domain("hostname")
+    service_domain = svc.domain("service_domain")
+    processed_header = svc.string("processed_header", "X-CodeTwoProcessed")
+    if not _HEADER_NAME_RE.match(processed_header):
+        raise ConfigError(name, svc.key("processed_header"), "not a valid header field name")
+    tenants_dir = svc.path("tenants_dir", "rules")
+    signatures_dir = svc.path("signatures_dir", "signatures")
+    var_dir = svc.path("var_dir", "var")
+    svc.done()
+
+    lst = root.section("listen")
+    listeners = [Listener(*_hp(lst, "smtp", s)) for s in lst.str_list("smtp", ["0.0.0.0:25"])]
+    listeners += [Listener(*_hp(lst, "implicit_tls", s), True) for s in lst.str_list("implicit_tls", [])]
+    if not listeners:
+        raise ConfigError(name, lst.key("smtp"), "at least one listener is required")
+    require_starttls = lst.boolean("require_starttls", True)
+    max_size = lst.integer("max_message_size", EXO_MAX_SIZE, 1024, 2**31)
+    idle_timeout = lst.number("idle_timeout", 300.0, 1.0, 3600.0)
+    lst.done()
+
+    tls_s = root.section("tls")
+    tls = TlsConfig(
+        cert=tls_s.path("cert", _REQUIRED),
+        key=tls_s.path("key", _REQUIRED),
+        chain=tls_s.opt_path("chain"),
+        min_version=tls_s.choice("min_version", ("TLSv1.2", "TLSv1.3"), "TLSv1.2"),
+    )
+    tls_s.done()
+
+    d = root.section("delivery")
+    ca = d.string("ca_bundle", "system")
+    delivery = DeliveryConfig(
+        ca_bundle=None if ca == "system" else d.resolve(ca),
+        connect_timeout=d.number("connect_timeout", 30.0, 0.1, 600.0),
+        command_timeout=d.number("command_timeout", 300.0, 0.1, 3600.0),
+        data_timeout=d.number("data_timeout", 600.0, 0.1, 3600.0),
+        pool_size=d.integer("pool_size", 4, 0, 1000),
+        pool_idle=d.number("pool_idle", 60.0, 0.0, 3600.0),
+        dns_servers=tuple(d.str_list("dns_servers", [])),
+        dns_timeout=d.number("dns_timeout", 10.0, 0.1, 120.0),
+    )
+    for i, s in enumerate(delivery.dns_servers):
+        try:
+            parse_dns_server(s)
+        except ValueError as e:
+            raise ConfigError(name, f"{d.key('dns_servers')}[{i}]", f"{e}: {s!r}") from e
+    d.done()
+
+    c = root.section("certs")
+    cdir = c.path("dir", "certs")
+    default_names = [
+        hostname, f"*.{service_domain}", f"*.smtp.{service_domain}", f"*.de-smtp.{service_domain}",
+        "localhost", "127.0.0.1", "::1",
+    ]
+    certs = CertsConfig(
+        dir=cdir,
+        ca_cert=c.path("ca_cert", str(cdir / "ca.crt")),
+        ca_key=c.path("ca_key", str(cdir / "ca.key")),
+        server_names=tuple(c.str_list("server_names", default_names)),
+        sink_names=tuple(c.str_list("sink_names", ["mail.protection.outlook.com", "localhost", "127.0.0.1"])),
+        days=c.integer("days", 825, 1, 3650),
+    )
+    c.done()
+
+    sk = root.section("sink")
+    shost, sport = _hp(sk, "listen", sk.string("listen", "127.0.0.1:2526"))
+    sink = SinkConfig(
+        enabled=sk.boolean("enabled", False),
+        host=shost,
+        port=sport,
+        cert=sk.path("cert", str(cdir / "sink.crt")),
+        key=sk.path("key", str(cdir / "sink.key")),
+        client_ca=sk.path("client_ca", str(certs.ca_cert)),
+        maildir=sk.path("maildir", str(var_dir / "sink" / "Maildir")),
+    )
+    sk.done()
+
+    b = root.section("binding")
+    bind_by_sender = b.boolean("sender_domain", False)
+    b.done()
+    root.done()
+
+    tenants = _load_tenants(tenants_dir, service_domain, certs.dir, bind_by_sender)
+    by_id: dict[str, Tenant] = {}
+    by_domain: dict[str, Tenant] = {}
+    for t in tenants:
+        if t.id in by_id:
+            raise ConfigError(str(t.source), "tenant.id", f"same id as {by_id[t.id].source}")
+        by_id[t.id] = t
+        for dom in t.accepted_domains:
+            if dom in by_domain:
+                raise ConfigError(
+                    str(t.source), "tenant.accepted_domains",
+                    f"{dom} is already an accepted domain of tenant {by_domain[dom].name!r}",
+                )
+            by_domain[dom] = t
+    return Config(
+        source=name, hostname=hostname, service_domain=service_domain,
+        processed_header=processed_header, listeners=tuple(listeners),
+        require_starttls=require_starttls, max_message_size=max_size, idle_timeout=idle_timeout,
+        tls=tls, delivery=delivery, sink=sink, certs=certs, tenants_dir=tenants_dir,
+        signatures_dir=signatures_dir, var_dir=var_dir, tenants=tuple(tenants),
+        _by_id=MappingProxyType(by_id), _by_domain=MappingProxyType(by_domain),
+    )
+
+
+def certificate_name(subdomain: str, region: str, service_domain: str) -> str:
+    """The per-tenant name the inbound connector checks (``TlsSenderCertificateName``)."""
+    return f"{subdomain}.{'de-smtp' if region == 'de' else 'smtp'}.{service_domain}"
+
+
+def _load_tenants(tdir: Path, service_domain: str, certs_dir: Path, bind_default: bool) -> list[Tenant]:
+    if not tdir.is_dir():
+        raise ConfigError(str(tdir), "", "tenants directory does not exist (service.tenants_dir)")
+    tenants = []
+    for f in sorted(tdir.glob("*/tenant.toml")):
+        try:
+            data = tomllib.loads(f.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(str(f), "", f"cannot load: {e}") from e
+        root = _Section(data, str(f), "", f.parent)
+        t = root.section("tenant")
+        name = t.string("name", f.parent.name)
+        if name != f.parent.name:
+            raise ConfigError(str(f), t.key("name"), f"must equal the directory name {f.parent.name!r}")
+        raw_id = t.string("id", _REQUIRED)
+        try:
+            tid = str(uuid.UUID(raw_id))
+        except ValueError as e:
+            raise ConfigError(str(f), t.key("id"), f"not a tenant GUID: {raw_id!r}") from e
+        initial = t.domain("initial_domain")
+        if not initial.endswith(".onmicrosoft.com"):
+            raise ConfigError(str(f), t.key("initial_domain"), "must be the tenant's *.onmicrosoft.com domain")
+        accepted = {d.lower().rstrip(".") for d in t.str_list("accepted_domains", _REQUIRED)}
+        for d in accepted:
+            if not _DOMAIN_RE.match(d):
+                raise ConfigError(str(f), t.key("accepted_domains"), f"not a domain name: {d!r}")
+        accepted.add(initial)
+        region = t.choice("region", ("global", "de"), "global")
+        sub = t.string("subdomain", _REQUIRED)
+        if not _SUBDOMAIN_RE.match(sub):
+            raise ConfigError(str(f), t.key("subdomain"), "must be one DNS label: a-z, 0-9 and '-'")
+        t.done()
+        inb = root.section("inbound")
+        spec = inb.string("endpoint", f"mx:{initial}")
+        try:
+            endpoint = Endpoint.parse(spec)
+        except ValueError as e:
+            raise ConfigError(
+                str(f), inb.key("endpoint"), f"expected 'host:port' or 'mx:<domain>[:port]', got {spec!r} ({e})"
+            ) from e
+        client_cert = inb.path("client_cert", str(certs_dir / "tenants" / f"{name}.crt"))
+        client_key = inb.path("client_key", str(certs_dir / "tenants" / f"{name}.key"))
+        tls_name = inb.string("tls_server_name", "mail.protection.outlook.com")
+        inb.done()
+        bs = root.section("binding")
+        by_sender = bs.boolean("sender_domain", bind_default)
+        bs.done()
+        root.done()
+        tenants.append(Tenant(
+            name=name, id=tid, initial_domain=initial, accepted_domains=frozenset(accepted),
+            region=region, subdomain=sub, certificate_name=certificate_name(sub, region, service_domain),
+            endpoint=endpoint, tls_server_name=tls_name, client_cert=client_cert, client_key=client_key,
+            bind_by_sender_domain=by_sender, source=f,
+        ))
+    return tenants
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _parse_port(s: str) -> int:
+    if not s.isdigit() or not 0 < int(s) < 65536:
+        raise ValueError(f"bad port {s!r}")
+    return int(s)
+
+
+def parse_dns_server(spec: str) -> tuple[str, int]:
+    """``"127.0.0.1"``, ``"127.0.0.1:5353"``, ``"::1"`` or ``"[::1]:5353"`` → (address, port)."""
+    if spec.startswith("[") or spec.count(":") == 1:
+        host, port = _parse_hostport(spec)
+    else:
+        host, port = spec, 53
+    ipaddress.ip_address(host)  # nameservers are addresses, not names
+    return host, port
+
+
+def _parse_hostport(spec: str) -> tuple[str, int]:
+    spec = spec.strip()
+    if spec.startswith("["):
+        host, sep, rest = spec[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("expected [ipv6]:port")
+        ipaddress.IPv6Address(host)
+        return host, _parse_port(rest[1:])
+    host, sep, port = spec.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected host:port")
+    if ":" in host:
+        raise ValueError("write IPv6 addresses as [addr]:port")
+    return host, _parse_port(port)
+
+
+def _hp(sec: _Section, key: str, spec: str) -> tuple[str, int]:
+    try:
+        return _parse_hostport(spec)
+    except ValueError as e:
+        raise ConfigError(sec.file, sec.key(key), f"{e}: {spec!r}") from e
+
+
+class _Section:
+    """A table of a TOML file that remembers where it came from, for precise errors."""
+
+    def __init__(self, data: Mapping[str, Any], file: str, prefix: str, base: Path) -> None:
+        self.data = data
+        self.file = file
+        self.prefix = prefix
+        self.base = base
+        self.seen: set[str] = set()
+
+    def key(self, k: str) -> str:
+        return f"{self.prefix}.{k}" if self.prefix else k
+
+    def _get(self, k: str, default: object) -> Any:
+        self.seen.add(k)
+        if k in self.data:
+            return self.data[k]
+        if default is _REQUIRED:
+            raise ConfigError(self.file, self.key(k), "required key is missing")
+        return default
+
+    def _typed(self, k: str, default: object, typ: type | tuple[type, ...], what: str) -> Any:
+        v = self._get(k, default)
+        if not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool):
+            raise ConfigError(self.file, self.key(k), f"expected {what}, got {type(v).__name__} {v!r}")
+        return v
+
+    def section(self, k: str) -> _Section:
+        v = self._typed(k, {}, dict, "a table")
+        return _Section(v, self.file, self.key(k), self.base)
+
+    def string(self, k: str, default: object) -> str:
+        v: str = self._typed(k, default, str, "a string")
+        return v
+
+    def boolean(self, k: str, default: bool) -> bool:
+        v: bool = self._typed(k, default, bool, "true or false")
+        return v
+
+    def integer(self, k: str, default: int, lo: int, hi: int) -> int:
+        v: int = self._typed(k, default, int, "an integer")
+        if not lo <= v <= hi:
+            raise ConfigError(self.file, self.key(k), f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    def number(self, k: str, default: float, lo: float, hi: float) -> float:
+        v = float(self._typed(k, default, (int, float), "a number"))
+        if not lo <= v <= hi:
+            raise ConfigError(self.file, self.key(k), f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    def choice(self, k: str, options: tuple[str, ...], default: str) -> str:
+        v = self.string(k, default)
+        if v not in options:
+            raise ConfigError(self.file, self.key(k), f"must be one of {', '.join(options)}; got {v!r}")
+        return v
+
+    def domain(self, k: str) -> str:
+        v = self.string(k, _REQUIRED).lower().rstrip(".")
+        if not _DOMAIN_RE.match(v):
+            raise ConfigError(self.file, self.key(k), f"not a domain name: {v!r}")
+        return v
+
+    def str_list(self, k: str, default: object) -> list[str]:
+        v = self._typed(k, default, list, "a list of strings")
+        if not all(isinstance(x, str) for x in v):
+            raise ConfigError(self.file, self.key(k), "expected a list of strings")
+        return list(v)
+
+    def resolve(self, p: str) -> Path:
+        path = Path(p)
+        return path if path.is_absolute() else self.base / path
+
+    def path(self, k: str, default: object) -> Path:
+        return self.resolve(self.string(k, default))
+
+    def opt_path(self, k: str) -> Path | None:
+        v = self.string(k, "")
+        return self.resolve(v) if v else None
+
+    def done(self) -> None:
+        """Unknown keys are errors: a typo must not silently fall back to a default."""
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(self.file, self.key(unknown[0]), "unknown key" + (
+                f" (also: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""))

@@ -1,0 +1,302 @@
+"""Inline delivery to a tenant's inbound connector (aiosmtplib), with a small connection pool.
+
+The promise (DESIGN "Never lose mail"): the relay answers 250 only after the tenant answered
+250. Every outcome we are unsure of becomes a :class:`TransientError` (4xx to Exchange Online,
+which retries); duplicates beat loss.
+
+* STARTTLS is mandatory: a server that does not offer it fails the attempt (no downgrade to
+  plaintext, the "STARTTLS stripping" attack). The server certificate is verified against the
+  tenant's ``tls_server_name`` and CA bundle; the tenant's client certificate is presented.
+* MAIL/RCPT are sent as raw addresses (no re-quoting). If any recipient is deferred (4xx) we send
+  no DATA at all and defer the whole message: nothing is delivered twice and nothing is lost.
+  If some are refused for good (5xx) the rest get the message and the caller sends a DSN.
+* Messages go out with ``data()`` on the bytes we hold — never ``send_message`` (it re-folds
+  headers, drops Bcc and mangles "From " lines).
+* Connections are reused per (tenant, address) and closed on any error, so the next send reopens
+  cleanly (Mailman's habit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+from aiosmtplib.response import SMTPResponse
+
+from relay.config import DeliveryConfig, Tenant
+from relay.delivery.dsn import Refusal
+from relay.delivery.endpoints import Resolver, Target
+from relay.errors import ConfigError, PermanentError, RelayError, Reply, TransientError
+from relay.smtp import replies
+
+log = logging.getLogger("relay.delivery")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    accepted: tuple[str, ...]
+    refused: Mapping[str, Refusal]
+    reply: str  # the endpoint's final reply, e.g. "250 2.6.0 <id> Queued mail for delivery"
+    endpoint: str
+    reused: bool
+
+
+@dataclass
+class _Conn:
+    smtp: aiosmtplib.SMTP
+    tenant: str
+    target: Target
+    idle_since: float = field(default_factory=time.monotonic)
+
+
+class _RetryFresh(Exception):
+    """A pooled connection turned out dead before anything was sent: try a new one."""
+
+
+def client_context(cfg: DeliveryConfig, tenant: Tenant) -> ssl.SSLContext:
+    """TLS context for delivering to ``tenant``: verify the server, present the tenant's cert."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(cfg.ca_bundle) if cfg.ca_bundle else None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("delivery.ca_bundle", "", f"{cfg.ca_bundle}: cannot load CA bundle: {e}") from e
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(tenant.client_cert), str(tenant.client_key))
+    except FileNotFoundError as e:
+        raise ConfigError(str(tenant.source), "inbound.client_cert",
+                          f"{e.filename}: file not found (run `signature-relay certs init` for dev)") from e
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(str(tenant.source), "inbound.client_cert",
+                          f"cannot load {tenant.client_cert} / {tenant.client_key}: {e}") from e
+    return ctx
+
+
+def _reply(resp: SMTPResponse) -> str:
+    return f"{resp.code} {resp.message}".replace("\n", " ")
+
+
+def _downstream(code: int, message: str) -> Reply:
+    """Our reply carrying the endpoint's own words (its enhanced code when it gave one).
+
+    A downstream 421 ("closing connection") is about *its* connection, not ours: it becomes 451.
+    """
+    message = message.replace("\n", " ").strip()
+    if code == 421:
+        code = 451
+    klass = str(code)[0]
+    first, _, rest = message.partition(" ")
+    parts = first.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and first[0] == klass:
+        return Reply(code, first, f"Tenant endpoint said: {rest}")
+    return Reply(code, f"{klass}.0.0", f"Tenant endpoint said: {message}")
+
+
+class Delivery:
+    def __init__(
+        self, cfg: DeliveryConfig, tenants: Sequence[Tenant], *, local_hostname: str,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.local_hostname = local_hostname
+        self.resolver = resolver or Resolver(cfg.dns_servers, cfg.dns_timeout)
+        # Built at start-up so a missing or broken client certificate stops the relay with the
+        # file and key named, instead of deferring every message at run time.
+        self._contexts = {t.name: client_context(cfg, t) for t in tenants}
+        self._pool: dict[tuple[str, str, int], list[_Conn]] = {}
+
+    # --- public --------------------------------------------------------------------------------
+
+    async def deliver(
+        self, tenant: Tenant, mail_from: str, rcpts: Sequence[str], data: bytes, *, smtputf8: bool = False,
+    ) -> Outcome:
+        """Deliver ``data`` to ``tenant``'s endpoint. Returns only when the endpoint answered 250
+        for the accepted recipients; raises Transient/PermanentError otherwise."""
+        targets = await self.resolver.targets(tenant.endpoint)
+        last: RelayError | None = None
+        for target in targets:
+            try:
+                conn, reused = await self._checkout(tenant, target)
+            except TransientError as e:
+                log.warning("endpoint %s:%s (%s) failed: %s", target.address, target.port, target.mx_host, e.detail)
+                last = e
+                continue
+            try:
+                try:
+                    return await self._transaction(conn, reused, mail_from, rcpts, data, smtputf8)
+                except _RetryFresh:
+                    self._discard(conn)
+                    conn, reused = await self._connect(tenant, target), False
+                    return await self._transaction(conn, reused, mail_from, rcpts, data, smtputf8)
+            except BaseException:
+                # Unless the transaction ended on a clean reply (and checked the connection back
+                # in), the session is in an unknown state: never reuse it.
+                if not self._pooled(conn):
+                    self._discard(conn)
+                raise
+        assert last is not None
+        raise last
+
+    async def close(self) -> None:
+        """QUIT every pooled connection (shutdown)."""
+        pools, self._pool = self._pool, {}
+        for conns in pools.values():
+            for c in conns:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(c.smtp.quit(), 5)
+                c.smtp.close()
+
+    # --- connections ---------------------------------------------------------------------------
+
+    async def _checkout(self, tenant: Tenant, target: Target) -> tuple[_Conn, bool]:
+        key = (tenant.name, target.address, target.port)
+        pool = self._pool.get(key, [])
+        now = time.monotonic()
+        while pool:
+            c = pool.pop()
+            if c.smtp.is_connected and now - c.idle_since < self.cfg.pool_idle:
+                return c, True
+            self._discard(c)
+        return await self._connect(tenant, target), False
+
+    def _checkin(self, conn: _Conn) -> None:
+        key = (conn.tenant, conn.target.address, conn.target.port)
+        pool = self._pool.setdefault(key, [])
+        if len(pool) >= self.cfg.pool_size or not conn.smtp.is_connected:
+            self._discard(conn)
+            return
+        conn.idle_since = time.monotonic()
+        pool.append(conn)
+
+    def _pooled(self, conn: _Conn) -> bool:
+        key = (conn.tenant, conn.target.address, conn.target.port)
+        return any(c is conn for c in self._pool.get(key, ()))
+
+    def _discard(self, conn: _Conn) -> None:
+        conn.smtp.close()
+
+    async def _connect(self, tenant: Tenant, target: Target) -> _Conn:
+        ctx = self._contexts[tenant.name]
+        smtp = aiosmtplib.SMTP(
+            hostname=target.address, port=target.port, local_hostname=self.local_hostname,
+            timeout=self.cfg.command_timeout, start_tls=False, tls_context=ctx,
+        )
+        where = f"{target.address}:{target.port}"
+        try:
+            await smtp.connect(timeout=self.cfg.connect_timeout)
+            await smtp.ehlo()
+            if not smtp.supports_extension("starttls"):
+                # RFC 3207 §4: a client that requires TLS must not continue without it.
+                raise TransientError(replies.ENDPOINT_TLS_FAILED, f"{where} does not offer STARTTLS")
+            await smtp.starttls(server_hostname=tenant.tls_server_name, tls_context=ctx)
+            resp = await smtp.ehlo()
+        except RelayError:
+            smtp.close()
+            raise
+        except ssl.SSLError as e:
+            smtp.close()
+            raise TransientError(replies.ENDPOINT_TLS_FAILED, f"{where}: TLS failed: {e}") from e
+        except (aiosmtplib.SMTPTimeoutError, TimeoutError) as e:
+            smtp.close()
+            raise TransientError(replies.ENDPOINT_TIMEOUT, f"{where}: timeout during connect/STARTTLS") from e
+        except (aiosmtplib.SMTPException, OSError) as e:
+            smtp.close()
+            raise TransientError(replies.ENDPOINT_UNAVAILABLE, f"{where}: {type(e).__name__}: {e}") from e
+        del resp
+        return _Conn(smtp, tenant.name, target)
+
+    # --- the transaction -------------------------------------------------------------------------
+
+    async def _transaction(
+        self, conn: _Conn, reused: bool, mail_from: str, rcpts: Sequence[str], data: bytes, smtputf8: bool,
+    ) -> Outcome:
+        smtp = conn.smtp
+        where = f"{conn.target.address}:{conn.target.port}"
+        opts: list[bytes] = []
+        if smtputf8:
+            if not smtp.supports_extension("smtputf8"):
+                raise PermanentError(replies.SMTPUTF8_UNSUPPORTED, f"{where} lacks SMTPUTF8 (RFC 6531 §3.2)")
+            opts.append(b"SMTPUTF8")
+        if smtp.supports_extension("8bitmime") and not data.isascii():
+            opts.append(b"BODY=8BITMIME")  # RFC 6152
+        if smtp.supports_extension("size"):
+            opts.append(b"SIZE=%d" % len(data))
+        enc = "utf-8" if smtputf8 else "ascii"
+        try:
+            resp = await smtp.execute_command(b"MAIL", b"FROM:<" + mail_from.encode(enc) + b">", *opts)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as e:
+            if reused:
+                raise _RetryFresh() from e
+            raise TransientError(replies.ENDPOINT_UNAVAILABLE, f"{where}: disconnected at MAIL") from e
+        except aiosmtplib.SMTPTimeoutError as e:
+            raise TransientError(replies.ENDPOINT_TIMEOUT, f"{where}: timeout at MAIL") from e
+        if resp.code == 421 and reused:
+            raise _RetryFresh()
+        if resp.code != 250:
+            await self._rset(smtp)
+            raise self._error(resp, where, "MAIL")
+
+        accepted: list[str] = []
+        refused: dict[str, Refusal] = {}
+        deferred: list[tuple[str, SMTPResponse]] = []
+        for r in rcpts:
+            try:
+                rr = await smtp.execute_command(b"RCPT", b"TO:<" + r.encode(enc) + b">")
+            except aiosmtplib.SMTPTimeoutError as e:
+                raise TransientError(replies.ENDPOINT_TIMEOUT, f"{where}: timeout at RCPT") from e
+            except (aiosmtplib.SMTPException, ConnectionError) as e:
+                raise TransientError(replies.ENDPOINT_UNAVAILABLE, f"{where}: {e} at RCPT") from e
+            if rr.code in (250, 251):
+                accepted.append(r)
+            elif 500 <= rr.code < 600:
+                refused[r] = Refusal(rr.code, rr.message.replace("\n", " "), conn.target.mx_host)
+            else:
+                deferred.append((r, rr))
+        if deferred or not accepted:
+            await self._rset(smtp)
+            self._checkin(conn)
+            if deferred:
+                r, rr = deferred[0]
+                raise TransientError(_downstream(rr.code, rr.message),
+                                     f"{where}: {len(deferred)} recipient(s) deferred, first <{r}>: {_reply(rr)}")
+            first = next(iter(refused.values()))
+            raise PermanentError(_downstream(first.code, first.text),
+                                 f"{where}: every recipient refused, first: {first.code} {first.text}")
+
+        try:
+            final = await smtp.data(data, timeout=self.cfg.data_timeout)
+        except aiosmtplib.SMTPDataError as e:
+            await self._rset(smtp)
+            self._checkin(conn)
+            raise self._error(SMTPResponse(e.code, e.message), where, "DATA") from e
+        except aiosmtplib.SMTPTimeoutError as e:
+            # The message may or may not have been taken: a retry may deliver it twice, which we
+            # prefer to losing it (RFC 1047).
+            raise TransientError(replies.ENDPOINT_TIMEOUT,
+                                 f"{where}: no reply to end of DATA (possible duplicate on retry)") from e
+        except (aiosmtplib.SMTPException, ConnectionError) as e:
+            raise TransientError(replies.ENDPOINT_UNAVAILABLE,
+                                 f"{where}: {e} during DATA (possible duplicate on retry)") from e
+        self._checkin(conn)
+        return Outcome(tuple(accepted), refused, _reply(final), f"{where} ({conn.target.mx_host})", reused)
+
+    async def _rset(self, smtp: aiosmtplib.SMTP) -> None:
+        with contextlib.suppress(Exception):
+            await smtp.rset()
+
+    def _error(self, resp: SMTPResponse, where: str, stage: str) -> RelayError:
+        detail = f"{where}: {stage} answered {_reply(resp)}"
+        reply = _downstream(resp.code, resp.message)
+        if 500 <= resp.code < 600:
+            return PermanentError(reply, detail)
+        if 400 <= resp.code < 500:
+            return TransientError(reply, detail)
+        # A 2xx/3xx where an error was expected is a protocol violation: be safe, retry later.
+        return TransientError(replies.ENDPOINT_DEFERRED, detail)
+
+

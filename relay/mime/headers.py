@@ -1,0 +1,94 @@
+"""Raw access to the top-level header section (RFC 5322 §2.2) without re-serialising anything.
+
+We never parse a message into ``email.message`` objects and write it back: that re-folds headers
+and loses bytes. These helpers find fields by byte offsets and insert new fields as raw bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+# A header section ends at the first empty line. Accept CRLF and, tolerantly, bare LF: the email
+# package splits on bare LF too, and a mismatch between what we and downstream consider "the
+# header" is how header-injection bugs start.
+_END_RE: Final = re.compile(rb"\r?\n\r?\n")
+_LINE_RE: Final = re.compile(rb"[^\n]*\n|[^\n]+$")
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # as written, decoded latin-1 (never fails)
+    value: str  # unfolded, stripped, latin-1
+    start: int  # byte offset of the field's first line
+    end: int  # byte offset just after its last line (including the line break)
+
+
+def header_end(raw: bytes) -> int:
+    """Offset of the first body byte (just after the empty line); ``len(raw)`` when there is none."""
+    if raw.startswith((b"\r\n", b"\n")):
+        return 2 if raw.startswith(b"\r\n") else 1
+    m = _END_RE.search(raw)
+    return m.end() if m else len(raw)
+
+
+def fields(raw: bytes, limit: int | None = None) -> Iterator[Field]:
+    """Yield the top-level header fields in order. Lines that are neither a field nor a
+    continuation (RFC 5322 §2.2 violations) are skipped, as a tolerant parser would."""
+    end = header_end(raw) if limit is None else limit
+    name: str | None = None
+    value_parts: list[bytes] = []
+    start = 0
+    pos = 0
+    for m in _LINE_RE.finditer(raw, 0, end):
+        line = m.group()
+        if not line.strip(b"\r\n"):
+            break
+        if line[:1] in (b" ", b"\t"):
+            if name is not None:
+                value_parts.append(line)
+            pos = m.end()
+            continue
+        if name is not None:
+            yield _field(name, value_parts, start, pos)
+        colon = line.find(b":")
+        if colon <= 0 or b" " in line[:colon].rstrip() or b"\t" in line[:colon]:
+            name = None
+        else:
+            name = line[:colon].rstrip().decode("latin-1")
+            value_parts = [line[colon + 1:]]
+            start = m.start()
+        pos = m.end()
+    if name is not None:
+        yield _field(name, value_parts, start, pos)
+
+
+def _field(name: str, parts: list[bytes], start: int, end: int) -> Field:
+    # RFC 5322 §2.2.3: unfolding removes the CRLF that precedes folding white space.
+    value = b"".join(p.rstrip(b"\r\n") for p in parts).decode("latin-1").strip()
+    return Field(name, value, start, end)
+
+
+def get_all(raw: bytes, name: str) -> list[str]:
+    """Every value of field ``name`` (case-insensitive) in the top-level header, in order."""
+    lname = name.lower()
+    return [f.value for f in fields(raw) if f.name.lower() == lname]
+
+
+def line_ending(raw: bytes) -> bytes:
+    """The message's own line ending, so inserted fields match what surrounds them."""
+    i = raw.find(b"\n")
+    return b"\r\n" if i <= 0 or raw[i - 1:i] == b"\r" else b"\n"
+
+
+def prepend(raw: bytes, *new_fields: bytes) -> bytes:
+    """Insert complete fields (each ending in CRLF) at the top of the header section.
+
+    Trace fields go first (RFC 5321 §4.4: a relay prepends its Received: line). All other
+    bytes of ``raw`` are kept exactly; the line ending of the new fields follows the message.
+    """
+    eol = line_ending(raw)
+    block = b"".join(f if eol == b"\r\n" else f.replace(b"\r\n", b"\n") for f in new_fields)
+    return block + raw

@@ -1,0 +1,185 @@
+"""The relay service: accept from Exchange Online, bind, process, deliver back, answer.
+
+This is the I/O shell around the pure core (``binding``, ``pipeline``). One message gets one log
+line with tenant, message-id, sizes, decision, endpoint reply and latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import logging
+import secrets
+import time
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay import binding, pipeline
+from relay import log as msglog
+from relay.config import Config
+from relay.delivery import dsn
+from relay.delivery.client import Delivery
+from relay.errors import RelayError, Reply
+from relay.mime import headers, trace
+from relay.smtp import replies, tls
+from relay.smtp.server import RelaySMTP, start_listener
+
+log = logging.getLogger("relay")
+# Above this size the pure pipeline runs in a worker thread so one big message cannot stall
+# every other session on the event loop (aiosmtpd #293).
+_OFFLOAD_BYTES = 256 * 1024
+
+
+def new_queue_id() -> str:
+    return base64.b32encode(secrets.token_bytes(10)).decode("ascii").rstrip("=")
+
+
+def envelope_sender(env: Envelope) -> str:
+    """aiosmtpd keeps the null sender as "<>"; we use ""."""
+    s = env.mail_from or ""
+    return "" if s == "<>" else s
+
+
+class RelayHandler:
+    """aiosmtpd hook object. Replies come from :mod:`relay.smtp.replies` only."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
+    ) -> str:
+        try:
+            binding.check_sender(self.relay.cfg, "" if address == "<>" else address)
+        except RelayError as e:
+            log.info("refused at MAIL peer=%s from=<%s>: %s", session.peer, address, e.detail)
+            return replies.reply_for(e)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return str(replies.OK)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return await self.relay.handle_message(server, session, envelope)
+
+    async def handle_exception(self, error: Exception) -> str:
+        return replies.reply_for(error)
+
+
+class Relay:
+    def __init__(self, cfg: Config, delivery: Delivery | None = None) -> None:
+        self.cfg = cfg
+        self.tls_context = tls.server_context(cfg.tls, where=f"{cfg.source}: [tls]")
+        self.delivery = delivery or Delivery(cfg.delivery, cfg.tenants, local_hostname=cfg.hostname)
+        self.handler = RelayHandler(self)
+        self.servers: list[asyncio.Server] = []
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def smtp_factory(self) -> SMTP:
+        return RelaySMTP(
+            self.handler, hostname=self.cfg.hostname, idle_timeout=self.cfg.idle_timeout,
+            data_size_limit=self.cfg.max_message_size, tls_context=self.tls_context,
+            require_starttls=self.cfg.require_starttls,
+        )
+
+    async def start(self) -> None:
+        for lst in self.cfg.listeners:
+            self.servers.append(await start_listener(self.smtp_factory, lst, self.tls_context))
+            log.info("listening on %s:%s (%s)", lst.host, lst.port, "implicit TLS" if lst.implicit_tls else "STARTTLS")
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let messages in flight finish (up to ``grace`` s), close the pool."""
+        for s in self.servers:
+            s.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        await self.delivery.close()
+
+    def hold_time(self) -> float:
+        d = self.cfg.delivery
+        return d.connect_timeout + 3 * d.command_timeout + d.data_timeout + 60
+
+    async def handle_message(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.in_flight += 1
+        self._idle.clear()
+        if isinstance(server, RelaySMTP):
+            server.hold_timeout(self.hold_time())
+        t0 = time.monotonic()
+        qid = new_queue_id()
+        raw = envelope.original_content or b""
+        mail_from = envelope_sender(envelope)
+        rcpts = list(envelope.rcpt_tos)
+        mids = headers.get_all(raw, "Message-ID")
+        fields: dict[str, Any] = {
+            "qid": qid, "peer": session.peer[0] if session.peer else None, "from": f"<{mail_from}>",
+            "rcpts": len(rcpts), "message_id": mids[0][:200] if mids else "-", "size_in": len(raw),
+        }
+        try:
+            reply = await self._process_and_deliver(session, envelope, qid, raw, mail_from, rcpts, fields)
+        except Exception as e:  # the one place errors become replies
+            reply = replies.reply_for(e)
+            fields["error"] = e.detail if isinstance(e, RelayError) else f"{type(e).__name__}: {e}"
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+        fields["reply"] = reply
+        fields["latency_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        log.info("message %s", msglog.fmt(fields))
+        return reply
+
+    async def _process_and_deliver(
+        self, session: Session, envelope: Envelope, qid: str, raw: bytes, mail_from: str,
+        rcpts: list[str], fields: dict[str, Any],
+    ) -> str:
+        cfg = self.cfg
+        b = binding.bind(cfg, mail_from, raw)
+        fields["tenant"] = b.tenant.name
+        fields["bound_by"] = b.how
+        received = trace.received(
+            helo=session.host_name, peer_ip=session.peer[0] if session.peer else None, by=cfg.hostname,
+            queue_id=qid, recipients=rcpts, tls=tls.describe(session.ssl), smtputf8=envelope.smtp_utf8,
+            when=dt.datetime.now(dt.UTC).astimezone(),
+        )
+        if len(raw) > _OFFLOAD_BYTES:
+            processed = await asyncio.to_thread(
+                pipeline.process, raw, processed_header=cfg.processed_header, received=received)
+        else:
+            processed = pipeline.process(raw, processed_header=cfg.processed_header, received=received)
+        fields["decision"] = str(processed.decision)
+        fields["size_out"] = len(processed.data)
+        outcome = await self.delivery.deliver(
+            b.tenant, mail_from, rcpts, processed.data, smtputf8=envelope.smtp_utf8)
+        fields["endpoint"] = outcome.endpoint
+        fields["downstream"] = outcome.reply[:200]
+        if outcome.refused:
+            fields["refused"] = ",".join(outcome.refused)
+            fields["dsn"] = await self._send_dsn(b.tenant, qid, raw, mail_from, outcome.refused)
+        return str(Reply(250, "2.0.0", f"Ok {qid} accepted by tenant endpoint"))
+
+    async def _send_dsn(
+        self, tenant: Any, qid: str, raw: bytes, mail_from: str, refused: Any,
+    ) -> str:
+        """Tell the sender about recipients the tenant refused for good (RFC 3464).
+
+        The accepted recipients already have the message, so the 250 stands whatever happens
+        here; a DSN we cannot deliver is logged at ERROR for an operator (the queue mode will
+        spool it instead)."""
+        if not mail_from:
+            return "none(null-sender)"  # RFC 3464 §2: never a DSN for a DSN
+        msg = dsn.build(
+            original=raw, mail_from=mail_from, refused=refused, reporting_mta=self.cfg.hostname,
+            queue_id=qid, arrival=dt.datetime.now(dt.UTC), processed_header=self.cfg.processed_header,
+        )
+        try:
+            await self.delivery.deliver(tenant, "", [mail_from], msg)
+        except RelayError as e:
+            log.error("DSN for %s to <%s> NOT delivered: %s", qid, mail_from, e.detail)
+            return "failed"
+        return "sent"
+
+

@@ -1,0 +1,1 @@
+"""Thin aiosmtpd layer: TLS contexts, limits, tenant binding hooks, error → reply mapping."""

@@ -1,0 +1,45 @@
+"""Named SMTP replies and the ONE place where exceptions become replies.
+
+Codes follow RFC 5321 §4.2 and the enhanced status codes of RFC 3463 / RFC 5248.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from relay.errors import RelayError, Reply
+
+log = logging.getLogger("relay.smtp")
+
+# --- success -------------------------------------------------------------------------------
+OK = Reply(250, "2.0.0", "OK")
+
+# --- transient (4xx): Exchange Online keeps the message and retries for ~24 h ----------------
+LOCAL_ERROR = Reply(451, "4.3.0", "Temporary local problem, please try again later")
+TENANT_LOOKUP_FAILED = Reply(451, "4.7.1", "Unable to verify the sending organization now, try again later")
+ENDPOINT_UNAVAILABLE = Reply(451, "4.4.1", "Tenant inbound endpoint not reachable, try again later")
+ENDPOINT_TLS_FAILED = Reply(451, "4.7.5", "Secure connection to tenant endpoint failed, try again later")
+ENDPOINT_DNS_FAILED = Reply(451, "4.4.3", "Tenant endpoint lookup failed, try again later")
+ENDPOINT_TIMEOUT = Reply(451, "4.4.2", "Tenant endpoint timed out, try again later")
+ENDPOINT_DEFERRED = Reply(451, "4.4.0", "Tenant endpoint deferred the message, try again later")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+
+# --- permanent (5xx) ----------------------------------------------------------------------------
+# Generic on purpose: why a message was not bound to a tenant is in the log, not the reply, so
+# an attacker probing the relay learns nothing about which tenants exist (issue #5).
+NOT_AUTHORIZED = Reply(550, "5.7.1", "Relaying denied: message not from a served organization")
+NO_ENDPOINT = Reply(550, "5.1.2", "Tenant endpoint has no mail exchanger (null MX)")
+SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7", "Tenant endpoint does not support SMTPUTF8")
+
+
+def reply_for(error: BaseException) -> str:
+    """Map any exception to the reply line sent to the client.
+
+    A :class:`RelayError` carries its own reply. Anything else is a bug or an unforeseen
+    fault: we cannot know the message is safe, so it is a 451 (never aiosmtpd's default
+    permanent ``500 Error: (ExcName) text``, which both bounces mail and leaks internals).
+    """
+    if isinstance(error, RelayError):
+        return str(error.reply)
+    log.error("unexpected error, answering 451", exc_info=error)
+    return str(LOCAL_ERROR)
