@@ -25,7 +25,7 @@ from relay.delivery.client import Delivery
 from relay.errors import RelayError, Reply
 from relay.mime import headers, trace
 from relay.smtp import replies, tls
-from relay.smtp.server import RelaySMTP, start_listener
+from relay.smtp.server import EhloWithoutAuth, RelaySMTP, start_listener
 
 log = logging.getLogger("relay")
 # Above this size the pure pipeline runs in a worker thread so one big message cannot stall
@@ -43,7 +43,7 @@ def envelope_sender(env: Envelope) -> str:
     return "" if s == "<>" else s
 
 
-class RelayHandler:
+class RelayHandler(EhloWithoutAuth):
     """aiosmtpd hook object. Replies come from :mod:`relay.smtp.replies` only."""
 
     def __init__(self, relay: Relay) -> None:

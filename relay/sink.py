@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import Config, Listener, TlsConfig
 from relay.smtp import tls
-from relay.smtp.server import RelaySMTP, start_listener
+from relay.smtp.server import EhloWithoutAuth, RelaySMTP, start_listener
 
 log = logging.getLogger("relay.sink")
 
@@ -37,6 +37,7 @@ class SinkBehavior:
     reject_rcpt: re.Pattern[str] | None = None  # 550 5.1.1 for matching recipients
     defer_rcpt: re.Pattern[str] | None = None  # 450 4.2.1 for matching recipients
     data_reply: str | None = None  # e.g. "451 4.3.0 try later": answer DATA with this
+    data_delay: float = 0.0  # seconds to wait before answering DATA (slow-endpoint tests)
 
 
 class Maildir:
@@ -66,7 +67,7 @@ class Maildir:
         return final
 
 
-class SinkHandler:
+class SinkHandler(EhloWithoutAuth):
     def __init__(self, maildir: Path, allowed: dict[str, str], behavior: SinkBehavior) -> None:
         self.maildir = Maildir(maildir)
         self.journal = maildir.parent / "deliveries.jsonl"
@@ -106,6 +107,8 @@ class SinkHandler:
         return "250 2.1.5 Recipient OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.behavior.data_delay:
+            await asyncio.sleep(self.behavior.data_delay)
         if self.behavior.data_reply:
             return self.behavior.data_reply
         data = envelope.original_content or b""

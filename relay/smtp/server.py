@@ -48,6 +48,17 @@ class RelaySMTP(SMTP):
         self._reset_timeout(seconds)
 
 
+class EhloWithoutAuth:
+    """Handler mixin: aiosmtpd advertises "250-AUTH" after STARTTLS even with no mechanisms
+    enabled. Exchange Online never authenticates to a smart host, so we advertise no AUTH."""
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [r for r in responses if not r[4:].upper().startswith("AUTH")]
+
+
 async def start_listener(
     factory: Callable[[], SMTP], listener: Listener, tls_context: ssl.SSLContext | None,
 ) -> asyncio.Server:

@@ -1,0 +1,272 @@
+"""Protocol tier: the real relay (aiosmtpd) and the real sink over real TLS on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+
+import aiosmtplib
+import pytest
+
+from relay.errors import Reply
+from relay.mime import headers
+from relay.sink import SinkBehavior
+from tests.protocol.conftest import Stack, journal
+from tests.support import CONTOSO_ID, message
+
+
+async def send(st: Stack, raw: bytes, frm: str = "alice@contoso.com",
+               rcpts: tuple[str, ...] = ("bob@example.net",)) -> tuple[int, str]:
+    """MAIL/RCPT/DATA over STARTTLS; returns the first non-2xx reply or the DATA reply."""
+    c = await st.tls_client()
+    try:
+        r = await c.execute_command(b"MAIL", f"FROM:<{frm}>".encode())
+        if r.code != 250:
+            return r.code, r.message
+        for rc in rcpts:
+            r = await c.execute_command(b"RCPT", f"TO:<{rc}>".encode())
+            if r.code != 250:
+                return r.code, r.message
+        try:
+            r = await c.data(raw)
+        except aiosmtplib.SMTPDataError as e:
+            return e.code, e.message
+        return r.code, r.message
+    finally:
+        c.close()
+
+
+async def test_banner_and_ehlo(stack: Stack) -> None:
+    c = stack.client()
+    banner = await c.connect()
+    assert banner.code == 220 and banner.message == "smtp.signature-relay.test ESMTP"  # no version leaked
+    ehlo = await c.ehlo()
+    assert ehlo.code == 250
+    assert c.supports_extension("starttls") and c.supports_extension("smtputf8")
+    assert c.supports_extension("8bitmime")
+    assert c.esmtp_extensions["size"] == "157286400"
+    assert not c.supports_extension("auth")
+    r = await c.execute_command(b"MAIL", b"FROM:<alice@contoso.com>")
+    assert r.code == 530  # RFC 3207 §4: STARTTLS first
+    await c.starttls(server_hostname="smtp.signature-relay.test")
+    await c.ehlo()
+    assert not c.supports_extension("starttls") and not c.supports_extension("auth")
+    c.close()
+
+
+async def test_relays_marked_message_byte_for_byte(stack: Stack) -> None:
+    raw = message(body="Caf\u00e9 \u2615 line one\r\n.leading dot\r\n\r\nend\r\n")
+    code, text = await send(stack, raw)
+    assert code == 250 and text.startswith("2.0.0 Ok ")
+    [got] = stack.deployment.delivered()
+    assert got.endswith(raw)  # every byte we were given, unchanged (dot-stuffing undone both ways)
+    assert headers.get_all(got, "X-CodeTwoProcessed") == ["true"]
+    prefix = got[: len(got) - len(raw)]
+    assert [f.name for f in headers.fields(prefix + b"\r\n")] == ["Received", "X-CodeTwoProcessed"]
+    [rec] = journal(stack.deployment)
+    assert rec["client_cert"] == "contoso-7q4k2m.smtp.signature-relay.test"  # tenant's own certificate
+    assert rec["tenant"] == "contoso" and rec["rcpt_tos"] == ["bob@example.net"]
+    assert rec["mail_from"] == "alice@contoso.com"
+
+
+async def test_already_processed_is_relayed_without_second_marker(stack: Stack) -> None:
+    raw = message(extra_headers="X-CodeTwoProcessed: true\r\n")
+    assert (await send(stack, raw))[0] == 250
+    [got] = stack.deployment.delivered()
+    assert got.endswith(raw) and headers.get_all(got, "X-CodeTwoProcessed") == ["true"]
+
+
+async def test_unknown_tenant_never_gets_250(stack: Stack) -> None:
+    c = await stack.tls_client()
+    r = await c.execute_command(b"MAIL", b"FROM:<spammer@example.org>")
+    assert (r.code, r.message) == (550, "5.7.1 Relaying denied: message not from a served organization")
+    r = await c.execute_command(b"RCPT", b"TO:<victim@example.net>")
+    assert r.code == 503  # no transaction: nothing was ever accepted
+    c.close()
+    assert stack.deployment.delivered() == []
+
+
+async def test_unknown_cross_tenant_id_refused_after_data(stack: Stack) -> None:
+    raw = message(extra_headers="X-MS-Exchange-CrossTenant-Id: 11111111-2222-3333-4444-555555555555\r\n")
+    assert (await send(stack, raw, frm="")) [0] == 550
+    assert stack.deployment.delivered() == []
+
+
+async def test_null_sender_validation_shape_is_relayed(stack: Stack) -> None:
+    raw = message(frm="O365ConnectorValidation@contoso.onmicrosoft.com",
+                  extra_headers=f"X-MS-Exchange-CrossTenant-Id: {CONTOSO_ID}\r\n")
+    assert (await send(stack, raw, frm=""))[0] == 250
+    [rec] = journal(stack.deployment)
+    assert rec["mail_from"] == "<>"
+
+
+async def test_endpoint_down_is_451_and_nothing_delivered(make_stack: object) -> None:
+    st = await make_stack(with_sink=False)  # type: ignore[operator]
+    code, text = await send(st, message())
+    assert code == 451 and text.startswith("4.4.1")
+    assert st.deployment.delivered() == []
+
+
+async def test_deferred_recipient_defers_whole_message(make_stack: object) -> None:
+    st = await make_stack(SinkBehavior(defer_rcpt=re.compile("later@")))  # type: ignore[operator]
+    code, text = await send(st, message(), rcpts=("ok@example.net", "later@example.net"))
+    assert code == 450 and "4.2.1" in text
+    assert st.deployment.delivered() == []  # no DATA at all: retry delivers once, to both
+
+
+async def test_all_recipients_refused_is_5xx_with_endpoint_text(make_stack: object) -> None:
+    st = await make_stack(SinkBehavior(reject_rcpt=re.compile("@example.net")))  # type: ignore[operator]
+    code, text = await send(st, message(), rcpts=("a@example.net", "b@example.net"))
+    assert code == 550 and text.startswith("5.1.1 Tenant endpoint said:") and "User unknown" in text
+    assert st.deployment.delivered() == []
+
+
+async def test_partial_refusal_delivers_and_sends_dsn(make_stack: object) -> None:
+    st = await make_stack(SinkBehavior(reject_rcpt=re.compile("gone@")))  # type: ignore[operator]
+    code, _ = await send(st, message(), rcpts=("ok@example.net", "gone@example.net"))
+    assert code == 250
+    recs = journal(st.deployment)
+    assert [r["rcpt_tos"] for r in recs] == [["ok@example.net"], ["alice@contoso.com"]]
+    assert recs[1]["mail_from"] == "<>"  # DSNs come from the null sender
+    dsn = st.deployment.delivered()[1]
+    assert b"report-type=delivery-status" in dsn and b"Final-Recipient: rfc822; gone@example.net" in dsn
+
+
+async def test_partial_refusal_of_null_sender_sends_no_dsn(make_stack: object) -> None:
+    st = await make_stack(SinkBehavior(reject_rcpt=re.compile("gone@")))  # type: ignore[operator]
+    raw = message(extra_headers=f"X-MS-Exchange-CrossTenant-Id: {CONTOSO_ID}\r\n")
+    code, _ = await send(st, raw, frm="", rcpts=("ok@example.net", "gone@example.net"))
+    assert code == 250 and len(journal(st.deployment)) == 1
+
+
+@pytest.mark.parametrize(("reply", "code"), [("452 4.3.1 Insufficient system storage", 452),
+                                             ("554 5.6.0 Message content rejected", 554),
+                                             ("421 4.3.2 Going down", 451)])
+async def test_data_reply_of_endpoint_is_mapped(make_stack: object, reply: str, code: int) -> None:
+    st = await make_stack(SinkBehavior(data_reply=reply))  # type: ignore[operator]
+    got, text = await send(st, message())
+    assert got == code and "Tenant endpoint said" in text
+
+
+async def test_handler_exception_is_451_not_500(stack: Stack) -> None:
+    async def boom(*a: object, **kw: object) -> None:
+        raise RuntimeError("internal detail /srv/secret")
+
+    stack.relay.delivery.deliver = boom  # type: ignore[method-assign]
+    code, text = await send(stack, message())
+    assert (code, text) == (451, "4.3.0 Temporary local problem, please try again later")
+
+
+async def test_connections_to_endpoint_are_reused(stack: Stack) -> None:
+    for _ in range(3):
+        assert (await send(stack, message()))[0] == 250
+    assert [o.reused for o in stack.delivery.outcomes] == [False, True, True]
+    assert len(stack.deployment.delivered()) == 3
+
+
+async def test_pooled_connection_closed_by_endpoint_is_replaced(stack: Stack) -> None:
+    assert (await send(stack, message()))[0] == 250
+    # The endpoint restarts: pooled connection is dead. The next message must still arrive once.
+    await stack.stop_sink()
+    from relay.sink import Sink
+
+    stack.sink = Sink(stack.cfg)
+    await stack.sink.start()
+    assert (await send(stack, message()))[0] == 250
+    assert len(stack.deployment.delivered()) == 2
+
+
+async def test_slow_endpoint_longer_than_idle_timeout(make_stack: object) -> None:
+    """aiosmtpd would time the session out mid-handler (#110); the relay holds the timer."""
+    import dataclasses
+
+    from relay.config import Config
+
+    st0: Stack = await make_stack(SinkBehavior(data_delay=2.5))  # type: ignore[operator]
+    cfg: Config = dataclasses.replace(st0.cfg, idle_timeout=1.0)
+    await st0.relay.stop(grace=0)
+    st0.relay.servers.clear()
+    from relay.service import Relay
+
+    relay = Relay(cfg, st0.delivery)
+    await relay.start()
+    try:
+        assert (await send(st0, message()))[0] == 250
+    finally:
+        await relay.stop(grace=1)
+
+
+class _NoTlsEndpoint:
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        return "250 OK"
+
+
+async def test_endpoint_without_starttls_is_never_used_in_plaintext(make_stack: object, deployment: object) -> None:
+    from aiosmtpd.controller import Controller
+
+    from tests.support import free_port
+
+    port = free_port()
+    ctl = Controller(_NoTlsEndpoint(), hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        dep = deployment
+        f = dep.root / "rules" / "contoso" / "tenant.toml"  # type: ignore[attr-defined]
+        f.write_text(re.sub(r'endpoint = ".*"', f'endpoint = "127.0.0.1:{port}"', f.read_text()))
+        st = await make_stack(with_sink=False)  # type: ignore[operator]
+        code, text = await send(st, message())
+        assert code == 451 and text.startswith("4.7.5")
+    finally:
+        ctl.stop()
+
+
+async def test_endpoint_with_wrong_certificate_name_fails_closed(make_stack: object, deployment: object) -> None:
+    f = deployment.root / "rules" / "contoso" / "tenant.toml"  # type: ignore[attr-defined]
+    f.write_text(f.read_text() + 'tls_server_name = "mail.protection.outlook.example"\n')
+    st = await make_stack()  # type: ignore[operator]
+    code, text = await send(st, message())
+    assert code == 451 and text.startswith("4.7.5")
+    assert st.deployment.delivered() == []
+
+
+async def test_sink_requires_a_tenant_client_certificate(stack: Stack) -> None:
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=stack.deployment.sink_port, start_tls=False, timeout=10)
+    await c.connect()
+    await c.starttls(server_hostname="mail.protection.outlook.com", tls_context=stack.client_tls())
+    await c.ehlo()
+    r = await c.execute_command(b"MAIL", b"FROM:<alice@contoso.com>")
+    assert r.code == 530 and "Client certificate required" in r.message
+    c.close()
+
+
+async def test_tls_1_1_refused_tls_1_2_accepted(stack: Stack) -> None:
+    async def handshake(version: ssl.TLSVersion) -> str:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # make the *client* willing, so the server decides
+        ctx.minimum_version = ctx.maximum_version = version
+        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=stack.deployment.relay_port, start_tls=False, timeout=10)
+        await c.connect()
+        try:
+            await c.starttls(tls_context=ctx)
+            return "ok"
+        except (ssl.SSLError, aiosmtplib.SMTPException, ConnectionError) as e:
+            return f"refused: {e}"
+        finally:
+            c.close()
+
+    assert (await handshake(ssl.TLSVersion.TLSv1_2)) == "ok"
+    result = await handshake(ssl.TLSVersion.TLSv1_1)
+    assert result.startswith("refused"), result
+
+
+async def test_concurrent_sessions(stack: Stack) -> None:
+    results = await asyncio.gather(*(send(stack, message(to=f"r{i}@example.net")) for i in range(8)))
+    assert all(code == 250 for code, _ in results)
+    assert len(stack.deployment.delivered()) == 8
+
+
+def test_reply_str() -> None:
+    assert str(Reply(250, "2.0.0", "x")) == "250 2.0.0 x"

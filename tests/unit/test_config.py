@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from relay import config
+from relay.errors import ConfigError
+from tests.support import make_deployment
+
+
+def test_embedded_default_is_the_dev_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)
+    cfg = config.load()
+    assert cfg.max_message_size == 157_286_400
+    assert cfg.processed_header == "X-CodeTwoProcessed"
+    contoso = cfg.tenant_by_name("contoso")
+    assert contoso is not None
+    assert {"contoso.com", "contoso.onmicrosoft.com"} <= contoso.accepted_domains
+    assert contoso.certificate_name == "contoso-7q4k2m.smtp.signature-relay.test"
+    assert cfg.tenant_by_domain("CONTOSO.COM.") is contoso
+    assert cfg.tenant_by_id(contoso.id.upper()) is contoso
+
+
+def write(tmp: Path, pki: Path, extra: str = "", tenant_patch: tuple[str, str] | None = None) -> Path:
+    d = make_deployment(tmp, pki_from=pki, extra=extra)
+    if tenant_patch:
+        f = tmp / "rules" / "contoso" / "tenant.toml"
+        f.write_text(f.read_text().replace(*tenant_patch))
+    return d.config_path
+
+
+@pytest.mark.parametrize(("extra", "key", "reason"), [
+    ("\n[listen]\nsmpt = []\n", "listen", "Cannot declare"),
+])
+def test_toml_errors_name_the_file(tmp_path: Path, pki_dir: Path, extra: str, key: str, reason: str) -> None:
+    p = write(tmp_path, pki_dir, extra)
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert str(p) in str(e.value) and "invalid TOML" in str(e.value)
+
+
+@pytest.mark.parametrize(("old", "new", "key", "reason"), [
+    ('subdomain = "contoso-7q4k2m"', 'subdomain = "contoso-7q4k2m"\nsubdomian = "x"', "tenant.subdomian",
+     "unknown key"),
+    ('endpoint = "127.0.0.1:', 'endpoint = "localhost', "inbound.endpoint", "expected 'host:port'"),
+    ('id = "', 'id = "not-a-guid', "tenant.id", "not a tenant GUID"),
+    ('accepted_domains = ["contoso.com"]', 'accepted_domains = ["contoso.com", "fabrikam.com"]',
+     "tenant.accepted_domains", "already an accepted domain of tenant"),
+    ('initial_domain = "contoso.onmicrosoft.com"', 'initial_domain = "contoso.com"', "tenant.initial_domain",
+     "onmicrosoft.com"),
+])
+def test_tenant_errors_name_file_key_reason(
+    tmp_path: Path, pki_dir: Path, old: str, new: str, key: str, reason: str,
+) -> None:
+    p = write(tmp_path, pki_dir, tenant_patch=(old, new))
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    # duplicate-domain errors are reported on whichever of the two tenants loads second
+    assert e.value.file.endswith("tenant.toml")
+    assert e.value.key == key
+    assert reason in e.value.reason
+
+
+def test_service_errors_name_key(tmp_path: Path, pki_dir: Path) -> None:
+    p = write(tmp_path, pki_dir)
+    p.write_text(p.read_text().replace("idle_timeout = 30", "idle_timeout = \"30\""))
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert (e.value.file, e.value.key) == (str(p), "listen.idle_timeout")
+    assert "expected a number" in e.value.reason
+
+
+def test_missing_file_and_relative_paths(tmp_path: Path, pki_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "nope.toml")
+    p = write(tmp_path, pki_dir)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    cwd = os.getcwd()
+    os.chdir(other)
+    try:
+        cfg = config.load(p)
+    finally:
+        os.chdir(cwd)
+    assert cfg.tls.cert == tmp_path / "certs" / "server.crt"  # relative to the config file
+
+
+def test_endpoint_parsing() -> None:
+    assert config.Endpoint.parse("mx:Contoso.onmicrosoft.com.") == config.Endpoint("mx", "contoso.onmicrosoft.com", 25)
+    assert config.Endpoint.parse("mx:x.test:2526").port == 2526
+    assert config.Endpoint.parse("[::1]:25") == config.Endpoint("host", "::1", 25)
+    for bad in ("::1:25", "host", "host:0", "mx:bad_domain!", "host:99999"):
+        with pytest.raises(ValueError):
+            config.Endpoint.parse(bad)
+
+
+def test_config_objects_are_frozen(tmp_path: Path, pki_dir: Path) -> None:
+    cfg = config.load(write(tmp_path, pki_dir))
+    with pytest.raises(AttributeError):
+        cfg.hostname = "x"  # type: ignore[misc]
