@@ -39,6 +39,7 @@ system-deps:
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check relay tests benchmarks
+	$(BIN)/hadolint Dockerfile
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy relay

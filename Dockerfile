@@ -1,0 +1,32 @@
+# signature-relay container image.
+#
+#   docker build -t signature-relay .
+#   docker run -p 25:2525 \
+#     -v /srv/signature-relay/relay.toml:/etc/signature-relay/relay.toml:ro \
+#     -v /srv/signature-relay/rules:/etc/signature-relay/rules:ro \
+#     -v /srv/signature-relay/signatures:/etc/signature-relay/signatures:ro \
+#     -v /srv/signature-relay/certs:/etc/signature-relay/certs:ro \
+#     signature-relay
+#
+# The relay runs as an unprivileged user and listens on 2525 inside the container; publish it as
+# port 25 (Exchange Online's outbound connector only ever connects to port 25). Relative paths in
+# the mounted relay.toml resolve against /etc/signature-relay.
+FROM python:3.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY relay ./relay
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim-bookworm
+RUN groupadd --system --gid 10025 relay \
+ && useradd --system --uid 10025 --gid relay --home-dir /var/lib/signature-relay --create-home relay
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index --find-links=/wheels "signature-relay==0.1.0" && rm -rf /wheels
+ENV SIGNATURE_RELAY_CONFIG=/etc/signature-relay/relay.toml \
+    PYTHONUNBUFFERED=1
+WORKDIR /var/lib/signature-relay
+USER 10025:10025
+EXPOSE 2525
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["signature-relay"]
+CMD ["serve"]

@@ -1,0 +1,90 @@
+"""Benchmarks: the relay's pure pipeline against a stdlib ``email`` parse+generate baseline,
+measured in the same run (machines here are noisy: read the ratios, not the absolute times).
+
+    make bench            # or: .venv/bin/python benchmarks/run.py [--quick]
+
+Writes benchmarks/results.txt as well as printing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email
+import email.generator
+import email.policy
+import io
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from relay import pipeline  # noqa: E402
+
+RECEIVED = b"Received: from x ([127.0.0.1])\r\n\tby relay.test; Sat, 1 Jan 2022 00:00:00 +0000\r\n"
+
+
+def outlook_reply(size: int = 10_000) -> bytes:
+    quoted = ("<p class=3DMsoNormal>Earlier text of the thread, quoted-printable =E2=80=93 caf=C3=A9</p>\r\n"
+              * (size // 90))
+    return (b"From: Alice <alice@contoso.com>\r\nTo: bob@example.net\r\nSubject: RE: plan\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=\"b1\"\r\n\r\n"
+            b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+            b"Thanks!\r\n\r\n--b1\r\nContent-Type: text/html; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n<html><body>" + quoted.encode() +
+            b"</body></html>\r\n--b1--\r\n")
+
+
+def with_attachment(mb: int = 25) -> bytes:
+    line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0\r\n"
+    att = line * (mb * 1024 * 1024 // len(line))
+    return (b"From: alice@contoso.com\r\nTo: bob@example.net\r\nSubject: file\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=\"m\"\r\n\r\n--m\r\nContent-Type: text/plain\r\n\r\nsee file\r\n"
+            b"--m\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+            b"Content-Disposition: attachment; filename=\"a.bin\"\r\n\r\n" + att + b"--m--\r\n")
+
+
+def ours(raw: bytes) -> bytes:
+    return pipeline.process(raw, processed_header="X-CodeTwoProcessed", received=RECEIVED).data
+
+
+def stdlib(raw: bytes) -> bytes:
+    msg = email.message_from_bytes(raw, policy=email.policy.SMTP)
+    msg["X-CodeTwoProcessed"] = "true"
+    buf = io.BytesIO()
+    email.generator.BytesGenerator(buf, policy=email.policy.SMTP).flatten(msg)
+    return buf.getvalue()
+
+
+def timeit(fn: Callable[[bytes], bytes], raw: bytes, budget: float) -> float:
+    fn(raw)  # warm-up
+    runs: list[float] = []
+    t_end = time.perf_counter() + budget
+    while time.perf_counter() < t_end or len(runs) < 3:
+        t0 = time.perf_counter()
+        fn(raw)
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="short budgets (smoke run)")
+    args = ap.parse_args()
+    budget = 0.3 if args.quick else 2.0
+    rows = []
+    for name, raw in (("10 KB Outlook reply (multipart/alternative, QP)", outlook_reply()),
+                      ("25 MB attachment (multipart/mixed, base64)", with_attachment())):
+        a = timeit(ours, raw, budget)
+        b = timeit(stdlib, raw, budget)
+        rows.append(f"{name}: pipeline {a * 1e6:,.0f} µs, stdlib parse+generate {b * 1e6:,.0f} µs, "
+                    f"ratio {b / a:,.1f}x faster")
+    out = "\n".join(["signature-relay benchmarks (median, one core; stamping lands with issue #3)", *rows])
+    print(out)
+    (Path(__file__).parent / "results.txt").write_text(out + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""End-to-end tier: the real CLI processes, real swaks over STARTTLS, real openssl s_client.
+
+`signature-relay serve` and `signature-relay sink` run as separate processes on a throw-away
+deployment, exactly as an admin runs them; nothing is imported from the relay in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.mime import headers
+from tests.support import Deployment, make_deployment
+
+pytestmark = pytest.mark.e2e
+CLI = [sys.executable, "-m", "relay"]
+MESSAGE = (b"From: Alice <alice@contoso.com>\r\nTo: <bob@example.net>\r\nSubject: e2e caf\xc3\xa9\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+           b"Hello Bob,\r\n.a line starting with a dot\r\n\r\nCaf\xc3\xa9 \xe2\x98\x95\r\n")
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:  # `make test` installs these; a missing tool is a failure, never a skip
+        pytest.fail(f"{tool} not installed: run `make test` (it installs swaks and openssl from Debian)")
+    return path
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited early: {proc.stderr.read().decode() if proc.stderr else ''}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"port {port} never opened")
+
+
+class Procs:
+    def __init__(self, dep: Deployment) -> None:
+        self.dep = dep
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str, port: int) -> None:
+        p = subprocess.Popen([*CLI, *args, "-c", str(self.dep.config_path)], cwd=self.dep.root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.procs[name] = p
+        wait_port(port, p)
+
+    def stop(self, name: str) -> str:
+        p = self.procs.pop(name)
+        p.send_signal(signal.SIGTERM)
+        try:
+            _, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        return err.decode()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+@pytest.fixture
+def loop(tmp_path: Path, pki_dir: Path) -> Iterator[Procs]:
+    dep = make_deployment(tmp_path, pki_from=pki_dir)
+    procs = Procs(dep)
+    procs.start("sink", "sink", port=dep.sink_port)
+    procs.start("relay", "serve", "--no-sink", port=dep.relay_port)
+    yield procs
+    procs.stop_all()
+
+
+def swaks(dep: Deployment, *args: str, data: bytes = MESSAGE) -> tuple[int, str]:
+    f = dep.root / "msg.eml"
+    f.write_bytes(data)
+    r = subprocess.run(
+        [need("swaks"), "--server", f"127.0.0.1:{dep.relay_port}", "--helo", "mail-x.outbound.protection.outlook.com",
+         "--data", f"@{f}", "--timeout", "30", *args],
+        capture_output=True, timeout=60)
+    return r.returncode, r.stdout.decode("utf-8", "replace") + r.stderr.decode("utf-8", "replace")
+
+
+def sent_data(transcript: str) -> bytes:
+    """What swaks put on the wire after DATA, un-dot-stuffed (RFC 5321 §4.5.2)."""
+    lines = transcript.splitlines()
+    start = next(i for i, ln in enumerate(lines) if re.match(r"^ ~> DATA$", ln))
+    out = []
+    for ln in lines[start + 1:]:
+        if not ln.startswith(" ~> "):
+            continue  # the server's 354 and other replies
+        body = ln[4:]
+        if body == ".":
+            break
+        out.append(body[1:] if body.startswith("..") else body)
+    return ("\n".join(out) + "\n").replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
+
+
+def test_swaks_starttls_loop_delivers_marked_message_unchanged(loop: Procs) -> None:
+    dep = loop.dep
+    rc, out = swaks(dep, "--tls", "--tls-verify", "--tls-ca-path", str(dep.root / "certs" / "ca.crt"),
+                    "--from", "alice@contoso.com", "--to", "bob@example.net")
+    assert rc == 0, out
+    assert re.search(r"<~  250 2\.0\.0 Ok \S+ accepted by tenant endpoint", out), out
+    [got] = dep.delivered()
+    assert headers.get_all(got, "X-CodeTwoProcessed") == ["true"]
+    sent = sent_data(out)
+    assert sent.startswith(MESSAGE)  # swaks adds its own final CRLF before "."
+    assert got.endswith(sent)  # every byte swaks sent, unchanged, after our two added fields
+    body = got[headers.header_end(got):]
+    assert body == sent[headers.header_end(sent):]
+    log = loop.stop("relay")
+    assert re.search(r"message qid=\S+ .*tenant=contoso .*decision=marked", log), log
+
+
+def test_swaks_without_tls_gets_530(loop: Procs) -> None:
+    rc, out = swaks(loop.dep, "--from", "alice@contoso.com", "--to", "bob@example.net")
+    assert rc != 0 and "530 Must issue a STARTTLS command first" in out, out
+    assert loop.dep.delivered() == []
+
+
+def test_unknown_tenant_gets_550_5_7_1(loop: Procs) -> None:
+    rc, out = swaks(loop.dep, "--tls", "--from", "mallory@evil.example", "--to", "bob@example.net")
+    assert rc != 0 and "550 5.7.1" in out, out
+    assert not re.search(r"<~  250 (2\.\d\.\d )?OK\s*$", out.split("MAIL FROM")[1], re.M)  # no 250 after MAIL
+    assert loop.dep.delivered() == []
+
+
+def test_sink_stopped_gives_4xx_and_nothing_delivered(loop: Procs) -> None:
+    loop.stop("sink")
+    rc, out = swaks(loop.dep, "--tls", "--from", "alice@contoso.com", "--to", "bob@example.net")
+    assert rc != 0 and re.search(r"<~\*\s+451 4\.4\.1 ", out), out
+    assert loop.dep.delivered() == []
+    log = loop.stop("relay")
+    assert "accepted by tenant endpoint" not in log and "reply=\"451 4.4.1" in log, log
+
+
+def openssl(dep: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [need("openssl"), "s_client", "-connect", f"127.0.0.1:{dep.relay_port}", "-starttls", "smtp",
+         "-CAfile", str(dep.root / "certs" / "ca.crt"), *args],
+        input="QUIT\n", capture_output=True, text=True, timeout=30)
+
+
+def test_openssl_tls_versions_and_presented_certificate(loop: Procs) -> None:
+    dep = loop.dep
+    ok = openssl(dep, "-tls1_2", "-showcerts")
+    assert "Protocol  : TLSv1.2" in ok.stdout or "Protocol: TLSv1.2" in ok.stdout, ok.stdout + ok.stderr
+    assert "Verify return code: 0 (ok)" in ok.stdout
+    pem = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", ok.stdout, re.S)
+    assert pem
+    sans = subprocess.run([need("openssl"), "x509", "-noout", "-ext", "subjectAltName"], input=pem.group(),
+                          capture_output=True, text=True, check=True).stdout
+    for name in ("DNS:smtp.signature-relay.test", "DNS:*.smtp.signature-relay.test", "DNS:*.signature-relay.test"):
+        assert name in sans, sans
+    # The client is made willing to speak TLS 1.1 (SECLEVEL=0), so only the server can refuse it.
+    old = openssl(dep, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0")
+    assert old.returncode != 0
+    assert "no protocols available" not in old.stderr  # i.e. the refusal did not come from our client
+    # OpenSSL reports the server's refusal as a protocol alert or, when the server just closes the
+    # handshake, as an unexpected EOF; either way no certificate was ever presented.
+    assert re.search(r"alert protocol version|unsupported protocol|wrong version|unexpected eof",
+                     old.stderr + old.stdout, re.I), old.stderr
+    assert "no peer certificate available" in old.stdout
+
+
+def test_embedded_default_from_a_checkout(tmp_path: Path) -> None:
+    """What `make serve` does, minus the long-running part: certs from nothing, then a valid config."""
+    repo = Path(__file__).resolve().parents[2]
+    shutil.copytree(repo / "rules", tmp_path / "rules")
+    env = {**os.environ}
+    env.pop("SIGNATURE_RELAY_CONFIG", None)
+    r = subprocess.run([*CLI, "certs", "init", "--missing-only"], cwd=tmp_path, capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "created tenant contoso client" in r.stdout and "sha256:" in r.stdout and "expires:" in r.stdout
+    assert (tmp_path / "certs" / "tenants" / "contoso.key").stat().st_mode & 0o777 == 0o600
+    again = subprocess.run([*CLI, "certs", "init"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+    check = subprocess.run([*CLI, "check"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert check.returncode == 0 and "tenant contoso" in check.stdout, check.stderr
+
+
+def test_config_error_stops_startup_naming_file_and_key(tmp_path: Path, pki_dir: Path) -> None:
+    dep = make_deployment(tmp_path, pki_from=pki_dir)
+    dep.config_path.write_text(dep.config_path.read_text().replace("[listen]", "[listen]\nmax_mesage_size = 5"))
+    r = subprocess.run([*CLI, "serve", "-c", str(dep.config_path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert f"configuration error: {dep.config_path}: listen.max_mesage_size: unknown key" in r.stderr
