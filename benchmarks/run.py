@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from relay import pipeline  # noqa: E402
+from relay import pipeline
 
 RECEIVED = b"Received: from x ([127.0.0.1])\r\n\tby relay.test; Sat, 1 Jan 2022 00:00:00 +0000\r\n"
 
