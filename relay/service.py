@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import functools
 import logging
 import secrets
 import time
@@ -79,16 +80,18 @@ class Relay:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def smtp_factory(self) -> SMTP:
+    def smtp_factory(self, implicit_tls: bool = False) -> SMTP:
+        # On an implicit-TLS listener TLS is already up: no STARTTLS to offer or require.
         return RelaySMTP(
             self.handler, hostname=self.cfg.hostname, idle_timeout=self.cfg.idle_timeout,
-            data_size_limit=self.cfg.max_message_size, tls_context=self.tls_context,
-            require_starttls=self.cfg.require_starttls,
+            data_size_limit=self.cfg.max_message_size, tls_context=None if implicit_tls else self.tls_context,
+            require_starttls=self.cfg.require_starttls and not implicit_tls,
         )
 
     async def start(self) -> None:
         for lst in self.cfg.listeners:
-            self.servers.append(await start_listener(self.smtp_factory, lst, self.tls_context))
+            factory = functools.partial(self.smtp_factory, lst.implicit_tls)
+            self.servers.append(await start_listener(factory, lst, self.tls_context))
             log.info("listening on %s:%s (%s)", lst.host, lst.port, "implicit TLS" if lst.implicit_tls else "STARTTLS")
 
     async def stop(self, grace: float = 30.0) -> None:

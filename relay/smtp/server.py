@@ -31,6 +31,16 @@ class RelaySMTP(SMTP):
         )
         self._in_data = False
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # On an implicit-TLS listener the socket is TLS from the first byte; aiosmtpd only fills
+        # session.ssl after STARTTLS, so record the TLS details the same way here.
+        if self.session is not None and self.session.ssl is None:
+            obj = transport.get_extra_info("ssl_object")
+            if obj is not None:
+                self.session.ssl = {"ssl_object": obj, "peercert": transport.get_extra_info("peercert"),
+                                    "cipher": transport.get_extra_info("cipher")}
+
     async def smtp_DATA(self, arg: str) -> None:
         self._in_data = True
         try:

@@ -270,3 +270,22 @@ async def test_concurrent_sessions(stack: Stack) -> None:
 
 def test_reply_str() -> None:
     assert str(Reply(250, "2.0.0", "x")) == "250 2.0.0 x"
+
+
+async def test_implicit_tls_listener(make_stack: object, deployment: object) -> None:
+    from tests.support import free_port
+
+    port = free_port()
+    cfgp = deployment.config_path  # type: ignore[attr-defined]
+    cfgp.write_text(cfgp.read_text().replace("idle_timeout = 30", f'idle_timeout = 30\nimplicit_tls = ["127.0.0.1:{port}"]'))
+    st: Stack = await make_stack()  # type: ignore[operator]
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=True, tls_context=st.client_tls(),
+                        local_hostname="mail-x.outbound.protection.outlook.com", timeout=10)
+    await c.connect()  # verified against the certificate's IP SAN 127.0.0.1
+    await c.ehlo()
+    assert not c.supports_extension("starttls")  # already TLS: nothing to upgrade, nothing required
+    r = await c.sendmail("alice@contoso.com", ["bob@example.net"], message())
+    assert r[0] == {}
+    c.close()
+    [got] = st.deployment.delivered()
+    assert b"with ESMTPS id" in got and b"version=TLSv1.3" in got
