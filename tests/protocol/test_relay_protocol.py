@@ -277,7 +277,8 @@ async def test_implicit_tls_listener(make_stack: object, deployment: object) -> 
 
     port = free_port()
     cfgp = deployment.config_path  # type: ignore[attr-defined]
-    cfgp.write_text(cfgp.read_text().replace("idle_timeout = 30", f'idle_timeout = 30\nimplicit_tls = ["127.0.0.1:{port}"]'))
+    listener = f'idle_timeout = 30\nimplicit_tls = ["127.0.0.1:{port}"]'
+    cfgp.write_text(cfgp.read_text().replace("idle_timeout = 30", listener))
     st: Stack = await make_stack()  # type: ignore[operator]
     c = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=True, tls_context=st.client_tls(),
                         local_hostname="mail-x.outbound.protection.outlook.com", timeout=10)
