@@ -130,6 +130,8 @@ class Tenant:
     client_key: Path
     bind_by_sender_domain: bool
     source: Path
+    signature_html: str | None = None  # static signature until rules/templates land (issue #4)
+    signature_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,7 @@ def _load_text(text: str, name: str, base: Path) -> Config:
     b.done()
     root.done()
 
-    tenants = _load_tenants(tenants_dir, service_domain, certs.dir, bind_by_sender)
+    tenants = _load_tenants(tenants_dir, signatures_dir, service_domain, certs.dir, bind_by_sender)
     by_id: dict[str, Tenant] = {}
     by_domain: dict[str, Tenant] = {}
     for t in tenants:
@@ -299,7 +301,27 @@ def certificate_name(subdomain: str, region: str, service_domain: str) -> str:
     return f"{subdomain}.{'de-smtp' if region == 'de' else 'smtp'}.{service_domain}"
 
 
-def _load_tenants(tdir: Path, service_domain: str, certs_dir: Path, bind_default: bool) -> list[Tenant]:
+def _load_signature(sdir: Path) -> tuple[str | None, str | None]:
+    """``signatures/<tenant>/signature.html`` and ``signature.txt``: both or neither."""
+    html_f, text_f = sdir / "signature.html", sdir / "signature.txt"
+    present = [f for f in (html_f, text_f) if f.exists()]
+    if not present:
+        return None, None
+    if len(present) == 1:
+        missing = text_f if present[0] == html_f else html_f
+        raise ConfigError(str(missing), "", f"missing: a signature needs both {html_f.name} and {text_f.name}")
+    out = []
+    for f in (html_f, text_f):
+        try:
+            out.append(f.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(str(f), "", f"cannot read as UTF-8: {e}") from e
+    return out[0], out[1]
+
+
+def _load_tenants(
+    tdir: Path, sigdir: Path, service_domain: str, certs_dir: Path, bind_default: bool,
+) -> list[Tenant]:
     if not tdir.is_dir():
         raise ConfigError(str(tdir), "", "tenants directory does not exist (service.tenants_dir)")
     tenants = []
@@ -347,11 +369,12 @@ def _load_tenants(tdir: Path, service_domain: str, certs_dir: Path, bind_default
         by_sender = bs.boolean("sender_domain", bind_default)
         bs.done()
         root.done()
+        sig_html, sig_text = _load_signature(sigdir / name)
         tenants.append(Tenant(
             name=name, id=tid, initial_domain=initial, accepted_domains=frozenset(accepted),
             region=region, subdomain=sub, certificate_name=certificate_name(sub, region, service_domain),
             endpoint=endpoint, tls_server_name=tls_name, client_cert=client_cert, client_key=client_key,
-            bind_by_sender_domain=by_sender, source=f,
+            bind_by_sender_domain=by_sender, source=f, signature_html=sig_html, signature_text=sig_text,
         ))
     return tenants
 

@@ -1,47 +1,32 @@
-"""The message pipeline: classify → (match rules → render → stamp) → mark. Pure: bytes in, bytes out.
+"""The message pipeline: classify → (match rules → render) → stamp → trace. Pure: bytes in, bytes out.
 
 Each step is a small named function and the outcome is a :class:`Decision` value you can print
-and log. The rule/render/stamp steps plug in here (issues #3 and #4); until then a message is
-classified and marked, and every byte of it is relayed unchanged.
+and log. Until signature rules land (issue #4) the signature is the tenant's static one
+(``signatures/<tenant>/signature.html`` + ``signature.txt``); a tenant without one is marked only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.mime import headers, trace
+from relay.mime import headers
+from relay.mime.stamper import Decision, Signature, already_processed, stamp
 
-
-@dataclass(frozen=True)
-class Decision:
-    action: str  # "stamped", "marked" or "pass-through"
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.action}({self.reason})" if self.reason else self.action
+__all__ = ["Decision", "Processed", "already_processed", "process"]
 
 
 @dataclass(frozen=True)
 class Processed:
     data: bytes
     decision: Decision
+    placement: str = ""
 
 
-def already_processed(raw: bytes, header_name: str) -> bool:
-    """True when the top-level header already carries the processed marker.
-
-    Mirrors the transport rule's exception (header matches the pattern ``true``), so a message
-    the rule lets through to us again is never stamped or marked a second time.
-    """
-    return any("true" in v.lower() for v in headers.get_all(raw, header_name))
-
-
-def process(raw: bytes, *, processed_header: str, received: bytes) -> Processed:
+def process(
+    raw: bytes, *, processed_header: str, received: bytes, signature: Signature | None = None,
+    mail_from: str | None = None,
+) -> Processed:
     """Run the pipeline on one message. ``received`` is our trace field, always prepended
     (RFC 5321 §4.4: a relay MUST add one; it also lets us count hops to catch loops)."""
-    if already_processed(raw, processed_header):
-        return Processed(headers.prepend(raw, received), Decision("pass-through", "already-processed"))
-    return Processed(
-        headers.prepend(raw, received, trace.marker(processed_header)),
-        Decision("marked", "stamping-not-configured"),
-    )
+    result = stamp(raw, signature, processed_header=processed_header, mail_from=mail_from)
+    return Processed(headers.prepend(result.data, received), result.decision, result.placement)

@@ -25,6 +25,7 @@ from relay.delivery import dsn
 from relay.delivery.client import Delivery
 from relay.errors import RelayError, Reply
 from relay.mime import headers, trace
+from relay.mime.stamper import Signature
 from relay.smtp import replies, tls
 from relay.smtp.server import EhloWithoutAuth, RelaySMTP, start_listener
 
@@ -148,12 +149,14 @@ class Relay:
             queue_id=qid, recipients=rcpts, tls=tls.describe(session.ssl), smtputf8=envelope.smtp_utf8,
             when=dt.datetime.now(dt.UTC).astimezone(),
         )
-        if len(raw) > _OFFLOAD_BYTES:
-            processed = await asyncio.to_thread(
-                pipeline.process, raw, processed_header=cfg.processed_header, received=received)
-        else:
-            processed = pipeline.process(raw, processed_header=cfg.processed_header, received=received)
+        t = b.tenant
+        signature = (Signature(t.signature_html, t.signature_text)
+                     if t.signature_html is not None and t.signature_text is not None else None)
+        work = functools.partial(pipeline.process, raw, processed_header=cfg.processed_header,
+                                 received=received, signature=signature, mail_from=mail_from)
+        processed = await asyncio.to_thread(work) if len(raw) > _OFFLOAD_BYTES else work()
         fields["decision"] = str(processed.decision)
+        fields["placement"] = processed.placement or None
         fields["size_out"] = len(processed.data)
         outcome = await self.delivery.deliver(
             b.tenant, mail_from, rcpts, processed.data, smtputf8=envelope.smtp_utf8)

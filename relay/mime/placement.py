@@ -1,0 +1,126 @@
+"""Where the signature goes: under the newest reply, above the quoted history. Pure, on text.
+
+Each finder returns an offset into the *decoded* body and the rule of thumb that matched, so the
+decision is explainable ("html:outlook-desktop", "text:original-message", "html:body-end"...).
+Reply markers are searched outside HTML comments (Outlook's ``<!--[if mso]>`` blocks included).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+@dataclass(frozen=True)
+class Placement:
+    offset: int
+    rule: str
+
+
+# "From:" in the reply header block of Outlook and friends: EN, DE, FR, ES, IT, NL, PL, PT.
+_FROM_WORDS: Final = r"(?:From|Von|De|Da|Van|Od|Från|Fra|Lähettäjä)"
+_SENT_WORDS: Final = (r"(?:Sent|Date|Gesendet|Datum|Envoy[ée]|Enviado|Fecha|Inviato|Data|Verzonden|Wys[łl]ano|"
+                      r"Enviada|Skickat|Sendt)")
+
+# HTML markers: (rule, regex on the ASCII-lower-cased document, which group start to insert at)
+_HTML_MARKERS: Final = [
+    ("html:outlook-web-appendonsend", re.compile(r'<div[^>]*\bid\s*=\s*["\']?appendonsend\b')),
+    ("html:outlook-web-hr", re.compile(r'<hr\b[^>]*\btabindex\s*=\s*["\']?-1\b[^>]*>')),
+    ("html:outlook-web-divrplyfwdmsg", re.compile(r'<div[^>]*\bid\s*=\s*["\']?divrplyfwdmsg\b')),
+    ("html:outlook-desktop", re.compile(
+        r'(?:<div>\s*)?<div[^>]*border-top\s*:\s*solid\s+#(?:e1e1e1|b5c4df)[^>]*>')),
+    ("html:gmail", re.compile(r'<div[^>]*\bclass\s*=\s*["\']?[^"\'>]*\bgmail_quote(?:_container)?\b')),
+    ("html:thunderbird-cite", re.compile(r'<div[^>]*\bclass\s*=\s*["\']?[^"\'>]*\bmoz-cite-prefix\b')),
+    ("html:thunderbird-forward", re.compile(r'<div[^>]*\bclass\s*=\s*["\']?[^"\'>]*\bmoz-forward-container\b')),
+    ("html:yahoo", re.compile(r'<div[^>]*\b(?:class|id)\s*=\s*["\']?[^"\'>]*\byahoo_quoted')),
+    ("html:apple-forward", re.compile(r'(?:<div[^>]*>\s*)(?:<br[^>]*>\s*)*(?=<div[^>]*>\s*begin forwarded message:)')),
+    ("html:apple-cite", re.compile(r'(?:<div[^>]*>\s*(?:<br[^>]*>\s*)*)?<blockquote[^>]*\btype\s*=\s*["\']?cite\b')),
+]
+# A localized Outlook header block without the styled div (Outlook for Mac, pasted replies).
+_HTML_FROM_BLOCK: Final = re.compile(
+    r"<b>\s*(?:<span[^>]*>\s*)?" + _FROM_WORDS.lower() + r"\s?:\s*(?:</span>\s*)?</b>.{0,600}?<b>\s*(?:<span[^>]*>\s*)?"
+    + _SENT_WORDS.lower() + r"\s?:", re.S)
+_COMMENT: Final = re.compile(r"<!--.*?-->", re.S)
+
+
+def _comment_spans(lower: str) -> list[tuple[int, int]]:
+    return [m.span() for m in _COMMENT.finditer(lower)]
+
+
+def _in_spans(pos: int, spans: list[tuple[int, int]]) -> bool:
+    return any(a <= pos < b for a, b in spans)
+
+
+def find_html(html: str, *, bottom: bool = False) -> Placement:
+    """Insertion offset in an HTML body: above the first quoted-history marker, else before the
+    real ``</body>`` (not one inside a comment), else before ``</html>``, else the end."""
+    lower = html.translate(_ASCII_LOWER)  # same length as html, unlike str.lower()
+    spans = _comment_spans(lower)
+    if not bottom:
+        best: Placement | None = None
+        for rule, rx in _HTML_MARKERS:
+            for m in rx.finditer(lower):
+                if not _in_spans(m.start(), spans):
+                    if best is None or m.start() < best.offset:
+                        best = Placement(m.start(), rule)
+                    break
+        m2 = next((m for m in _HTML_FROM_BLOCK.finditer(lower) if not _in_spans(m.start(), spans)), None)
+        if m2 is not None and (best is None or m2.start() < best.offset):
+            # back up to the start of the block element that holds the "From:" line
+            start = max(lower.rfind(tag, 0, m2.start()) for tag in ("<div", "<p", "<hr"))
+            best = Placement(start if start >= 0 else m2.start(), "html:header-block")
+        if best is not None:
+            return best
+    for rule, tag in (("html:body-end", "</body"), ("html:html-end", "</html")):
+        pos = len(lower)
+        while True:
+            pos = lower.rfind(tag, 0, pos)
+            if pos < 0 or not _in_spans(pos, spans):
+                break
+        if pos >= 0:
+            return Placement(pos, rule)
+    return Placement(len(html), "html:end")
+
+
+_TEXT_RULES: Final = [
+    ("text:original-message", re.compile(
+        r"^-{3,}\s*(?:original message|ursprüngliche nachricht|message d'origine|mensaje original|"
+        r"messaggio originale|oorspronkelijk bericht|wiadomość oryginalna|oryginalna wiadomość|"
+        r"mensagem original|original meddelelse|ursprungligt meddelande)\s*-{3,}\s*$", re.M | re.I)),
+    ("text:outlook-separator", re.compile(
+        r"^_{10,}\s*\r?\n(?:\s*\r?\n)?" + _FROM_WORDS + r"\s?:", re.M | re.I)),
+    ("text:header-block", re.compile(
+        r"^" + _FROM_WORDS + r"\s?:[^\n]*\r?\n(?:[^\n]*\r?\n){0,2}?" + _SENT_WORDS + r"\s?:", re.M | re.I)),
+    ("text:attribution", re.compile(
+        r"^(?:On\s[^\n]{1,200}?\s(?:wrote|writes)|Am\s[^\n]{1,200}?\sschrieb[^\n]{0,100}|"
+        r"Le\s[^\n]{1,200}?\sa\s[ée]crit\s?|El\s[^\n]{1,200}?\sescribi[óo]|Il\s[^\n]{1,200}?\sha\sscritto|"
+        r"Op\s[^\n]{1,200}?\sschreef[^\n]{0,100}|W\sdniu\s[^\n]{1,200}?\spisze|Em\s[^\n]{1,200}?\sescreveu)"
+        r"\s?:\s*$", re.M | re.I)),
+    ("text:forwarded", re.compile(r"^(?:Begin forwarded message|-{3,}\s*Forwarded message\s*-{3,})\s*:?\s*$",
+                                  re.M | re.I)),
+    ("text:quote", re.compile(r"^>", re.M)),
+]
+
+
+def find_text(text: str, *, bottom: bool = False) -> Placement:
+    """Insertion offset in a plain-text body: at the start of the line that opens the quoted
+    history (the earliest marker wins), else the end."""
+    if not bottom:
+        best: Placement | None = None
+        for rule, rx in _TEXT_RULES:
+            m = rx.search(text)
+            if m and (best is None or m.start() < best.offset):
+                best = Placement(m.start(), rule)
+        if best is not None:
+            if best.rule == "text:quote":
+                # "On ..., X wrote:" that we did not recognise still belongs to the quote: take the
+                # non-empty line right above a ">" block if it ends with ":".
+                prev_end = text.rfind("\n", 0, max(best.offset - 1, 0))
+                prev = text[prev_end + 1:best.offset].strip()
+                if prev.endswith(":"):
+                    best = Placement(prev_end + 1, best.rule)
+            return best
+    return Placement(len(text), "text:end")

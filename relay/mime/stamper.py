@@ -1,0 +1,188 @@
+"""Stamp a signature into a message: bytes in, bytes out, plus a decision you can print.
+
+    >>> result = stamp(raw, Signature(html="<p>Alice</p>", text="Alice"))
+    >>> result.decision, result.placement
+    (Decision(action='stamped', reason=''), 'html:gmail text:attribution')
+
+Only the target text leaves change (decoded, edited, re-encoded with their own transfer
+encoding); every other byte — headers, folding, boundaries, preamble, attachments — is copied
+as received, and the processed marker is prepended. A message that already carries the marker
+is returned unchanged, so ``stamp(stamp(x)) == stamp(x)``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from relay.mime import codec, headers, placement, trace
+from relay.mime.classify import PGP_ARMOUR, classify, find_targets
+from relay.mime.scanner import Limits, Part, Scan, parse_params, scan
+
+_META_CHARSET: Final = re.compile(
+    r"""(<meta\b[^>]*?\bcharset\s*=\s*["']?)([A-Za-z0-9_:.+-]+)""", re.I)
+_MAX_LINE: Final = 998  # RFC 5322 §2.1.1
+
+
+@dataclass(frozen=True)
+class Signature:
+    html: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "stamped", "marked" (no signature to add) or "pass-through"
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.action}({self.reason})" if self.reason else self.action
+
+
+@dataclass(frozen=True)
+class StampResult:
+    data: bytes
+    decision: Decision
+    placement: str = ""
+
+
+def already_processed(raw: bytes, header_name: str) -> bool:
+    """True when the top-level header already carries the marker (pattern ``true``, any case),
+    mirroring the transport rule's exception. One inside an attached message does not count."""
+    return any("true" in v.lower() for v in headers.get_all(raw, header_name))
+
+
+def stamp(
+    raw: bytes, signature: Signature | None, *, processed_header: str = "X-CodeTwoProcessed",
+    mail_from: str | None = None, bottom: bool = False, limits: Limits = Limits(),
+) -> StampResult:
+    if already_processed(raw, processed_header):
+        return StampResult(raw, Decision("pass-through", "already-processed"))
+    marker = trace.marker(processed_header)
+    s = scan(raw, limits)
+    reason = classify(s, mail_from=mail_from)
+    if reason is None and signature is None:
+        return StampResult(headers.prepend(raw, marker), Decision("marked", "no-signature"))
+    if reason is not None:
+        return StampResult(headers.prepend(raw, marker), Decision("pass-through", reason))
+    assert signature is not None
+    targets = find_targets(s)
+    if not targets:
+        return StampResult(headers.prepend(raw, marker), Decision("pass-through", "no-text-body"))
+    edits: list[tuple[int, int, bytes]] = []
+    rules: list[str] = []
+    for sub in ("html", "plain"):
+        part = targets.get(sub)
+        if part is None:
+            continue
+        try:
+            new, rule = _edit_leaf(s, part, signature, html=sub == "html", bottom=bottom)
+        except codec.DecodeError as e:
+            return StampResult(headers.prepend(raw, marker), Decision("pass-through", f"undecodable:{e}"))
+        except _PassThrough as e:
+            return StampResult(headers.prepend(raw, marker), Decision("pass-through", str(e)))
+        edits.append((part.start, part.end, new))
+        rules.append(rule)
+    out = bytearray()
+    pos = 0
+    for start, end, new in sorted(edits):
+        out += raw[pos:start]
+        out += new
+        pos = end
+    out += raw[pos:]
+    return StampResult(headers.prepend(bytes(out), marker), Decision("stamped"), " ".join(rules))
+
+
+class _PassThrough(Exception):
+    pass
+
+
+def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool) -> tuple[bytes, str]:
+    raw = s.raw
+    header = raw[part.start:part.header_end]
+    body = raw[part.header_end:part.end]
+    data = codec.decode_transfer(body, part.cte)
+    if PGP_ARMOUR.search(data):
+        raise _PassThrough("pgp-inline")
+    text = codec.decode_text(data, part.charset)
+    eol = "\r\n" if "\r\n" in text or "\n" not in text else "\n"
+    if html:
+        where = placement.find_html(text, bottom=bottom)
+        block = f'<div class="signature-relay">{sig.html}</div>{eol}'
+    else:
+        where = placement.find_text(text, bottom=bottom)
+        block = _text_block(sig.text, eol, flowed=part.params.get("format", "").lower() == "flowed")
+        before = text[:where.offset]
+        if before and not before.endswith("\n"):
+            block = eol + eol + block  # signature at the end of a body without final newline
+        elif before and not before.endswith(eol + eol) and not before.endswith("\n\n"):
+            block = eol + block
+        if where.offset < len(text):
+            block += eol  # a blank line between signature and the quoted history
+    new_text = text[:where.offset] + block + text[where.offset:]
+
+    charset = part.charset
+    py = codec.python_charset(charset)
+    try:
+        new_data = new_text.encode(py)
+    except UnicodeEncodeError:
+        # The signature does not fit the leaf's charset: the whole leaf becomes UTF-8.
+        charset, py = "utf-8", "utf-8"
+        if html:
+            new_text = _META_CHARSET.sub(lambda m: m.group(1) + "utf-8", new_text)
+        new_data = new_text.encode("utf-8")
+    cte = part.cte
+    if cte in ("7bit", "8bit") and (
+        (cte == "7bit" and not new_data.isascii()) or codec.max_line(new_data) > _MAX_LINE
+    ):
+        cte = "quoted-printable"  # RFC 2045 §2.7/2.8: 7bit is ASCII, no line over 998
+    if cte == "quoted-printable":
+        new_body = codec.encode_qp(new_text, py, eol)
+    elif cte == "base64":
+        new_body = codec.encode_base64(new_data, eol.encode())
+        if not body.endswith(b"\n"):
+            new_body = new_body.rstrip(b"\r\n")
+    else:
+        new_body = new_data
+    if charset != part.charset:
+        header = _set_field(header, "Content-Type", _with_param(header, "charset", charset or "utf-8"),
+                            top=part.parent is None)
+    if cte != part.cte:
+        header = _set_field(header, "Content-Transfer-Encoding", cte, top=part.parent is None)
+    return header + new_body, where.rule
+
+
+def _text_block(sig: str, eol: str, *, flowed: bool) -> str:
+    lines = sig.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n").split("\n")
+    if flowed:
+        # RFC 3676 §4.2/4.4: no trailing space (it would mean "flows on"), stuff risky starts.
+        lines = [("" if not ln.rstrip(" ") else (" " if ln.startswith((" ", ">", "From ")) else ""))
+                 + ln.rstrip(" ") for ln in lines]
+    return eol.join(lines) + eol
+
+
+def _with_param(header: bytes, name: str, value: str) -> str:
+    ct = next((f.value for f in headers.fields(header + b"\r\n")
+               if f.name.lower() == "content-type"), "text/plain")
+    main, params = parse_params(ct)
+    params[name] = value
+    return main + "".join(f'; {k}="{v}"' if re.search(r'[\s;()<>@,:\\"/\[\]?=]', v) else f"; {k}={v}"
+                          for k, v in params.items())
+
+
+def _set_field(header: bytes, name: str, value: str, *, top: bool) -> bytes:
+    """Replace (or add) one field of a leaf's header; every other field keeps its bytes."""
+    eol = headers.line_ending(header) if header else b"\r\n"
+    line = f"{name}: {value}".encode("ascii") + eol
+    for f in headers.fields(header + eol):
+        if f.name.lower() == name.lower():
+            return header[:f.start] + line + header[f.end:]
+    # Absent: add it just before the empty line ending the header.
+    body_sep = len(header) - (2 if header.endswith(b"\r\n\r\n") else 1 if header.endswith(b"\n\n") else 0)
+    if not header.strip():
+        return line + (header or eol)
+    extra = line
+    if top and not any(f.name.lower() == "mime-version" for f in headers.fields(header + eol)):
+        extra = b"MIME-Version: 1.0" + eol + line  # RFC 2045 §4: needed for charset/CTE to count
+    return header[:body_sep] + extra + header[body_sep:]
