@@ -27,7 +27,8 @@ class DecodeError(Exception):
 def python_charset(charset: str | None) -> str:
     """Map a MIME charset to a Python codec name; raise DecodeError if unknown."""
     cs = (charset or "us-ascii").strip().strip('"').lower()
-    aliases = {"us-ascii": "ascii", "ascii": "ascii", "utf8": "utf-8", "x-unknown": "ascii", "unicode-1-1-utf-7": "utf-7"}
+    aliases = {"us-ascii": "ascii", "ascii": "ascii", "utf8": "utf-8", "x-unknown": "ascii",
+               "unicode-1-1-utf-7": "utf-7"}
     cs = aliases.get(cs, cs)
     try:
         return codecs.lookup(cs).name
@@ -69,7 +70,7 @@ def encode_base64(data: bytes, eol: bytes = b"\r\n") -> bytes:
 def _qp_char(ch: str, codec: str, eol_next: bool) -> str:
     if ch == " " or ch == "\t":
         return f"={ord(ch):02X}" if eol_next else ch
-    if ch == "=" or not (" " < ch < "\x7f") and ch not in " \t":
+    if ch == "=" or not " " < ch < "\x7f":
         return "".join(f"={b:02X}" for b in ch.encode(codec))
     return ch
 

@@ -164,10 +164,10 @@ def _header_end(raw: bytes, start: int, end: int) -> int | None:
     return m.end() if m else None
 
 
-def scan(raw: bytes, limits: Limits = Limits()) -> Scan:
+def scan(raw: bytes, limits: Limits | None = None) -> Scan:
     """Walk ``raw`` (a whole message) and return every part with its byte ranges."""
     s = Scan(raw, [], [])
-    _entity(s, limits, 0, len(raw), None, 0)
+    _entity(s, limits or Limits(), 0, len(raw), None, 0)
     return s
 
 

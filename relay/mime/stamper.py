@@ -23,6 +23,7 @@ from relay.mime.scanner import Limits, Part, Scan, parse_params, scan
 _META_CHARSET: Final = re.compile(
     r"""(<meta\b[^>]*?\bcharset\s*=\s*["']?)([A-Za-z0-9_:.+-]+)""", re.I)
 _MAX_LINE: Final = 998  # RFC 5322 §2.1.1
+DEFAULT_LIMITS: Final = Limits()
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def already_processed(raw: bytes, header_name: str) -> bool:
 
 def stamp(
     raw: bytes, signature: Signature | None, *, processed_header: str = "X-CodeTwoProcessed",
-    mail_from: str | None = None, bottom: bool = False, limits: Limits = Limits(),
+    mail_from: str | None = None, bottom: bool = False, limits: Limits = DEFAULT_LIMITS,
 ) -> StampResult:
     if already_processed(raw, processed_header):
         return StampResult(raw, Decision("pass-through", "already-processed"))
