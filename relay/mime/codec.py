@@ -36,6 +36,18 @@ def python_charset(charset: str | None) -> str:
         raise DecodeError(f"unknown charset {charset!r}") from e
 
 
+_PRINTABLE: Final = "".join(chr(c) for c in range(32, 127)) + "\t\r\n"
+
+
+def ascii_compatible(codec_name: str) -> bool:
+    """True when every printable ASCII character encodes to itself (not UTF-16/32, not UTF-7),
+    which the character-wise quoted-printable encoder and our markers rely on."""
+    try:
+        return _PRINTABLE.encode(codec_name) == _PRINTABLE.encode("ascii")
+    except (UnicodeError, LookupError):
+        return False
+
+
 def decode_transfer(body: bytes, cte: str) -> bytes:
     if cte in ("7bit", "8bit", "binary"):
         return body
@@ -76,7 +88,9 @@ def _qp_char(ch: str, codec: str, eol_next: bool) -> str:
 
 
 def encode_qp(text: str, codec: str, eol: str = "\r\n") -> bytes:
-    """Quoted-printable for ``text`` in ``codec``, hard line breaks as ``eol``."""
+    """Quoted-printable for ``text`` in ``codec`` (ASCII-compatible), hard line breaks as ``eol``."""
+    if not ascii_compatible(codec):
+        raise ValueError(f"{codec} is not ASCII-compatible")
     out: list[str] = []
     for line in _EOL.split(text):
         tokens = [_qp_char(ch, codec, i == len(line) - 1) for i, ch in enumerate(line)]

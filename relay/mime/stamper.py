@@ -22,6 +22,7 @@ from relay.mime.scanner import Limits, Part, Scan, parse_params, scan
 
 _META_CHARSET: Final = re.compile(
     r"""(<meta\b[^>]*?\bcharset\s*=\s*["']?)([A-Za-z0-9_:.+-]+)""", re.I)
+_EOL: Final = re.compile(r"\r\n|\n|\r")
 _MAX_LINE: Final = 998  # RFC 5322 §2.1.1
 DEFAULT_LIMITS: Final = Limits()
 
@@ -110,7 +111,8 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
     eol = "\r\n" if "\r\n" in text or "\n" not in text else "\n"
     if html:
         where = placement.find_html(text, bottom=bottom)
-        block = f'<div class="signature-relay">{sig.html}</div>{eol}'
+        html_sig = _EOL.sub(eol, sig.html)  # canonical text: the leaf's own line breaks (RFC 2045 §2.10)
+        block = f'<div class="signature-relay">{html_sig}</div>{eol}'
     else:
         where = placement.find_text(text, bottom=bottom)
         block = _text_block(sig.text, eol, flowed=part.params.get("format", "").lower() == "flowed")
@@ -126,6 +128,8 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
     charset = part.charset
     py = codec.python_charset(charset)
     try:
+        if not codec.ascii_compatible(py):
+            raise UnicodeEncodeError(py, "", 0, 0, "not ASCII-compatible: rewrite as UTF-8")
         new_data = new_text.encode(py)
     except UnicodeEncodeError:
         # The signature does not fit the leaf's charset: the whole leaf becomes UTF-8.
