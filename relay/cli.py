@@ -136,6 +136,88 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signature_for(args: argparse.Namespace) -> tuple[object, str]:
+    """The signature to stamp with: --html/--text files, else the tenant's (by --tenant or the
+    domain of --from)."""
+    from relay.mime.stamper import Signature
+
+    if args.html or args.text:
+        if not (args.html and args.text):
+            raise ConfigError("--html/--text", "", "give both --html FILE and --text FILE")
+        return Signature(open(args.html, encoding="utf-8").read(), open(args.text, encoding="utf-8").read()), "files"
+    cfg = _config(args)
+    tenant = cfg.tenant_by_name(args.tenant) if args.tenant else None
+    if args.tenant and tenant is None:
+        raise ConfigError(cfg.source, "--tenant", f"no tenant {args.tenant!r} (have: "
+                          f"{', '.join(t.name for t in cfg.tenants)})")
+    if tenant is None and args.mail_from:
+        tenant = cfg.tenant_by_domain(args.mail_from.rpartition("@")[2])
+    if tenant is None and len(cfg.tenants) == 1:
+        tenant = cfg.tenants[0]
+    if tenant is None:
+        raise ConfigError(cfg.source, "--tenant", "cannot tell which tenant's signature to use: give --tenant")
+    if tenant.signature_html is None or tenant.signature_text is None:
+        return None, f"tenant {tenant.name} (no signature files)"
+    return Signature(tenant.signature_html, tenant.signature_text), f"tenant {tenant.name}"
+
+
+def cmd_stamp(args: argparse.Namespace) -> int:
+    from relay.mime.stamper import Signature, stamp
+
+    sig, source = _signature_for(args)
+    assert sig is None or isinstance(sig, Signature)
+    mail_from = args.mail_from
+    if args.report:
+        return _report(args.report, sig, mail_from, args.bottom)
+    raw = sys.stdin.buffer.read()
+    result = stamp(raw, sig, mail_from=mail_from, bottom=args.bottom)
+    sys.stdout.buffer.write(result.data)
+    sys.stdout.buffer.flush()
+    print(f"decision: {result.decision}" + (f"\nplacement: {result.placement}" if result.placement else "")
+          + f"\nsignature: {source}\nsize: {len(raw)} -> {len(result.data)} bytes", file=sys.stderr)
+    return 0
+
+
+def _report(paths: list[str], sig: object, mail_from: str | None, bottom: bool) -> int:
+    """Replay a corpus: one line per file, then a summary. Never stops at a bad file."""
+    import collections
+    from pathlib import Path
+
+    from relay.mime.stamper import Signature, stamp
+
+    assert sig is None or isinstance(sig, Signature)
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.rglob("*.eml")) if p.is_dir() else [p]
+    decisions: collections.Counter[str] = collections.Counter()
+    placements: collections.Counter[str] = collections.Counter()
+    errors = 0
+    progress = sys.stderr.isatty() and len(files) > 200
+    for i, f in enumerate(files, 1):
+        try:
+            raw = f.read_bytes()
+            r = stamp(raw, sig, mail_from=mail_from, bottom=bottom)
+        except OSError as e:
+            errors += 1
+            print(f"ERROR\t-\t{f}\t{e.strerror}")
+            continue
+        except Exception as e:  # a crash is a bug to report, not a reason to stop the replay
+            errors += 1
+            print(f"CRASH\t-\t{f}\t{type(e).__name__}: {e}")
+            continue
+        decisions[str(r.decision)] += 1
+        for rule in r.placement.split():
+            placements[rule] += 1
+        print(f"{r.decision}\t{r.placement or '-'}\t{f}")
+        if progress and i % 100 == 0:
+            print(f"... {i}/{len(files)}", file=sys.stderr)
+    print(f"\n{len(files)} file(s): " + ", ".join(f"{n} {d}" for d, n in decisions.most_common())
+          + (f", {errors} error(s)" if errors else ""))
+    if placements:
+        print("placements: " + ", ".join(f"{n} {p}" for p, n in placements.most_common()))
+    return 1 if errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="signature-relay", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -172,6 +254,27 @@ def build_parser() -> argparse.ArgumentParser:
     cs = csub.add_parser("show", help="print names, expiry and SHA-256 fingerprints")
     _add_config(cs)
     cs.set_defaults(func=cmd_certs_show)
+
+    st = sub.add_parser(
+        "stamp", help="stamp one message (stdin → stdout) or replay a corpus (--report)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Dry-run the stamping engine on .eml files. The decision (stamped / pass-through and why)\n"
+                    "and the placement rule go to stderr; the stamped message to stdout.",
+        epilog="examples:\n"
+               "  signature-relay stamp --from alice@contoso.com < reply.eml > stamped.eml\n"
+               "  signature-relay stamp --report ~/mail-samples/        # summary of decisions and placements")
+    _add_config(st)
+    st.add_argument("--tenant", help="use this tenant's signature (default: the tenant of --from)")
+    st.add_argument("--from", dest="mail_from", metavar="ADDR", default=None,
+                    help="envelope sender (use --from '' for the null sender)")
+    st.add_argument("--to", dest="rcpt", metavar="ADDR", action="append", default=[],
+                    help="envelope recipient (recorded for rules; repeatable)")
+    st.add_argument("--html", metavar="FILE", help="signature HTML fragment (with --text) instead of the tenant's")
+    st.add_argument("--text", metavar="FILE", help="signature plain text (with --html)")
+    st.add_argument("--bottom", action="store_true", help="place at the bottom instead of under the newest reply")
+    st.add_argument("--report", nargs="+", metavar="FILE_OR_DIR",
+                    help="replay .eml files (directories recursively) and summarise decisions and placements")
+    st.set_defaults(func=cmd_stamp)
 
     k = sub.add_parser("check", help="validate the configuration and certificates, then exit")
     _add_config(k)

@@ -27,8 +27,9 @@ def classify(scan: Scan, *, mail_from: str | None) -> str | None:
         return "connector-validation"
     if mail_from == "":
         return "null-sender"  # NDRs, DSNs and other system mail (RFC 5321 §4.5.5)
-    auto = (headers.get_all(raw, "Auto-Submitted") or ["no"])[0].split(";")[0].strip().lower()
-    if auto and auto != "no":
+    auto_m = re.match(r"\s*([A-Za-z0-9-]+)", (headers.get_all(raw, "Auto-Submitted") or ["no"])[0])
+    auto = auto_m.group(1).lower() if auto_m else "no"  # the keyword, without comments/parameters
+    if auto != "no":
         return f"auto-submitted:{auto}"  # RFC 3834: out-of-office and other automatic replies
     content_class = " ".join(headers.get_all(raw, "Content-Class")).lower()
     if "recall" in content_class:

@@ -134,11 +134,16 @@ def _rfc2231(v: str) -> str:
         return unquote(text, encoding="latin-1")
 
 
-def _unfold(raw: bytes, start: int, end: int) -> dict[str, str]:
-    """The MIME-relevant fields of a header block (first occurrence wins), unfolded."""
+_FIELD_NAME: Final = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §3.6.8 (WSP before ":" tolerated)
+
+
+def _unfold(raw: bytes, start: int, end: int) -> tuple[dict[str, str], int | None]:
+    """The MIME-relevant fields of a header block (first occurrence wins), unfolded, and the
+    offset of the first line that is neither a field nor a continuation (None when clean)."""
     out: dict[str, str] = {}
     name: str | None = None
     parts: list[bytes] = []
+    bad: int | None = None
     for m in _LINE.finditer(raw, start, end):
         line = m.group()
         if line[:1] in (b" ", b"\t"):
@@ -147,6 +152,12 @@ def _unfold(raw: bytes, start: int, end: int) -> dict[str, str]:
             continue
         if name is not None and name not in out:
             out[name] = b"".join(p.strip(b"\r\n") for p in parts).decode("latin-1").strip()
+        if not _FIELD_NAME.match(line) and line.strip(b"\r\n"):
+            # The email package ends the header here and reads the rest as body; clients differ.
+            # We cannot know which bytes the reader will see as body, so we do not edit.
+            bad = m.start() if bad is None else bad
+            name = None
+            continue
         colon = line.find(b":")
         name = line[:colon].strip().decode("latin-1").lower() if colon > 0 else None
         if name is not None and not name.startswith("content-"):
@@ -154,7 +165,7 @@ def _unfold(raw: bytes, start: int, end: int) -> dict[str, str]:
         parts = [line[colon + 1:]] if name is not None else []
     if name is not None and name not in out:
         out[name] = b"".join(p.strip(b"\r\n") for p in parts).decode("latin-1").strip()
-    return out
+    return out, bad
 
 
 def _header_end(raw: bytes, start: int, end: int) -> int | None:
@@ -179,11 +190,16 @@ def _entity(s: Scan, limits: Limits, start: int, end: int, parent: int | None, d
         return
     hend = _header_end(raw, start, end)
     if hend is None:
-        # No empty line: the whole entity is header (RFC 5322 allows a message without body).
+        # No empty line: the whole entity is header (RFC 5322 allows a message without body),
+        # but then there is no body to edit and no separator to edit after.
         hend = end
+        if end > start:
+            s.defects.append(f"no-header-body-separator@{start}")
     if hend - start > limits.max_header_bytes:
         s.defects.append(f"header-too-large@{start}")
-    fields = _unfold(raw, start, hend)
+    fields, bad_line = _unfold(raw, start, hend)
+    if bad_line is not None:
+        s.defects.append(f"malformed-header-line@{bad_line}")
     ctype_raw = fields.get("content-type", "")
     ctype, params = parse_params(ctype_raw) if ctype_raw else ("", {})
     if ctype and not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", ctype):
