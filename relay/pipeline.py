@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.mime import headers
 from relay.mime.stamper import Decision, Signature, already_processed, stamp
 
 __all__ = ["Decision", "Processed", "already_processed", "process"]
@@ -28,5 +27,5 @@ def process(
 ) -> Processed:
     """Run the pipeline on one message. ``received`` is our trace field, always prepended
     (RFC 5321 §4.4: a relay MUST add one; it also lets us count hops to catch loops)."""
-    result = stamp(raw, signature, processed_header=processed_header, mail_from=mail_from)
-    return Processed(headers.prepend(result.data, received), result.decision, result.placement)
+    result = stamp(raw, signature, processed_header=processed_header, mail_from=mail_from, prefix=received)
+    return Processed(result.data, result.decision, result.placement)

@@ -54,8 +54,13 @@ def tenant_toml(name: str, tid: str, domains: list[str], endpoint: str, subdomai
         """)
 
 
+SIG_HTML = '<p style="margin:0"><b>Alice Wilber</b> · Sales Director · Contoso Ltd.</p>\n'
+SIG_TEXT = "Alice Wilber · Sales Director · Contoso Ltd.\n"
+
+
 def make_deployment(root: Path, *, sender_domain_binding: bool = True, extra: str = "",
-                    contoso_endpoint: str | None = None, pki_from: Path | None = None) -> Deployment:
+                    contoso_endpoint: str | None = None, pki_from: Path | None = None,
+                    signature: bool = False) -> Deployment:
     """Write a complete deployment under ``root``: relay + sink config, two tenants, dev PKI.
 
     ``pki_from`` copies certificates generated once per session (RSA keygen is the slow part).
@@ -67,6 +72,10 @@ def make_deployment(root: Path, *, sender_domain_binding: bool = True, extra: st
         "contoso", CONTOSO_ID, ["contoso.com"], contoso_endpoint or f"127.0.0.1:{sink_port}", "contoso-7q4k2m"))
     (root / "rules" / "fabrikam" / "tenant.toml").write_text(tenant_toml(
         "fabrikam", FABRIKAM_ID, ["fabrikam.com"], f"127.0.0.1:{sink_port}", "fabrikam-2b9x1k"))
+    if signature:
+        (root / "signatures" / "contoso").mkdir(parents=True, exist_ok=True)
+        (root / "signatures" / "contoso" / "signature.html").write_text(SIG_HTML)
+        (root / "signatures" / "contoso" / "signature.txt").write_text(SIG_TEXT)
     cfg_path = root / "relay.toml"
     cfg_path.write_text(textwrap.dedent(f"""\
         [service]

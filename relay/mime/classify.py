@@ -17,21 +17,22 @@ PGP_ARMOUR: Final = re.compile(rb"-----BEGIN PGP (?:MESSAGE|SIGNED MESSAGE)-----
 _VALIDATION_FROM: Final = re.compile(r"o365connectorvalidation@", re.I)
 
 
-def classify(scan: Scan, *, mail_from: str | None) -> str | None:
-    """The pass-through reason for this message, or None when it should be stamped."""
-    raw = scan.raw
-    subject = (headers.get_all(raw, "Subject") or [""])[0]
-    from_ = (headers.get_all(raw, "From") or [""])[0]
+def classify(scan: Scan, *, mail_from: str | None, top: dict[str, list[str]] | None = None) -> str | None:
+    """The pass-through reason for this message, or None when it should be stamped.
+    ``top`` is :func:`headers.index` of the message when the caller already has it."""
+    top = headers.index(scan.raw) if top is None else top
+    subject = (top.get("subject") or [""])[0]
+    from_ = (top.get("from") or [""])[0]
     # Exchange Online's "Validate connector" probe: accept and relay untouched (issue #6).
     if _VALIDATION_FROM.search(from_) or subject.strip().lower() == "test email for connector validation":
         return "connector-validation"
     if mail_from == "":
         return "null-sender"  # NDRs, DSNs and other system mail (RFC 5321 §4.5.5)
-    auto_m = re.match(r"\s*([A-Za-z0-9-]+)", (headers.get_all(raw, "Auto-Submitted") or ["no"])[0])
+    auto_m = re.match(r"\s*([A-Za-z0-9-]+)", (top.get("auto-submitted") or ["no"])[0])
     auto = auto_m.group(1).lower() if auto_m else "no"  # the keyword, without comments/parameters
     if auto != "no":
         return f"auto-submitted:{auto}"  # RFC 3834: out-of-office and other automatic replies
-    content_class = " ".join(headers.get_all(raw, "Content-Class")).lower()
+    content_class = " ".join(top.get("content-class", ())).lower()
     if "recall" in content_class:
         return "message-recall"
     if "calendarmessage" in content_class:

@@ -79,6 +79,59 @@ def encode_base64(data: bytes, eol: bytes = b"\r\n") -> bytes:
     return eol.join(b[i:i + 76] for i in range(0, len(b), 76)) + eol
 
 
+_EOL_B: Final = re.compile(rb"\r\n|\n|\r")
+_SAFE_LINE: Final = re.compile(rb"[\x21-\x3c\x3e-\x7e]([\x20\x21-\x3c\x3e-\x7e]{0,74}[\x21-\x3c\x3e-\x7e])?")
+_SINGLE_BYTE_PREFIXES: Final = ("ascii", "latin", "iso8859", "cp125", "cp437", "cp850", "cp852", "cp866", "koi8",
+                                "mac-", "tis-620", "cp874")
+
+
+def _fast_qp_ok(codec: str) -> bool:
+    """Charsets where a character boundary is visible in the bytes: single-byte ones (every byte
+    is a character) and UTF-8 (continuation bytes are 0x80-0xBF)."""
+    return codec == "utf-8" or codec.startswith(_SINGLE_BYTE_PREFIXES)
+
+
+def encode_qp(text: str, codec: str, eol: str = "\r\n") -> bytes:
+    """Quoted-printable for ``text`` in ``codec`` (ASCII-compatible), hard line breaks as ``eol``."""
+    if not ascii_compatible(codec):
+        raise ValueError(f"{codec} is not ASCII-compatible")
+    if not _fast_qp_ok(codec):
+        return _encode_qp_by_char(text, codec, eol)
+    utf8 = codec == "utf-8"
+    out: list[bytes] = []
+    for line in _EOL_B.split(text.encode(codec)):
+        if len(line) <= 76 and _SAFE_LINE.fullmatch(line) and not line.startswith((b"From ", b".")):
+            out.append(line)  # the common case: nothing to encode, nothing to wrap
+            continue
+        # binascii does the byte escaping in C (including trailing white space); we undo its
+        # wrapping, which may split a UTF-8 sequence, and wrap again on character boundaries.
+        enc = binascii.b2a_qp(line, quotetabs=False, istext=False, header=False).replace(b"=\n", b"")
+        if enc.startswith((b"From ", b".")):
+            enc = b"=%02X" % enc[0] + enc[1:]
+        out.extend(_wrap(enc, utf8))
+    return eol.encode("ascii").join(out)
+
+
+def _wrap(enc: bytes, utf8: bool) -> list[bytes]:
+    """Soft line breaks (RFC 2045 §6.7 rule 5): at most 76 columns including the "=", never inside
+    an "=XX" escape, and (UTF-8) never between the bytes of one character."""
+    lines: list[bytes] = []
+    start = 0
+    while len(enc) - start > 76:
+        cut = start + 75
+        if enc[cut - 1] == 0x3D:  # "=" just before the cut: keep "=XX" whole
+            cut -= 1
+        elif enc[cut - 2] == 0x3D:
+            cut -= 2
+        if utf8:
+            while cut - 3 > start and enc[cut] == 0x3D and 0x80 <= int(enc[cut + 1:cut + 3], 16) <= 0xBF:
+                cut -= 3  # the next byte continues a character: break before its lead byte
+        lines.append(enc[start:cut] + b"=")
+        start = cut
+    lines.append(enc[start:])
+    return lines
+
+
 def _qp_char(ch: str, codec: str, eol_next: bool) -> str:
     if ch == " " or ch == "\t":
         return f"={ord(ch):02X}" if eol_next else ch
@@ -87,10 +140,9 @@ def _qp_char(ch: str, codec: str, eol_next: bool) -> str:
     return ch
 
 
-def encode_qp(text: str, codec: str, eol: str = "\r\n") -> bytes:
-    """Quoted-printable for ``text`` in ``codec`` (ASCII-compatible), hard line breaks as ``eol``."""
-    if not ascii_compatible(codec):
-        raise ValueError(f"{codec} is not ASCII-compatible")
+def _encode_qp_by_char(text: str, codec: str, eol: str) -> bytes:
+    """Slow path for multi-byte charsets (Shift_JIS, GB18030, Big5, EUC-*): one character at a
+    time, so a soft break can only fall between characters."""
     out: list[str] = []
     for line in _EOL.split(text):
         tokens = [_qp_char(ch, codec, i == len(line) - 1) for i, ch in enumerate(line)]
@@ -98,7 +150,6 @@ def encode_qp(text: str, codec: str, eol: str = "\r\n") -> bytes:
             tokens[0] = f"={ord(line[0]):02X}"
         cur = ""
         for tok in tokens:
-            # 76 columns including the "=" of a soft break (RFC 2045 §6.7 rule 5).
             if len(cur) + len(tok) > 75:
                 out.append(cur + "=")
                 cur = ""

@@ -77,6 +77,14 @@ def get_all(raw: bytes, name: str) -> list[str]:
     return [f.value for f in fields(raw) if f.name.lower() == lname]
 
 
+def index(raw: bytes) -> dict[str, list[str]]:
+    """All top-level fields by lower-cased name, values in order: one pass for many lookups."""
+    out: dict[str, list[str]] = {}
+    for f in fields(raw):
+        out.setdefault(f.name.lower(), []).append(f.value)
+    return out
+
+
 def line_ending(raw: bytes) -> bytes:
     """The message's own line ending, so inserted fields match what surrounds them."""
     i = raw.find(b"\n")

@@ -11,8 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
 
 @dataclass(frozen=True)
 class Placement:
@@ -25,28 +23,35 @@ _FROM_WORDS: Final = r"(?:From|Von|De|Da|Van|Od|Från|Fra|Lähettäjä)"
 _SENT_WORDS: Final = (r"(?:Sent|Date|Gesendet|Datum|Envoy[ée]|Enviado|Fecha|Inviato|Data|Verzonden|Wys[łl]ano|"
                       r"Enviada|Skickat|Sendt)")
 
-# HTML markers: (rule, regex on the ASCII-lower-cased document, which group start to insert at)
+# HTML markers: (rule, literal that must occur for the regex to be worth running, regex on the
+# ASCII-lower-cased document).
+_CLASS: Final = rb"""<div[^>]*\bclass\s*=\s*["']?[^"'>]*\b"""
 _HTML_MARKERS: Final = [
-    ("html:outlook-web-appendonsend", re.compile(r'<div[^>]*\bid\s*=\s*["\']?appendonsend\b')),
-    ("html:outlook-web-hr", re.compile(r'<hr\b[^>]*\btabindex\s*=\s*["\']?-1\b[^>]*>')),
-    ("html:outlook-web-divrplyfwdmsg", re.compile(r'<div[^>]*\bid\s*=\s*["\']?divrplyfwdmsg\b')),
-    ("html:outlook-desktop", re.compile(
-        r'(?:<div>\s*)?<div[^>]*border-top\s*:\s*solid\s+#(?:e1e1e1|b5c4df)[^>]*>')),
-    ("html:gmail", re.compile(r'<div[^>]*\bclass\s*=\s*["\']?[^"\'>]*\bgmail_quote(?:_container)?\b')),
-    ("html:thunderbird-cite", re.compile(r'<div[^>]*\bclass\s*=\s*["\']?[^"\'>]*\bmoz-cite-prefix\b')),
-    ("html:thunderbird-forward", re.compile(r'<div[^>]*\bclass\s*=\s*["\']?[^"\'>]*\bmoz-forward-container\b')),
-    ("html:yahoo", re.compile(r'<div[^>]*\b(?:class|id)\s*=\s*["\']?[^"\'>]*\byahoo_quoted')),
-    ("html:apple-forward", re.compile(r'(?:<div[^>]*>\s*)(?:<br[^>]*>\s*)*(?=<div[^>]*>\s*begin forwarded message:)')),
-    ("html:apple-cite", re.compile(r'(?:<div[^>]*>\s*(?:<br[^>]*>\s*)*)?<blockquote[^>]*\btype\s*=\s*["\']?cite\b')),
+    ("html:outlook-web-appendonsend", b"appendonsend",
+     re.compile(rb"""<div[^>]*\bid\s*=\s*["']?appendonsend\b""")),
+    ("html:outlook-web-hr", b"tabindex", re.compile(rb"""<hr\b[^>]*\btabindex\s*=\s*["']?-1\b[^>]*>""")),
+    ("html:outlook-web-divrplyfwdmsg", b"divrplyfwdmsg",
+     re.compile(rb"""<div[^>]*\bid\s*=\s*["']?divrplyfwdmsg\b""")),
+    ("html:outlook-desktop", b"border-top",
+     re.compile(rb"(?:<div>\s*)?<div[^>]*border-top\s*:\s*solid\s+#(?:e1e1e1|b5c4df)[^>]*>")),
+    ("html:gmail", b"gmail_quote", re.compile(_CLASS + rb"gmail_quote(?:_container)?\b")),
+    ("html:thunderbird-cite", b"moz-cite-prefix", re.compile(_CLASS + rb"moz-cite-prefix\b")),
+    ("html:thunderbird-forward", b"moz-forward-container", re.compile(_CLASS + rb"moz-forward-container\b")),
+    ("html:yahoo", b"yahoo_quoted", re.compile(rb"""<div[^>]*\b(?:class|id)\s*=\s*["']?[^"'>]*\byahoo_quoted""")),
+    ("html:apple-forward", b"begin forwarded message",
+     re.compile(rb"(?:<div[^>]*>\s*)(?:<br[^>]*>\s*)*(?=<div[^>]*>\s*begin forwarded message:)")),
+    ("html:apple-cite", b"cite",
+     re.compile(rb"""(?:<div[^>]*>\s*(?:<br[^>]*>\s*)*)?<blockquote[^>]*\btype\s*=\s*["']?cite\b""")),
 ]
 # A localized Outlook header block without the styled div (Outlook for Mac, pasted replies).
 _HTML_FROM_BLOCK: Final = re.compile(
-    r"<b>\s*(?:<span[^>]*>\s*)?" + _FROM_WORDS.lower() + r"\s?:\s*(?:</span>\s*)?</b>.{0,600}?<b>\s*(?:<span[^>]*>\s*)?"
-    + _SENT_WORDS.lower() + r"\s?:", re.S)
-_COMMENT: Final = re.compile(r"<!--.*?-->", re.S)
+    rb"<b>\s*(?:<span[^>]*>\s*)?(?:from|von|de|da|van|od|fr\xc3\xa5n|fra)\s?:\s*(?:</span>\s*)?</b>.{0,600}?"
+    rb"<b>\s*(?:<span[^>]*>\s*)?(?:sent|date|gesendet|datum|envoy(?:e|\xc3\xa9)|enviado|fecha|inviato|data|verzonden|"
+    rb"wys(?:l|\xc5\x82)ano|enviada|skickat|sendt)\s?:", re.S)
+_COMMENT: Final = re.compile(rb"<!--.*?-->", re.S)
 
 
-def _comment_spans(lower: str) -> list[tuple[int, int]]:
+def _comment_spans(lower: bytes) -> list[tuple[int, int]]:
     return [m.span() for m in _COMMENT.finditer(lower)]
 
 
@@ -56,25 +61,38 @@ def _in_spans(pos: int, spans: list[tuple[int, int]]) -> bool:
 
 def find_html(html: str, *, bottom: bool = False) -> Placement:
     """Insertion offset in an HTML body: above the first quoted-history marker, else before the
-    real ``</body>`` (not one inside a comment), else before ``</html>``, else the end."""
-    lower = html.translate(_ASCII_LOWER)  # same length as html, unlike str.lower()
-    spans = _comment_spans(lower)
+    real ``</body>`` (not one inside a comment), else before ``</html>``, else the end.
+
+    Markup is ASCII, so the search runs on the UTF-8 bytes lower-cased with ``bytes.lower()``
+    (fast, length-preserving); only the final offset is converted back to characters."""
+    raw = html.encode("utf-8", "surrogatepass")
+    lower = raw.lower()
+    spans = _comment_spans(lower) if b"<!--" in lower else []
+    found = _find_html_bytes(lower, spans, bottom)
+    offset = len(raw[:found.offset].decode("utf-8", "surrogatepass"))
+    return Placement(offset, found.rule)
+
+
+def _find_html_bytes(lower: bytes, spans: list[tuple[int, int]], bottom: bool) -> Placement:
     if not bottom:
         best: Placement | None = None
-        for rule, rx in _HTML_MARKERS:
+        for rule, needle, rx in _HTML_MARKERS:
+            if needle not in lower:
+                continue
             for m in rx.finditer(lower):
                 if not _in_spans(m.start(), spans):
                     if best is None or m.start() < best.offset:
                         best = Placement(m.start(), rule)
                     break
-        m2 = next((m for m in _HTML_FROM_BLOCK.finditer(lower) if not _in_spans(m.start(), spans)), None)
+        m2 = next((m for m in _HTML_FROM_BLOCK.finditer(lower) if not _in_spans(m.start(), spans)), None) \
+            if b"</b>" in lower else None
         if m2 is not None and (best is None or m2.start() < best.offset):
             # back up to the start of the block element that holds the "From:" line
-            start = max(lower.rfind(tag, 0, m2.start()) for tag in ("<div", "<p", "<hr"))
+            start = max(lower.rfind(tag, 0, m2.start()) for tag in (b"<div", b"<p", b"<hr"))
             best = Placement(start if start >= 0 else m2.start(), "html:header-block")
         if best is not None:
             return best
-    for rule, tag in (("html:body-end", "</body"), ("html:html-end", "</html")):
+    for rule, tag in (("html:body-end", b"</body"), ("html:html-end", b"</html")):
         pos = len(lower)
         while True:
             pos = lower.rfind(tag, 0, pos)
@@ -82,7 +100,7 @@ def find_html(html: str, *, bottom: bool = False) -> Placement:
                 break
         if pos >= 0:
             return Placement(pos, rule)
-    return Placement(len(html), "html:end")
+    return Placement(len(lower), "html:end")
 
 
 _TEXT_RULES: Final = [

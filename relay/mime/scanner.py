@@ -134,38 +134,28 @@ def _rfc2231(v: str) -> str:
         return unquote(text, encoding="latin-1")
 
 
-_FIELD_NAME: Final = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 §3.6.8 (WSP before ":" tolerated)
+# A header line that is neither a field ("name:") nor a continuation (leading WSP).
+_BAD_LINE: Final = re.compile(rb"^(?![ \t])(?![!-9;-~]+[ \t]*:)[^\r\n]+", re.M)
+# A Content-* field with its continuation lines (RFC 5322 §2.2.3 folding).
+_CONTENT_FIELD: Final = re.compile(rb"^(content-[a-z0-9-]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.M | re.I)
 
 
 def _unfold(raw: bytes, start: int, end: int) -> tuple[dict[str, str], int | None]:
-    """The MIME-relevant fields of a header block (first occurrence wins), unfolded, and the
-    offset of the first line that is neither a field nor a continuation (None when clean)."""
+    """The Content-* fields of a header block (first occurrence wins), unfolded, and the offset
+    of the first line that is neither a field nor a continuation (None when clean).
+
+    Regexes over the block rather than a Python loop per line: this runs for every part."""
+    block = raw[start:end]
     out: dict[str, str] = {}
-    name: str | None = None
-    parts: list[bytes] = []
-    bad: int | None = None
-    for m in _LINE.finditer(raw, start, end):
-        line = m.group()
-        if line[:1] in (b" ", b"\t"):
-            if name is not None:
-                parts.append(line)
-            continue
-        if name is not None and name not in out:
-            out[name] = b"".join(p.strip(b"\r\n") for p in parts).decode("latin-1").strip()
-        if not _FIELD_NAME.match(line) and line.strip(b"\r\n"):
-            # The email package ends the header here and reads the rest as body; clients differ.
-            # We cannot know which bytes the reader will see as body, so we do not edit.
-            bad = m.start() if bad is None else bad
-            name = None
-            continue
-        colon = line.find(b":")
-        name = line[:colon].strip().decode("latin-1").lower() if colon > 0 else None
-        if name is not None and not name.startswith("content-"):
-            name = None  # we only need Content-* fields here
-        parts = [line[colon + 1:]] if name is not None else []
-    if name is not None and name not in out:
-        out[name] = b"".join(p.strip(b"\r\n") for p in parts).decode("latin-1").strip()
-    return out, bad
+    for m in _CONTENT_FIELD.finditer(block):
+        name = m.group(1).decode("latin-1").lower()
+        if name not in out:
+            value = re.sub(rb"\r?\n[ \t]", b" ", m.group(2)).strip()
+            out[name] = value.decode("latin-1")
+    bad = _BAD_LINE.search(block)
+    # The email package ends the header at such a line and reads the rest as body; clients
+    # differ. We cannot know which bytes a reader will take as body, so we do not edit.
+    return out, (start + bad.start()) if bad else None
 
 
 def _header_end(raw: bytes, start: int, end: int) -> int | None:

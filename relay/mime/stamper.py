@@ -57,21 +57,25 @@ def already_processed(raw: bytes, header_name: str) -> bool:
 
 def stamp(
     raw: bytes, signature: Signature | None, *, processed_header: str = "X-CodeTwoProcessed",
-    mail_from: str | None = None, bottom: bool = False, limits: Limits = DEFAULT_LIMITS,
+    mail_from: str | None = None, bottom: bool = False, limits: Limits = DEFAULT_LIMITS, prefix: bytes = b"",
 ) -> StampResult:
-    if already_processed(raw, processed_header):
-        return StampResult(raw, Decision("pass-through", "already-processed"))
+    """``prefix`` (complete header fields, e.g. our Received:) goes first; the output is built
+    with a single copy of the message, which matters for 25 MB attachments."""
+    top = headers.index(raw)
+    if any("true" in v.lower() for v in top.get(processed_header.lower(), ())):  # see already_processed()
+        return StampResult(_join(raw, prefix, []), Decision("pass-through", "already-processed"))
     marker = trace.marker(processed_header)
     s = scan(raw, limits)
-    reason = classify(s, mail_from=mail_from)
+    reason = classify(s, mail_from=mail_from, top=top)
+    fields = prefix + marker
     if reason is None and signature is None:
-        return StampResult(headers.prepend(raw, marker), Decision("marked", "no-signature"))
+        return StampResult(_join(raw, fields, []), Decision("marked", "no-signature"))
     if reason is not None:
-        return StampResult(headers.prepend(raw, marker), Decision("pass-through", reason))
+        return StampResult(_join(raw, fields, []), Decision("pass-through", reason))
     assert signature is not None
     targets = find_targets(s)
     if not targets:
-        return StampResult(headers.prepend(raw, marker), Decision("pass-through", "no-text-body"))
+        return StampResult(_join(raw, fields, []), Decision("pass-through", "no-text-body"))
     edits: list[tuple[int, int, bytes]] = []
     rules: list[str] = []
     for sub in ("html", "plain"):
@@ -81,19 +85,30 @@ def stamp(
         try:
             new, rule = _edit_leaf(s, part, signature, html=sub == "html", bottom=bottom)
         except codec.DecodeError as e:
-            return StampResult(headers.prepend(raw, marker), Decision("pass-through", f"undecodable:{e}"))
+            return StampResult(_join(raw, fields, []), Decision("pass-through", f"undecodable:{e}"))
         except _PassThrough as e:
-            return StampResult(headers.prepend(raw, marker), Decision("pass-through", str(e)))
+            return StampResult(_join(raw, fields, []), Decision("pass-through", str(e)))
         edits.append((part.start, part.end, new))
         rules.append(rule)
-    out = bytearray()
+    return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules))
+
+
+def _join(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    """``fields`` + ``raw`` with ``edits`` (start, end, replacement) applied, copying ``raw`` once:
+    memoryview slices are not copies, and bytes.join sizes the result up front."""
+    if not fields and not edits:
+        return raw
+    eol = headers.line_ending(raw)
+    if eol != b"\r\n":
+        fields = fields.replace(b"\r\n", eol)
+    view = memoryview(raw)
+    chunks: list[bytes | memoryview] = [fields]
     pos = 0
     for start, end, new in sorted(edits):
-        out += raw[pos:start]
-        out += new
+        chunks += [view[pos:start], new]
         pos = end
-    out += raw[pos:]
-    return StampResult(headers.prepend(bytes(out), marker), Decision("stamped"), " ".join(rules))
+    chunks.append(view[pos:])
+    return b"".join(chunks)
 
 
 class _PassThrough(Exception):
@@ -124,7 +139,12 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
         if where.offset < len(text):
             block += eol  # a blank line between signature and the quoted history
     new_text = text[:where.offset] + block + text[where.offset:]
+    spliced = _splice(body, part.cte, text, where.offset, block, new_text, part.charset)
+    if spliced is not None:
+        return header + spliced, where.rule
 
+    # Full re-encode: the signature needs another charset or transfer encoding, or the leaf is
+    # base64 (not splice-able) or its encoded lines do not map onto its decoded lines.
     charset = part.charset
     py = codec.python_charset(charset)
     try:
@@ -156,6 +176,85 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
     if cte != part.cte:
         header = _set_field(header, "Content-Transfer-Encoding", cte, top=part.parent is None)
     return header + new_body, where.rule
+
+
+def _splice(body: bytes, cte: str, text: str, offset: int, block: str, new_text: str,
+            charset: str | None) -> bytes | None:
+    """Insert ``block`` into the *encoded* body, re-encoding only the line it lands in, so every
+    other byte of the leaf stays as received. None when that cannot be done faithfully."""
+    py = codec.python_charset(charset)
+    if not codec.ascii_compatible(py):
+        return None
+    try:
+        ins = block.encode(py)
+    except UnicodeEncodeError:
+        return None
+    if cte in ("7bit", "8bit", "binary"):
+        if cte == "7bit" and not ins.isascii():
+            return None
+        head = text[:offset].encode(py)
+        if not body.startswith(head):
+            return None  # the charset does not round-trip these bytes
+        new = head + ins + body[len(head):]
+        if cte != "binary" and codec.max_line(new) > _MAX_LINE:
+            return None
+        return new
+    if cte != "quoted-printable":
+        return None
+    # Hard line breaks of the encoded body: an end of line not preceded by "=" (a soft break).
+    hard_total = body.count(b"\n") - body.count(b"=\n") - body.count(b"=\r\n")
+    k = text.count("\n", 0, offset)
+    if hard_total != text.count("\n") or k > hard_total:
+        return None  # encoded and decoded lines do not correspond (e.g. "=0D=0A" in the body)
+    enc_start, enc_end = _qp_line_span(body, k, hard_total)
+    line_start = text.rfind("\n", 0, offset) + 1
+    line_end = text.find("\n", offset)
+    line_end = len(text) if line_end < 0 else line_end
+    line = text[line_start:line_end]
+    eol = "\r\n" if line.endswith("\r") or "\r\n" in block else "\n"
+    line = line[:-1] if line.endswith("\r") else line
+    col = offset - line_start
+    if col > len(line):
+        return None
+    new = body[:enc_start] + codec.encode_qp(line[:col] + block + line[col:], py, eol) + body[enc_end:]
+    try:
+        ok = codec.decode_text(codec.decode_transfer(new, "quoted-printable"), charset) == new_text
+    except codec.DecodeError:
+        ok = False
+    return new if ok else None  # verified: decodes to exactly the text we meant
+
+
+def _is_soft(body: bytes, nl: int) -> bool:
+    """Is the line break whose "\\n" is at ``nl`` a soft one ("=" right before it)?"""
+    j = nl - 1 if nl and body[nl - 1] == 0x0D else nl
+    return j > 0 and body[j - 1] == 0x3D
+
+
+def _qp_line_span(body: bytes, k: int, hard_total: int) -> tuple[int, int]:
+    """Byte span of hard line ``k`` (0-based, without its line break) of a quoted-printable body.
+    A line ending in "=" ends with a soft break (RFC 2045 §6.7 rule 5); trailing white space
+    after the "=" is not recognised here, and the caller verifies the splice by decoding it, so a
+    miss costs a full re-encode, never correctness. Scans from the nearer end: signatures go
+    near the top (under a reply) or at the very end."""
+    if k <= hard_total // 2:
+        start, seen, pos = 0, 0, body.find(b"\n")
+        while pos >= 0:
+            if not _is_soft(body, pos):
+                if seen == k:
+                    return start, pos - 1 if pos and body[pos - 1] == 0x0D else pos
+                seen += 1
+                start = pos + 1
+            pos = body.find(b"\n", pos + 1)
+        return start, len(body)
+    end, idx, pos = len(body), hard_total - 1, body.rfind(b"\n")
+    while pos >= 0:
+        if not _is_soft(body, pos):
+            if idx + 1 == k:  # hard break number idx ends line idx and opens line idx + 1
+                return pos + 1, end
+            idx -= 1
+            end = pos - 1 if pos and body[pos - 1] == 0x0D else pos
+        pos = body.rfind(b"\n", 0, pos)
+    return 0, end
 
 
 def _text_block(sig: str, eol: str, *, flowed: bool) -> str:

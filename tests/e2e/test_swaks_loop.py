@@ -200,3 +200,53 @@ def test_config_error_stops_startup_naming_file_and_key(tmp_path: Path, pki_dir:
     r = subprocess.run([*CLI, "serve", "-c", str(dep.config_path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert f"configuration error: {dep.config_path}: listen.max_mesage_size: unknown key" in r.stderr
+
+
+GMAIL_REPLY = (
+    b"From: Alice Wilber <alice@contoso.com>\r\nTo: Bob <bob@fabrikam.example>\r\nSubject: Re: Lunch\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=\"000000000000a1b2c3\"\r\n\r\n"
+    b"--000000000000a1b2c3\r\nContent-Type: text/plain; charset=\"UTF-8\"\r\n\r\nYes please!\r\n\r\n"
+    b"On Fri, Jan 3, 2025 at 4:01 PM Bob <bob@fabrikam.example> wrote:\r\n\r\n> Lunch on Friday?\r\n\r\n"
+    b"--000000000000a1b2c3\r\nContent-Type: text/html; charset=\"UTF-8\"\r\n\r\n"
+    b'<div dir="ltr">Yes please!</div><br><div class="gmail_quote"><div class="gmail_attr">On Fri, Jan 3, 2025 '
+    b"Bob wrote:</div><blockquote>Lunch on Friday?</blockquote></div>\r\n\r\n--000000000000a1b2c3--\r\n")
+
+
+@pytest.fixture
+def stamping_loop(tmp_path: Path, pki_dir: Path) -> Iterator[Procs]:
+    dep = make_deployment(tmp_path, pki_from=pki_dir, signature=True)
+    procs = Procs(dep)
+    procs.start("sink", "sink", port=dep.sink_port)
+    procs.start("relay", "serve", "--no-sink", port=dep.relay_port)
+    yield procs
+    procs.stop_all()
+
+
+def test_swaks_reply_is_stamped_under_the_newest_reply(stamping_loop: Procs) -> None:
+    import email
+    import email.policy
+
+    dep = stamping_loop.dep
+    rc, out = swaks(dep, "--tls", "--from", "alice@contoso.com", "--to", "bob@fabrikam.example", data=GMAIL_REPLY)
+    assert rc == 0, out
+    [got] = dep.delivered()
+    assert headers.get_all(got, "X-CodeTwoProcessed") == ["true"]
+    msg = email.message_from_bytes(got, policy=email.policy.default)
+    plain = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    # text: newest reply, then the signature, then the quoted history
+    assert plain.index("Yes please!") < plain.index("Alice Wilber · Sales Director") < plain.index("On Fri, Jan 3")
+    assert plain.count("Alice Wilber · Sales Director") == 1
+    assert html.index("Yes please!") < html.index("<b>Alice Wilber</b>") < html.index('class="gmail_quote"')
+    assert html.count("<b>Alice Wilber</b>") == 1
+    log = stamping_loop.stop("relay")
+    assert re.search(r"decision=stamped placement=\"html:gmail text:attribution\"", log), log
+
+
+def test_stamp_cli_as_a_process(tmp_path: Path, pki_dir: Path) -> None:
+    dep = make_deployment(tmp_path, pki_from=pki_dir, signature=True)
+    r = subprocess.run([*CLI, "stamp", "-c", str(dep.config_path), "--from", "alice@contoso.com"],
+                       input=GMAIL_REPLY, capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert b"decision: stamped\nplacement: html:gmail text:attribution\nsignature: tenant contoso" in r.stderr
+    assert r.stdout.startswith(b"X-CodeTwoProcessed: true\r\n") and b"Alice Wilber" in r.stdout

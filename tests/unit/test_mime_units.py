@@ -147,3 +147,16 @@ def test_html_markers(html: str, rule: str, before: str) -> None:
 def test_bottom_placement_ignores_reply_markers() -> None:
     assert placement.find_text("hi\n> quoted\n", bottom=True).rule == "text:end"
     assert placement.find_html('<body><div class="gmail_quote">q</div></body>', bottom=True).rule == "html:body-end"
+
+
+@given(st.lists(st.text(st.characters(codec="ascii", exclude_characters="\r\n"), max_size=120), min_size=1,
+                max_size=12))
+def test_qp_line_span_matches_decoded_lines(lines: list[str]) -> None:
+    from relay.mime import stamper
+
+    body = codec.encode_qp("\n".join(lines), "utf-8")
+    hard = body.count(b"\n") - body.count(b"=\n") - body.count(b"=\r\n")
+    assert hard == len(lines) - 1
+    for k, line in enumerate(lines):
+        a, b = stamper._qp_line_span(body, k, hard)
+        assert binascii.a2b_qp(body[a:b]).decode() == line
