@@ -44,6 +44,7 @@ class Part:
     filename: str | None
     children: list[int] = field(default_factory=list)
     boundary: bytes | None = None
+    close_at: int | None = None  # multipart: offset of the line break before "--boundary--"
 
     @property
     def maintype(self) -> str:
@@ -248,6 +249,7 @@ def _children(s: Scan, limits: Limits, part: Part) -> None:
             body_ends.append(max(before, body_starts[-1]))
         if is_close:
             closed = True
+            part.close_at = before
             break
         body_starts.append(line_end)
         pos = line_end

@@ -12,6 +12,7 @@ is returned unchanged, so ``stamp(stamp(x)) == stamp(x)``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -28,9 +29,19 @@ DEFAULT_LIMITS: Final = Limits()
 
 
 @dataclass(frozen=True)
+class Image:
+    """An image the HTML signature embeds: referenced in it as ``src="cid:<name>"``."""
+
+    name: str  # e.g. "logo.png"
+    content_type: str  # e.g. "image/png"
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Signature:
     html: str
     text: str
+    images: tuple[Image, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,12 +89,21 @@ def stamp(
         return StampResult(_join(raw, fields, []), Decision("pass-through", "no-text-body"))
     edits: list[tuple[int, int, bytes]] = []
     rules: list[str] = []
+    images = _embedded(signature, s) if "html" in targets else []
+    if images:
+        cids = {img.name: cid for img, cid in images}
+        signature = Signature(_CID_REF.sub(lambda m: f"cid:{cids.get(m.group(1), m.group(1))}", signature.html),
+                              signature.text)
     for sub in ("html", "plain"):
         part = targets.get(sub)
         if part is None:
             continue
         try:
             new, rule = _edit_leaf(s, part, signature, html=sub == "html", bottom=bottom)
+            if sub == "html" and images:
+                edits += _attach_images(s, part, new, images)
+                rules.append(rule)
+                continue
         except codec.DecodeError as e:
             return StampResult(_join(raw, fields, []), Decision("pass-through", f"undecodable:{e}"))
         except _PassThrough as e:
@@ -113,6 +133,85 @@ def _join(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]]) -> byt
 
 class _PassThrough(Exception):
     pass
+
+
+_CID_REF: Final = re.compile(r"""cid:([^"'\s>]+)""")
+
+
+def _embedded(sig: Signature, s: Scan) -> list[tuple[Image, str]]:
+    """Images the HTML actually references, each with a Content-ID that is deterministic (same
+    image, same id: golden tests and retries agree) and does not collide with the message's."""
+    used = set(_CID_REF.findall(sig.html))
+    existing = {v.strip("<> ").lower() for p in s.parts for v in [_content_id(s, p)] if v}
+    out = []
+    for img in sig.images:
+        if img.name not in used:
+            continue
+        digest = hashlib.sha256(img.data).hexdigest()[:12]
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", img.name)
+        cid, n = f"{safe}.{digest}@signature-relay", 1
+        while cid.lower() in existing:
+            n += 1
+            cid = f"{safe}.{digest}.{n}@signature-relay"
+        existing.add(cid.lower())
+        out.append((img, cid))
+    return out
+
+
+def _content_id(s: Scan, p: Part) -> str | None:
+    for f in headers.fields(s.header_bytes(p) or b"\r\n"):
+        if f.name.lower() == "content-id":
+            return f.value
+    return None
+
+
+def _image_part(img: Image, cid: str, eol: bytes) -> bytes:
+    name = re.sub(r'["\\\r\n]', "_", img.name)
+    head = (f'Content-Type: {img.content_type}; name="{name}"', "Content-Transfer-Encoding: base64",
+            f"Content-ID: <{cid}>", f'Content-Disposition: inline; filename="{name}"')
+    return eol.join(h.encode("ascii", "replace") for h in head) + eol + eol + codec.encode_base64(img.data, eol)
+
+
+def _attach_images(s: Scan, part: Part, new_leaf: bytes, images: list[tuple[Image, str]]
+                   ) -> list[tuple[int, int, bytes]]:
+    """Edits that put the edited HTML leaf and the images in one ``multipart/related``
+    (RFC 2387): into the existing one, or a new one wrapping the leaf."""
+    eol = headers.line_ending(s.raw)
+    parts = [_image_part(img, cid, eol) for img, cid in images]
+    parent = s.parts[part.parent] if part.parent is not None else None
+    if parent is not None and parent.ctype == "multipart/related" and parent.close_at is not None:
+        assert parent.boundary is not None
+        delim = eol + b"--" + parent.boundary + eol
+        # Before the close delimiter (whose own leading line break stays in place).
+        return [(part.start, part.end, new_leaf),
+                (parent.close_at, parent.close_at, b"".join(delim + p.rstrip(b"\r\n") for p in parts))]
+    digest = hashlib.sha256(s.raw).hexdigest()[:16]
+    boundary, n = f"=_signature-relay_{digest}", 0
+    while boundary.encode() in s.raw:  # RFC 2046 §5.1.1: must not occur in the encapsulated parts
+        n += 1
+        boundary = f"=_signature-relay_{digest}_{n}"
+    b = boundary.encode("ascii")
+    related_ct = f'Content-Type: multipart/related;{eol.decode()}\tboundary="{boundary}";{eol.decode()}' \
+                 f'\ttype="text/html"'.encode("ascii") + eol
+    hend = part.header_end - part.start
+    leaf_header, leaf_body = new_leaf[:hend], new_leaf[hend:]
+    if part.parent is None:
+        # The leaf is the whole message: Content-* fields move into the inner part, all other
+        # fields stay where they are, byte for byte.
+        outer = b"".join(new_leaf[f.start:f.end] for f in headers.fields(leaf_header)
+                         if not f.name.lower().startswith("content-"))
+        inner = b"".join(new_leaf[f.start:f.end] for f in headers.fields(leaf_header)
+                         if f.name.lower().startswith("content-")) or b"Content-Type: text/html" + eol
+        mime = b"" if any(f.name.lower() == "mime-version" for f in headers.fields(leaf_header)) \
+            else b"MIME-Version: 1.0" + eol
+        body_sep = eol
+    else:
+        outer, inner, mime, body_sep = b"", leaf_header[: len(leaf_header) - len(eol)], b"", eol
+    trailing = eol if part.parent is None else b""
+    wrapped = (outer + mime + related_ct + eol + b"--" + b + eol + inner + body_sep + leaf_body.rstrip(b"\r\n")
+               + b"".join(eol + b"--" + b + eol + p.rstrip(b"\r\n") for p in parts)
+               + eol + b"--" + b + b"--" + trailing)
+    return [(part.start, part.end, wrapped)]
 
 
 def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool) -> tuple[bytes, str]:
