@@ -12,6 +12,9 @@ for the dev profile only — the sender's domain alone.
 
 from __future__ import annotations
 
+import email.utils
+import ipaddress
+import re
 from dataclasses import dataclass
 
 from relay.config import Config, Tenant
@@ -27,6 +30,15 @@ class Unbound(PermanentError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(replies.NOT_AUTHORIZED, detail)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What the connection proves: never the tenant by itself (shared by all of Exchange Online)."""
+
+    ip: str | None = None
+    cert_names: tuple[str, ...] = ()  # verified client certificate names (empty: none presented)
+    sni: str | None = None  # server name the client asked for, if any
 
 
 @dataclass(frozen=True)
@@ -53,8 +65,41 @@ def check_sender(cfg: Config, mail_from: str) -> None:
         raise Unbound(f"sender domain {dom!r} belongs to no configured tenant")
 
 
-def bind(cfg: Config, mail_from: str, raw: bytes) -> Binding:
-    """Bind the message (after DATA) to its tenant, or raise :class:`Unbound`."""
+def bind(cfg: Config, mail_from: str, raw: bytes, peer: Peer | None = None) -> Binding:
+    """Bind the message (after DATA) to its tenant, or raise :class:`Unbound`: the tenant by its
+    id (or dev sender-domain), then every layer that tenant requires must agree."""
+    b = _tenant_of(cfg, mail_from, raw)
+    _check_layers(cfg, b.tenant, raw, peer or Peer())
+    return b
+
+
+def _from_domains(raw: bytes) -> list[str]:
+    values = headers.get_all(raw, "From")
+    return [a.rpartition("@")[2].lower().rstrip(".") for _, a in email.utils.getaddresses(values)]
+
+
+def _check_layers(cfg: Config, t: Tenant, raw: bytes, peer: Peer) -> None:
+    if t.require_from_domain:
+        doms = _from_domains(raw)
+        if len(doms) != 1 or doms[0] not in t.accepted_domains:
+            raise Unbound(f"From: domain(s) {doms[:3]!r} not an accepted domain of tenant {t.name!r}")
+    if t.networks:
+        try:
+            ip = ipaddress.ip_address((peer.ip or "").split("%")[0])
+        except ValueError as e:
+            raise Unbound(f"peer address {peer.ip!r} unparsable") from e
+        if not any(ip in n for n in t.networks):
+            raise Unbound(f"peer {peer.ip} outside tenant {t.name!r} networks")
+    if t.require_client_cert and not any(n.lower() in {c.lower() for c in cfg.security.client_cert_names}
+                                         for n in peer.cert_names):
+        raise Unbound(f"tenant {t.name!r} requires Exchange Online's client certificate; got {peer.cert_names!r}")
+    if peer.sni:
+        m = re.fullmatch(r"([a-z0-9-]+)\.(smtp|de-smtp)\." + re.escape(cfg.service_domain), peer.sni)
+        if m and (m.group(1) != t.subdomain or (m.group(2) == "de-smtp") != (t.region == "de")):
+            raise Unbound(f"SNI {peer.sni!r} names another tenant than {t.name!r}")
+
+
+def _tenant_of(cfg: Config, mail_from: str, raw: bytes) -> Binding:
     ids = headers.get_all(raw, CROSS_TENANT_HEADER)
     dom = sender_domain(mail_from)
     if len(ids) > 1:

@@ -115,6 +115,31 @@ class CertsConfig:
     days: int
 
 
+# Exchange Online's published outbound ranges (reference/exchange-online.md): the production
+# default for who may connect at all. They prove "Exchange Online", never "tenant X".
+EXO_NETWORKS: Final = ("40.92.0.0/15", "40.107.0.0/16", "52.100.0.0/14", "104.47.0.0/17",
+                       "2a01:111:f400::/48", "2a01:111:f403::/48")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Who may talk to us and how much (issue #5). Every limit has a sane default."""
+
+    allowed_networks: tuple[Network, ...]
+    require_client_cert: bool  # mutual TLS with Exchange Online's certificate
+    client_ca: Path | None  # trust anchors for the client certificate
+    client_cert_names: tuple[str, ...]
+    max_recipients: int  # RFC 5321 §4.5.3.1.8: at least 100; 452 beyond
+    max_connections: int
+    max_connections_per_ip: int
+    max_received: int  # Received: fields before we call it a loop (554 5.4.6)
+    max_line_length: int  # DATA lines; longer is a 500 after the final "."
+    min_data_rate: float  # bytes/s averaged over DATA, after the idle-timeout grace
+    max_errors: int  # error replies in one session before 421 and close
+    greeting_delay: float  # seconds; a client talking before the banner is refused (pregreet)
+
+
 @dataclass(frozen=True)
 class Tenant:
     name: str
@@ -130,6 +155,9 @@ class Tenant:
     client_key: Path
     bind_by_sender_domain: bool
     source: Path
+    networks: tuple[Network, ...] = ()  # narrower than security.allowed_networks, if set
+    require_from_domain: bool = True  # From: domain must be one of accepted_domains
+    require_client_cert: bool = False
     signature_html: str | None = None  # static signature until rules/templates land (issue #4)
     signature_text: str | None = None
 
@@ -152,6 +180,7 @@ class Config:
     signatures_dir: Path
     var_dir: Path
     tenants: tuple[Tenant, ...]
+    security: SecurityConfig = field(default_factory=lambda: _default_security())
     _by_id: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
     _by_domain: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
 
@@ -270,6 +299,25 @@ def _load_text(text: str, name: str, base: Path) -> Config:
     b = root.section("binding")
     bind_by_sender = b.boolean("sender_domain", False)
     b.done()
+
+    sec = root.section("security")
+    security = SecurityConfig(
+        allowed_networks=_networks(sec, "allowed_networks", list(EXO_NETWORKS)),
+        require_client_cert=sec.boolean("require_client_cert", False),
+        client_ca=sec.opt_path("client_ca"),
+        client_cert_names=tuple(sec.str_list("client_cert_names", ["mail.protection.outlook.com"])),
+        max_recipients=sec.integer("max_recipients", 1000, 100, 100_000),
+        max_connections=sec.integer("max_connections", 1000, 1, 1_000_000),
+        max_connections_per_ip=sec.integer("max_connections_per_ip", 50, 1, 1_000_000),
+        max_received=sec.integer("max_received", 50, 5, 1000),
+        max_line_length=sec.integer("max_line_length", 65_536, 1001, 16 * 1024 * 1024),
+        min_data_rate=sec.number("min_data_rate", 500.0, 0.0, 1e9),
+        max_errors=sec.integer("max_errors", 20, 1, 10_000),
+        greeting_delay=sec.number("greeting_delay", 0.0, 0.0, 30.0),
+    )
+    if security.require_client_cert and security.client_ca is None:
+        raise ConfigError(name, sec.key("client_ca"), "required when require_client_cert = true")
+    sec.done()
     root.done()
 
     tenants = _load_tenants(tenants_dir, signatures_dir, service_domain, certs.dir, bind_by_sender)
@@ -291,7 +339,7 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         processed_header=processed_header, listeners=tuple(listeners),
         require_starttls=require_starttls, max_message_size=max_size, idle_timeout=idle_timeout,
         tls=tls, delivery=delivery, sink=sink, certs=certs, tenants_dir=tenants_dir,
-        signatures_dir=signatures_dir, var_dir=var_dir, tenants=tuple(tenants),
+        signatures_dir=signatures_dir, var_dir=var_dir, tenants=tuple(tenants), security=security,
         _by_id=MappingProxyType(by_id), _by_domain=MappingProxyType(by_domain),
     )
 
@@ -367,6 +415,9 @@ def _load_tenants(
         inb.done()
         bs = root.section("binding")
         by_sender = bs.boolean("sender_domain", bind_default)
+        tnets = _networks(bs, "networks", [])
+        from_dom = bs.boolean("require_from_domain", True)
+        t_mtls = bs.boolean("require_client_cert", False)
         bs.done()
         root.done()
         sig_html, sig_text = _load_signature(sigdir / name)
@@ -374,12 +425,31 @@ def _load_tenants(
             name=name, id=tid, initial_domain=initial, accepted_domains=frozenset(accepted),
             region=region, subdomain=sub, certificate_name=certificate_name(sub, region, service_domain),
             endpoint=endpoint, tls_server_name=tls_name, client_cert=client_cert, client_key=client_key,
-            bind_by_sender_domain=by_sender, source=f, signature_html=sig_html, signature_text=sig_text,
+            bind_by_sender_domain=by_sender, source=f, networks=tnets, require_from_domain=from_dom,
+            require_client_cert=t_mtls, signature_html=sig_html, signature_text=sig_text,
         ))
     return tenants
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _default_security() -> SecurityConfig:
+    return SecurityConfig(
+        allowed_networks=tuple(ipaddress.ip_network(n) for n in EXO_NETWORKS), require_client_cert=False,
+        client_ca=None, client_cert_names=("mail.protection.outlook.com",), max_recipients=1000,
+        max_connections=1000, max_connections_per_ip=50, max_received=50, max_line_length=65_536,
+        min_data_rate=500.0, max_errors=20, greeting_delay=0.0)
+
+
+def _networks(sec: _Section, key: str, default: list[str]) -> tuple[Network, ...]:
+    out = []
+    for i, n in enumerate(sec.str_list(key, default)):
+        try:
+            out.append(ipaddress.ip_network(n, strict=False))
+        except ValueError as e:
+            raise ConfigError(sec.file, f"{sec.key(key)}[{i}]", f"not a network: {n!r}") from e
+    return tuple(out)
 
 
 def _parse_port(s: str) -> int:

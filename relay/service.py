@@ -23,11 +23,11 @@ from relay import log as msglog
 from relay.config import Config
 from relay.delivery import dsn
 from relay.delivery.client import Delivery
-from relay.errors import RelayError, Reply
+from relay.errors import PermanentError, RelayError, Reply
 from relay.mime import headers, trace
 from relay.mime.stamper import Signature
 from relay.smtp import replies, tls
-from relay.smtp.server import EhloWithoutAuth, RelaySMTP, start_listener
+from relay.smtp.server import EhloWithoutAuth, Guard, RelaySMTP, start_listener
 
 log = logging.getLogger("relay")
 # Above this size the pure pipeline runs in a worker thread so one big message cannot stall
@@ -54,6 +54,14 @@ class RelayHandler(EhloWithoutAuth):
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
     ) -> str:
+        sec = self.relay.cfg.security
+        if sec.require_client_cert:
+            names = tls.peer_names((session.ssl or {}).get("peercert"))
+            if not names:
+                return str(replies.CLIENT_CERT_REQUIRED)
+            if not any(n.lower() in {c.lower() for c in sec.client_cert_names} for n in names):
+                log.warning("refused at MAIL peer=%s: client certificate %s not accepted", session.peer, names[:3])
+                return str(replies.NOT_AUTHORIZED)
         try:
             binding.check_sender(self.relay.cfg, "" if address == "<>" else address)
         except RelayError as e:
@@ -61,6 +69,15 @@ class RelayHandler(EhloWithoutAuth):
             return replies.reply_for(e)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        return str(replies.OK)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.relay.cfg.security.max_recipients:
+            return str(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 §4.5.3.1.10: the earlier ones stand
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
         return str(replies.OK)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -73,7 +90,13 @@ class RelayHandler(EhloWithoutAuth):
 class Relay:
     def __init__(self, cfg: Config, delivery: Delivery | None = None) -> None:
         self.cfg = cfg
-        self.tls_context = tls.server_context(cfg.tls, where=f"{cfg.source}: [tls]")
+        sec = cfg.security
+        self.tls_context = tls.server_context(cfg.tls, client_ca=sec.client_ca, where=f"{cfg.source}: [tls]")
+        self.guard = Guard(
+            allowed=sec.allowed_networks, max_connections=sec.max_connections,
+            max_per_ip=sec.max_connections_per_ip, max_errors=sec.max_errors, min_data_rate=sec.min_data_rate,
+            greeting_delay=sec.greeting_delay, max_line_length=sec.max_line_length,
+        )
         self.delivery = delivery or Delivery(cfg.delivery, cfg.tenants, local_hostname=cfg.hostname)
         self.handler = RelayHandler(self)
         self.servers: list[asyncio.Server] = []
@@ -86,7 +109,7 @@ class Relay:
         return RelaySMTP(
             self.handler, hostname=self.cfg.hostname, idle_timeout=self.cfg.idle_timeout,
             data_size_limit=self.cfg.max_message_size, tls_context=None if implicit_tls else self.tls_context,
-            require_starttls=self.cfg.require_starttls and not implicit_tls,
+            require_starttls=self.cfg.require_starttls and not implicit_tls, guard=self.guard,
         )
 
     async def start(self) -> None:
@@ -141,7 +164,16 @@ class Relay:
         rcpts: list[str], fields: dict[str, Any],
     ) -> str:
         cfg = self.cfg
-        b = binding.bind(cfg, mail_from, raw)
+        hops = len(headers.get_all(raw, "Received"))
+        if hops >= cfg.security.max_received:
+            # RFC 5321 §6.3: a loop is detected by counting Received: fields.
+            raise PermanentError(replies.LOOP_DETECTED, f"{hops} Received: fields")
+        peer = binding.Peer(
+            ip=session.peer[0] if session.peer else None,
+            cert_names=tuple(tls.peer_names((session.ssl or {}).get("peercert"))),
+            sni=tls.sni_of(session.ssl),
+        )
+        b = binding.bind(cfg, mail_from, raw, peer)
         fields["tenant"] = b.tenant.name
         fields["bound_by"] = b.how
         received = trace.received(

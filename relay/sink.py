@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import Config, Listener, TlsConfig
 from relay.smtp import tls
-from relay.smtp.server import EhloWithoutAuth, RelaySMTP, start_listener
+from relay.smtp.server import EhloWithoutAuth, Guard, RelaySMTP, start_listener
 
 log = logging.getLogger("relay.sink")
 
@@ -141,9 +141,11 @@ class Sink:
         self.server: asyncio.Server | None = None
 
     def smtp_factory(self) -> SMTP:
+        # Long lines are accepted as Exchange Online accepts them (the relay never re-wraps them).
         return RelaySMTP(
             self.handler, hostname="sink.mail.protection.outlook.test", idle_timeout=300,
             data_size_limit=157_286_400, tls_context=self.tls_context, require_starttls=True,
+            guard=Guard(max_line_length=self.cfg.security.max_line_length),
         )
 
     async def start(self) -> None:

@@ -93,6 +93,9 @@ def make_deployment(root: Path, *, sender_domain_binding: bool = True, extra: st
         [binding]
         sender_domain = {"true" if sender_domain_binding else "false"}
 
+        [security]
+        allowed_networks = ["127.0.0.0/8", "::1/128"]
+
         [delivery]
         ca_bundle = "certs/ca.crt"
         connect_timeout = 5

@@ -22,12 +22,15 @@ ENDPOINT_TLS_FAILED = Reply(451, "4.7.5", "Secure connection to tenant endpoint 
 ENDPOINT_DNS_FAILED = Reply(451, "4.4.3", "Tenant endpoint lookup failed, try again later")
 ENDPOINT_TIMEOUT = Reply(451, "4.4.2", "Tenant endpoint timed out, try again later")
 ENDPOINT_DEFERRED = Reply(451, "4.4.0", "Tenant endpoint deferred the message, try again later")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 
 # --- permanent (5xx) ----------------------------------------------------------------------------
 # Generic on purpose: why a message was not bound to a tenant is in the log, not the reply, so
 # an attacker probing the relay learns nothing about which tenants exist (issue #5).
 NOT_AUTHORIZED = Reply(550, "5.7.1", "Relaying denied: message not from a served organization")
+CLIENT_CERT_REQUIRED = Reply(530, "5.7.0", "Client certificate required")
+LOOP_DETECTED = Reply(554, "5.4.6", "Too many hops, possible mail loop")
 NO_ENDPOINT = Reply(550, "5.1.2", "Tenant endpoint has no mail exchanger (null MX)")
 SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7", "Tenant endpoint does not support SMTPUTF8")
 

@@ -9,10 +9,26 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
+import weakref
 from pathlib import Path
 
 from relay.config import TlsConfig
 from relay.errors import ConfigError
+
+# The server name a client asked for (SNI), per TLS connection. Exchange Online's use of SNI is
+# not documented: when a per-tenant name is visible it must agree with the bound tenant (#5).
+_SNI: weakref.WeakKeyDictionary[ssl.SSLObject | ssl.SSLSocket, str] = weakref.WeakKeyDictionary()
+
+
+def _remember_sni(obj: ssl.SSLObject | ssl.SSLSocket, name: str | None, _ctx: ssl.SSLContext) -> None:
+    if name:
+        _SNI[obj] = name.lower().rstrip(".")
+
+
+def sni_of(ssl_info: dict[str, object] | None) -> str | None:
+    obj = (ssl_info or {}).get("ssl_object")
+    return _SNI.get(obj) if isinstance(obj, ssl.SSLObject | ssl.SSLSocket) else None
+
 
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
 
@@ -45,6 +61,7 @@ def server_context(tls: TlsConfig, *, client_ca: Path | None = None, where: str 
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     _load_chain(ctx, tls.cert, tls.key, tls.chain, where)
+    ctx.sni_callback = _remember_sni
     if client_ca is not None:
         try:
             ctx.load_verify_locations(cafile=str(client_ca))
