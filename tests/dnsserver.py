@@ -18,6 +18,7 @@ class Zone:
     # (name, rdtype) -> list of rdata texts, e.g. ("contoso.onmicrosoft.com.", "MX") -> ["10 mx1.test."]
     records: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     servfail: set[str] = field(default_factory=set)  # names answered with SERVFAIL
+    drop: set[str] = field(default_factory=set)  # names never answered (resolver timeout)
     queries: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -35,6 +36,8 @@ class _Proto(asyncio.DatagramProtocol):
         question = q.question[0]
         name, rdtype = question.name.to_text().lower(), dns.rdatatype.to_text(question.rdtype)
         self.zone.queries.append((name, rdtype))
+        if name in self.zone.drop:
+            return
         r.flags |= dns.flags.AA
         if name in self.zone.servfail:
             r.set_rcode(dns.rcode.SERVFAIL)

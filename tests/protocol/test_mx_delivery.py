@@ -54,6 +54,15 @@ async def test_servfail_is_transient(dns: tuple[dnsserver.Zone, int]) -> None:
     assert e.value.reply.code == 451 and e.value.reply.enhanced == "4.4.3"
 
 
+async def test_dns_timeout_is_transient(dns: tuple[dnsserver.Zone, int]) -> None:
+    zone, port = dns
+    zone.drop = {"contoso.onmicrosoft.com."}
+    r = Resolver((f"127.0.0.1:{port}",), timeout=0.5)
+    with pytest.raises(TransientError) as e:
+        await r.targets(Endpoint.parse("mx:contoso.onmicrosoft.com"))
+    assert str(e.value.reply).startswith("451 4.4.3")
+
+
 async def test_nxdomain_is_transient_null_mx_permanent_no_mx_implicit(dns: tuple[dnsserver.Zone, int]) -> None:
     zone, port = dns
     zone.records = {

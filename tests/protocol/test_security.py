@@ -389,3 +389,24 @@ async def test_handshake_garbage_or_silence_is_closed_without_leaks(make_stack: 
 def test_open_relay_fixture_sanity() -> None:
     assert re.match(r"<.*>", SENDERS[0].decode())
     assert SinkBehavior() is not None
+
+
+async def test_bare_lf_message_is_normalised_to_crlf(stack: Stack) -> None:
+    """Policy: bare LF (and bare CR) line endings are normalised to CRLF on the way out, never
+    relayed as is (a downstream that ends DATA on <LF>.<LF> would otherwise be smuggled into)."""
+    c = await session(stack)
+    raw = b"From: alice@contoso.com\nTo: b@example.net\nSubject: lf\n\nline one\nline two\rthree\n"
+    assert (await transaction(c, b"<alice@contoso.com>", [b"<b@example.net>"], raw))[-1].startswith("250")
+    c.close()
+    [got] = stack.deployment.delivered()
+    assert b"line one\r\nline two\r\nthree\r\n" in got
+    assert b"\n" not in got.replace(b"\r\n", b"")
+    assert b"\r" not in got.replace(b"\r\n", b"")
+
+
+def test_egress_refuses_tls_below_1_2(stack: Stack) -> None:
+    from relay.delivery.client import client_context
+
+    ctx = client_context(stack.cfg.delivery, stack.cfg.tenants[0])
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
