@@ -410,3 +410,14 @@ def test_egress_refuses_tls_below_1_2(stack: Stack) -> None:
     ctx = client_context(stack.cfg.delivery, stack.cfg.tenants[0])
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+
+
+async def test_total_connection_cap(make_stack: MakeStack, deployment: Deployment) -> None:
+    configure(deployment, security="max_connections = 2")
+    await make_stack()
+    a, b = await Raw.open(deployment.relay_port), await Raw.open(deployment.relay_port)
+    assert (await a.reply()).startswith("220") and (await b.reply()).startswith("220")
+    c = await Raw.open(deployment.relay_port)
+    assert (await c.reply()) == "421 4.7.0 Too many connections, try again later"
+    for x in (a, b, c):
+        x.close()
