@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from relay.errors import ConfigError
+from relay.mime.scanner import Limits
 
 DEFAULT_CONFIG_NAME: Final = "relay/defaults/relay.toml (embedded dev profile)"
 # Exchange Online advertises SIZE 157286400 (150 MiB); a smaller limit here would bounce mail
@@ -181,6 +182,7 @@ class Config:
     var_dir: Path
     tenants: tuple[Tenant, ...]
     security: SecurityConfig = field(default_factory=lambda: _default_security())
+    mime_limits: Limits = field(default_factory=Limits)
     _by_id: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
     _by_domain: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
 
@@ -318,6 +320,14 @@ def _load_text(text: str, name: str, base: Path) -> Config:
     if security.require_client_cert and security.client_ca is None:
         raise ConfigError(name, sec.key("client_ca"), "required when require_client_cert = true")
     sec.done()
+
+    mm = root.section("mime")
+    mime_limits = Limits(
+        max_depth=mm.integer("max_depth", 100, 1, 10_000),
+        max_parts=mm.integer("max_parts", 1000, 1, 1_000_000),
+        max_header_bytes=mm.integer("max_header_bytes", 102_400, 1024, 64 * 1024 * 1024),
+    )
+    mm.done()
     root.done()
 
     tenants = _load_tenants(tenants_dir, signatures_dir, service_domain, certs.dir, bind_by_sender)
@@ -340,6 +350,7 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         require_starttls=require_starttls, max_message_size=max_size, idle_timeout=idle_timeout,
         tls=tls, delivery=delivery, sink=sink, certs=certs, tenants_dir=tenants_dir,
         signatures_dir=signatures_dir, var_dir=var_dir, tenants=tuple(tenants), security=security,
+        mime_limits=mime_limits,
         _by_id=MappingProxyType(by_id), _by_domain=MappingProxyType(by_domain),
     )
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.mime.stamper import Decision, Signature, already_processed, stamp
+from relay.mime.scanner import Limits
+from relay.mime.stamper import DEFAULT_LIMITS, Decision, Signature, already_processed, stamp
 
 __all__ = ["Decision", "Processed", "already_processed", "process"]
 
@@ -23,9 +24,10 @@ class Processed:
 
 def process(
     raw: bytes, *, processed_header: str, received: bytes, signature: Signature | None = None,
-    mail_from: str | None = None,
+    mail_from: str | None = None, limits: Limits = DEFAULT_LIMITS,
 ) -> Processed:
     """Run the pipeline on one message. ``received`` is our trace field, always prepended
     (RFC 5321 §4.4: a relay MUST add one; it also lets us count hops to catch loops)."""
-    result = stamp(raw, signature, processed_header=processed_header, mail_from=mail_from, prefix=received)
+    result = stamp(raw, signature, processed_header=processed_header, mail_from=mail_from, prefix=received,
+                   limits=limits)
     return Processed(result.data, result.decision, result.placement)

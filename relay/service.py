@@ -185,7 +185,8 @@ class Relay:
         signature = (Signature(t.signature_html, t.signature_text)
                      if t.signature_html is not None and t.signature_text is not None else None)
         work = functools.partial(pipeline.process, raw, processed_header=cfg.processed_header,
-                                 received=received, signature=signature, mail_from=mail_from)
+                                 received=received, signature=signature, mail_from=mail_from,
+                                 limits=cfg.mime_limits)
         processed = await asyncio.to_thread(work) if len(raw) > _OFFLOAD_BYTES else work()
         fields["decision"] = str(processed.decision)
         fields["placement"] = processed.placement or None

@@ -101,3 +101,19 @@ def test_config_objects_are_frozen(tmp_path: Path, pki_dir: Path) -> None:
     cfg = config.load(write(tmp_path, pki_dir))
     with pytest.raises(AttributeError):
         cfg.hostname = "x"  # type: ignore[misc]
+
+
+def test_mime_limits_are_configurable(tmp_path: Path, pki_dir: Path) -> None:
+    from relay import pipeline
+    from relay.mime.stamper import Signature
+    from tests.unit.test_mime_units import _nested
+
+    p = write(tmp_path, pki_dir, extra="\n[mime]\nmax_depth = 5\nmax_parts = 50\n")
+    cfg = config.load(p)
+    assert (cfg.mime_limits.max_depth, cfg.mime_limits.max_parts) == (5, 50)
+    sig = Signature("<p>s</p>", "s")
+    deep = _nested(6)
+    limited = pipeline.process(deep, processed_header="X", received=b"", signature=sig, limits=cfg.mime_limits)
+    assert str(limited.decision) == "pass-through(malformed:nesting-too-deep)"
+    default = pipeline.process(deep, processed_header="X", received=b"", signature=sig)
+    assert default.decision.action == "stamped"
