@@ -174,6 +174,7 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     sys.stdout.buffer.write(result.data)
     sys.stdout.buffer.flush()
     print(f"decision: {result.decision}" + (f"\nplacement: {result.placement}" if result.placement else "")
+          + (f"\nanomalies: {', '.join(result.anomalies)}" if result.anomalies else "")
           + f"\nsignature: {source}\nsize: {len(raw)} -> {len(result.data)} bytes", file=sys.stderr)
     return 0
 
@@ -208,7 +209,7 @@ def _report(paths: list[str], sig: object, mail_from: str | None, bottom: bool) 
         decisions[str(r.decision)] += 1
         for rule in r.placement.split():
             placements[rule] += 1
-        print(f"{r.decision}\t{r.placement or '-'}\t{f}")
+        print(f"{r.decision}\t{r.placement or '-'}\t{f}" + (f"\t[{','.join(r.anomalies)}]" if r.anomalies else ""))
         if progress and i % 100 == 0:
             print(f"... {i}/{len(files)}", file=sys.stderr)
     print(f"\n{len(files)} file(s): " + ", ".join(f"{n} {d}" for d, n in decisions.most_common())

@@ -20,6 +20,7 @@ class Processed:
     data: bytes
     decision: Decision
     placement: str = ""
+    anomalies: tuple[str, ...] = ()
 
 
 def process(
@@ -30,4 +31,4 @@ def process(
     (RFC 5321 §4.4: a relay MUST add one; it also lets us count hops to catch loops)."""
     result = stamp(raw, signature, processed_header=processed_header, mail_from=mail_from, prefix=received,
                    limits=limits)
-    return Processed(result.data, result.decision, result.placement)
+    return Processed(result.data, result.decision, result.placement, result.anomalies)

@@ -190,6 +190,7 @@ class Relay:
         processed = await asyncio.to_thread(work) if len(raw) > _OFFLOAD_BYTES else work()
         fields["decision"] = str(processed.decision)
         fields["placement"] = processed.placement or None
+        fields["anomalies"] = ",".join(processed.anomalies) or None
         fields["size_out"] = len(processed.data)
         outcome = await self.delivery.deliver(
             b.tenant, mail_from, rcpts, processed.data, smtputf8=envelope.smtp_utf8)

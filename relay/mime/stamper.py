@@ -58,6 +58,7 @@ class StampResult:
     data: bytes
     decision: Decision
     placement: str = ""
+    anomalies: tuple[str, ...] = ()  # tolerated oddities worth a log line (bare CR/LF, long lines)
 
 
 def already_processed(raw: bytes, header_name: str) -> bool:
@@ -82,7 +83,7 @@ def stamp(
     if reason is None and signature is None:
         return StampResult(_join(raw, fields, []), Decision("marked", "no-signature"))
     if reason is not None:
-        return StampResult(_join(raw, fields, []), Decision("pass-through", reason))
+        return StampResult(_join(raw, fields, []), Decision("pass-through", reason), anomalies=tuple(s.anomalies))
     assert signature is not None
     targets = find_targets(s)
     if not targets:
@@ -110,7 +111,10 @@ def stamp(
             return StampResult(_join(raw, fields, []), Decision("pass-through", str(e)))
         edits.append((part.start, part.end, new))
         rules.append(rule)
-    return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules))
+    anomalies = list(s.anomalies)
+    if any(codec.max_line(s.body_bytes(p)) > _MAX_LINE for p in targets.values()):
+        anomalies.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998
+    return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules), tuple(anomalies))
 
 
 def _join(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:

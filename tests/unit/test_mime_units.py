@@ -160,3 +160,12 @@ def test_qp_line_span_matches_decoded_lines(lines: list[str]) -> None:
     for k, line in enumerate(lines):
         a, b = stamper._qp_line_span(body, k, hard)
         assert binascii.a2b_qp(body[a:b]).decode() == line
+
+
+def test_bare_line_endings_are_reported_not_fatal() -> None:
+    s = scanner.scan(b"Subject: x\n\nline\rmore\r\n")
+    assert not s.defects and s.anomalies == ["bare-lf", "bare-cr"]
+    r = stamp(b"Subject: x\nContent-Type: text/plain\n\n" + b"z" * 1200 + b"\n", Signature("<p>s</p>", "s"),
+              mail_from="a@b")
+    assert r.decision.action == "stamped" and r.anomalies == ("bare-lf", "long-line")
+    assert all(len(line) <= 998 for line in r.data.split(b"\n"))
