@@ -171,13 +171,21 @@ def scan(raw: bytes, limits: Limits | None = None) -> Scan:
     """Walk ``raw`` (a whole message) and return every part with its byte ranges."""
     s = Scan(raw, [], [])
     _entity(s, limits or Limits(), 0, len(raw), None, 0)
-    # Counting is C-speed and copies nothing, even for a 25 MB message.
-    crlf = raw.count(b"\r\n")
-    if raw.count(b"\n") != crlf:
-        s.anomalies.append("bare-lf")
-    if raw.count(b"\r") != crlf:
-        s.anomalies.append("bare-cr")
+    # The top-level header only: counting a 25 MB attachment would cost more than stamping it.
+    # The stamper checks the leaves it edits.
+    s.anomalies += line_anomalies(raw, 0, s.parts[0].header_end if s.parts else len(raw))
     return s
+
+
+def line_anomalies(raw: bytes, start: int, end: int) -> list[str]:
+    """``bare-lf`` / ``bare-cr`` when ``raw[start:end]`` has line breaks other than CRLF."""
+    crlf = raw.count(b"\r\n", start, end)
+    out = []
+    if raw.count(b"\n", start, end) != crlf:
+        out.append("bare-lf")
+    if raw.count(b"\r", start, end) != crlf:
+        out.append("bare-cr")
+    return out
 
 
 def _entity(s: Scan, limits: Limits, start: int, end: int, parent: int | None, depth: int) -> None:

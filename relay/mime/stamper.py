@@ -19,7 +19,7 @@ from typing import Final
 
 from relay.mime import codec, headers, placement, trace
 from relay.mime.classify import PGP_ARMOUR, classify, find_targets
-from relay.mime.scanner import Limits, Part, Scan, parse_params, scan
+from relay.mime.scanner import Limits, Part, Scan, line_anomalies, parse_params, scan
 
 _META_CHARSET: Final = re.compile(
     r"""(<meta\b[^>]*?\bcharset\s*=\s*["']?)([A-Za-z0-9_:.+-]+)""", re.I)
@@ -112,6 +112,8 @@ def stamp(
         edits.append((part.start, part.end, new))
         rules.append(rule)
     anomalies = list(s.anomalies)
+    for p in targets.values():
+        anomalies += [a for a in line_anomalies(raw, p.header_end, p.end) if a not in anomalies]
     if any(codec.max_line(s.body_bytes(p)) > _MAX_LINE for p in targets.values()):
         anomalies.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998
     return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules), tuple(anomalies))
