@@ -15,7 +15,6 @@ from typing import Final
 # package splits on bare LF too, and a mismatch between what we and downstream consider "the
 # header" is how header-injection bugs start.
 _END_RE: Final = re.compile(rb"\r?\n\r?\n")
-_LINE_RE: Final = re.compile(rb"[^\n]*\n|[^\n]+$")
 
 
 @dataclass(frozen=True)
@@ -34,41 +33,20 @@ def header_end(raw: bytes) -> int:
     return m.end() if m else len(raw)
 
 
+# One field: a name (no white space, no colon), optional WSP, ":", then the rest of the line and
+# every continuation line (leading WSP, RFC 5322 §2.2.3). Lines matching neither are skipped.
+_FIELD_RE: Final = re.compile(rb"^([^ \t\r\n:]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*\n?)", re.M)
+_UNFOLD_RE: Final = re.compile(rb"\r?\n")
+
+
 def fields(raw: bytes, limit: int | None = None) -> Iterator[Field]:
     """Yield the top-level header fields in order. Lines that are neither a field nor a
-    continuation (RFC 5322 §2.2 violations) are skipped, as a tolerant parser would."""
+    continuation (RFC 5322 §2.2 violations) are skipped, as a tolerant parser would. A regex
+    over the block, not a Python loop per line: this runs several times for every message."""
     end = header_end(raw) if limit is None else limit
-    name: str | None = None
-    value_parts: list[bytes] = []
-    start = 0
-    pos = 0
-    for m in _LINE_RE.finditer(raw, 0, end):
-        line = m.group()
-        if not line.strip(b"\r\n"):
-            break
-        if line[:1] in (b" ", b"\t"):
-            if name is not None:
-                value_parts.append(line)
-            pos = m.end()
-            continue
-        if name is not None:
-            yield _field(name, value_parts, start, pos)
-        colon = line.find(b":")
-        if colon <= 0 or b" " in line[:colon].rstrip() or b"\t" in line[:colon]:
-            name = None
-        else:
-            name = line[:colon].rstrip().decode("latin-1")
-            value_parts = [line[colon + 1:]]
-            start = m.start()
-        pos = m.end()
-    if name is not None:
-        yield _field(name, value_parts, start, pos)
-
-
-def _field(name: str, parts: list[bytes], start: int, end: int) -> Field:
-    # RFC 5322 §2.2.3: unfolding removes the CRLF that precedes folding white space.
-    value = b"".join(p.rstrip(b"\r\n") for p in parts).decode("latin-1").strip()
-    return Field(name, value, start, end)
+    for m in _FIELD_RE.finditer(raw, 0, end):
+        value = _UNFOLD_RE.sub(b"", m.group(2)).decode("latin-1").strip()
+        yield Field(m.group(1).decode("latin-1"), value, m.start(), m.end())
 
 
 def get_all(raw: bytes, name: str) -> list[str]:

@@ -113,8 +113,9 @@ def stamp(
         rules.append(rule)
     anomalies = list(s.anomalies)
     for p in targets.values():
-        anomalies += [a for a in line_anomalies(raw, p.header_end, p.end) if a not in anomalies]
-    if any(codec.max_line(s.body_bytes(p)) > _MAX_LINE for p in targets.values()):
+        if p.cte in ("7bit", "8bit", "binary"):  # encoded bodies carry their text's line breaks escaped
+            anomalies += [a for a in line_anomalies(raw, p.header_end, p.end) if a not in anomalies]
+    if any(p.cte != "base64" and codec.max_line(s.body_bytes(p)) > _MAX_LINE for p in targets.values()):
         anomalies.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998
     return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules), tuple(anomalies))
 
@@ -147,7 +148,9 @@ _CID_REF: Final = re.compile(r"""cid:([^"'\s>]+)""")
 def _embedded(sig: Signature, s: Scan) -> list[tuple[Image, str]]:
     """Images the HTML actually references, each with a Content-ID that is deterministic (same
     image, same id: golden tests and retries agree) and does not collide with the message's."""
-    used = set(_CID_REF.findall(sig.html))
+    used = set(_CID_REF.findall(sig.html)) if sig.images else set()
+    if not used:
+        return []
     existing = {v.strip("<> ").lower() for p in s.parts for v in [_content_id(s, p)] if v}
     out = []
     for img in sig.images:
