@@ -59,13 +59,14 @@ def _in_spans(pos: int, spans: list[tuple[int, int]]) -> bool:
     return any(a <= pos < b for a, b in spans)
 
 
-def find_html(html: str, *, bottom: bool = False) -> Placement:
+def find_html(html: str, *, bottom: bool = False, utf8: bytes | None = None) -> Placement:
     """Insertion offset in an HTML body: above the first quoted-history marker, else before the
     real ``</body>`` (not one inside a comment), else before ``</html>``, else the end.
 
     Markup is ASCII, so the search runs on the UTF-8 bytes lower-cased with ``bytes.lower()``
-    (fast, length-preserving); only the final offset is converted back to characters."""
-    raw = html.encode("utf-8", "surrogatepass")
+    (fast, length-preserving); only the final offset is converted back to characters. ``utf8``
+    is ``html`` already encoded as UTF-8, when the caller has it (a UTF-8 leaf's decoded bytes)."""
+    raw = utf8 if utf8 is not None else html.encode("utf-8", "surrogatepass")  # the caller may have it
     lower = raw.lower()
     spans = _comment_spans(lower) if b"<!--" in lower else []
     found = _find_html_bytes(lower, spans, bottom)

@@ -19,7 +19,6 @@ from typing import Final
 
 _HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
 _LINE: Final = re.compile(rb"[^\n]*\n|[^\n]+$")
-_PARAM_SPLIT: Final = re.compile(r';(?=(?:[^"]*"[^"]*")*[^"]*$)')
 
 
 @dataclass(frozen=True)
@@ -92,13 +91,36 @@ class Scan:
         return self.raw[part.header_end:part.end]
 
 
+def _split_params(value: str) -> list[str]:
+    """Split on ";" outside double quotes (a quoted boundary may contain ";")."""
+    if '"' not in value:
+        return value.split(";")
+    out: list[str] = []
+    cur: list[str] = []
+    quoted = escaped = False
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            out.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur))
+    return out
+
+
 def parse_params(value: str) -> tuple[str, dict[str, str]]:
     """``'text/plain; charset="utf-8"'`` → ``("text/plain", {"charset": "utf-8"})``.
 
     Handles quoted strings and RFC 2231 continuations/charsets well enough to find boundaries,
     charsets and filenames; the value before the first ``;`` is lower-cased.
     """
-    pieces = _PARAM_SPLIT.split(value)
+    pieces = _split_params(value)
     main = pieces[0].strip().lower()
     params: dict[str, str] = {}
     continued: dict[str, list[tuple[int, str]]] = {}
@@ -109,14 +131,15 @@ def parse_params(value: str) -> tuple[str, dict[str, str]]:
         k = k.strip().lower()
         v = v.strip()
         if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
-            v = re.sub(r"\\(.)", r"\1", v[1:-1])
-        m = re.fullmatch(r"([^*]+)\*(\d+)\*?", k)
-        if m:
-            continued.setdefault(m.group(1), []).append((int(m.group(2)), v))
-            continue
-        if k.endswith("*"):
-            k = k[:-1]
-            v = _rfc2231(v)
+            v = re.sub(r"\\(.)", r"\1", v[1:-1]) if "\\" in v else v[1:-1]
+        if "*" in k:
+            m = re.fullmatch(r"([^*]+)\*(\d+)\*?", k)
+            if m:
+                continued.setdefault(m.group(1), []).append((int(m.group(2)), v))
+                continue
+            if k.endswith("*"):
+                k = k[:-1]
+                v = _rfc2231(v)
         params.setdefault(k, v)
     for k, chunks in continued.items():
         params.setdefault(k, _rfc2231("".join(v for _, v in sorted(chunks))))

@@ -233,7 +233,8 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
     text = codec.decode_text(data, part.charset)
     eol = "\r\n" if "\r\n" in text or "\n" not in text else "\n"
     if html:
-        where = placement.find_html(text, bottom=bottom)
+        utf8 = data if codec.python_charset(part.charset) == "utf-8" else None
+        where = placement.find_html(text, bottom=bottom, utf8=utf8)
         html_sig = _EOL.sub(eol, sig.html)  # canonical text: the leaf's own line breaks (RFC 2045 §2.10)
         block = f'<div class="signature-relay">{html_sig}</div>{eol}'
     else:
@@ -247,7 +248,7 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
         if where.offset < len(text):
             block += eol  # a blank line between signature and the quoted history
     new_text = text[:where.offset] + block + text[where.offset:]
-    spliced = _splice(body, part.cte, text, where.offset, block, new_text, part.charset)
+    spliced = _splice(body, part.cte, text, where.offset, block, part.charset)
     if spliced is not None:
         return header + spliced, where.rule
 
@@ -286,8 +287,7 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
     return header + new_body, where.rule
 
 
-def _splice(body: bytes, cte: str, text: str, offset: int, block: str, new_text: str,
-            charset: str | None) -> bytes | None:
+def _splice(body: bytes, cte: str, text: str, offset: int, block: str, charset: str | None) -> bytes | None:
     """Insert ``block`` into the *encoded* body, re-encoding only the line it lands in, so every
     other byte of the leaf stays as received. None when that cannot be done faithfully."""
     py = codec.python_charset(charset)
@@ -324,12 +324,17 @@ def _splice(body: bytes, cte: str, text: str, offset: int, block: str, new_text:
     col = offset - line_start
     if col > len(line):
         return None
-    new = body[:enc_start] + codec.encode_qp(line[:col] + block + line[col:], py, eol) + body[enc_end:]
+    new_line = codec.encode_qp(line[:col] + block + line[col:], py, eol)
+    # Verify on the one line we touch: the old encoded line must decode to exactly the text line
+    # we edited (so the span is right), and the new one to exactly the edited line. Every other
+    # byte of the body is kept, so the whole leaf then decodes to the text we meant.
     try:
-        ok = codec.decode_text(codec.decode_transfer(new, "quoted-printable"), charset) == new_text
+        ok = (codec.decode_text(codec.decode_transfer(body[enc_start:enc_end], "quoted-printable"), charset) == line
+              and codec.decode_text(codec.decode_transfer(new_line, "quoted-printable"), charset)
+              == (line[:col] + block + line[col:]).replace("\r\n", "\n").replace("\n", eol))
     except codec.DecodeError:
         ok = False
-    return new if ok else None  # verified: decodes to exactly the text we meant
+    return body[:enc_start] + new_line + body[enc_end:] if ok else None
 
 
 def _is_soft(body: bytes, nl: int) -> bool:
