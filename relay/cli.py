@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from relay import __version__, config
 from relay import log as logsetup
@@ -123,70 +124,198 @@ def cmd_certs_show(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    """Validate everything and render every template for every directory user; report all errors."""
+    import datetime as dt
+
     from relay.delivery.client import client_context
+    from relay.errors import ConfigErrors
+    from relay.rules import Message
+    from relay.signatures import RenderError
     from relay.smtp import tls
 
-    tls.server_context(cfg.tls, where=f"{cfg.source}: [tls]")
+    try:
+        cfg = _config(args)
+    except ConfigErrors as e:
+        for err in e.errors:
+            print(f"error: {err}", file=sys.stderr)
+        print(f"FAILED: {len(e.errors)} error(s)", file=sys.stderr)
+        return 1
+    errors: list[str] = []
+    try:
+        tls.server_context(cfg.tls, where=f"{cfg.source}: [tls]")
+    except ConfigError as e:
+        errors.append(str(e))
+    renders = 0
     for t in cfg.tenants:
-        client_context(cfg.delivery, t)
+        try:
+            client_context(cfg.delivery, t)
+        except ConfigError as e:
+            errors.append(str(e))
+        p = t.policy
+        n_rules = len(p.rules.rules) if p else 0
+        n_users = len(p.directory.people) if p else 0
+        n_templates = len(p.templates.templates) if p else 0
         print(f"tenant {t.name}: id {t.id}, domains {', '.join(sorted(t.accepted_domains))}, "
-              f"certificate name {t.certificate_name}, endpoint {t.endpoint}")
-    print(f"OK: {cfg.source}, {len(cfg.tenants)} tenant(s)")
+              f"certificate name {t.certificate_name}, endpoint {t.endpoint}; "
+              f"{n_users} user(s), {len(p.directory.groups) if p else 0} group(s), {n_rules} rule(s), "
+              f"{n_templates} template(s)")
+        if p is None:
+            continue
+        for user in p.directory.people:
+            for kind in ("new", "reply"):
+                msg = Message(sender=user.mail, subject="check", body="", kind=kind, at=dt.datetime.now(dt.UTC))
+                for name in p.templates.templates:
+                    try:
+                        p.templates.render(name, p.context(msg, ["someone@example.net"]))
+                        renders += 1
+                    except RenderError as e:
+                        errors.append(f"{t.name}: {e} (user {user.mail}, {kind} message)")
+    for err in errors:
+        print(f"error: {err}", file=sys.stderr)
+    if errors:
+        print(f"FAILED: {len(errors)} error(s)", file=sys.stderr)
+        return 1
+    print(f"OK: {cfg.source}, {len(cfg.tenants)} tenant(s), {renders} template render(s) checked")
     return 0
 
 
-def _signature_for(args: argparse.Namespace) -> tuple[object, str]:
-    """The signature to stamp with: --html/--text files, else the tenant's (by --tenant or the
-    domain of --from)."""
+def cmd_preview(args: argparse.Namespace) -> int:
+    """Which rule applies to each recipient and why; writes the stamped .eml and an .html preview."""
+    import base64
+    import datetime as dt
+    from pathlib import Path
+
+    from relay.mime import codec, scanner
+    from relay.mime.classify import find_targets
+    from relay.mime.stamper import stamp
+    from relay.policy import message_of, sender_identity
+
+    cfg = _config(args)
+    tenant = _tenant_for(cfg, args.tenant, args.mail_from)
+    if tenant.policy is None:
+        raise ConfigError(str(tenant.source), "", "tenant has no rules")
+    policy = tenant.policy
+    at = dt.datetime.fromisoformat(args.at) if args.at else dt.datetime.now(dt.UTC)
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=dt.UTC)
+    rcpts = list(args.rcpt) + list(args.cc)
+    if not rcpts:
+        raise ConfigError("--to", "", "give at least one --to (or --cc) recipient")
+    if args.eml:
+        raw = Path(args.eml).read_bytes()
+    else:
+        subject = ("RE: " if args.reply else "") + (args.subject or "Preview")
+        extra = "In-Reply-To: <previous@example.net>\r\n" if args.reply else ""
+        quote = ("\r\n\r\nOn Mon, 6 Jan 2025, Someone <someone@example.net> wrote:\r\n> Earlier message\r\n"
+                 if args.reply else "\r\n")
+        raw = (f"From: {args.mail_from}\r\nTo: {', '.join(args.rcpt)}\r\n"
+               + (f"Cc: {', '.join(args.cc)}\r\n" if args.cc else "")
+               + f"Subject: {subject}\r\n{extra}MIME-Version: 1.0\r\n"
+               "Content-Type: multipart/alternative; boundary=\"preview\"\r\n\r\n"
+               "--preview\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello," + quote
+               + "--preview\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><body><p>Hello,</p>"
+               + ('<div class="gmail_quote">On Mon, 6 Jan 2025, Someone wrote:<blockquote>Earlier message'
+                  "</blockquote></div>" if args.reply else "")
+               + "</body></html>\r\n--preview--\r\n").encode("utf-8")
+    msg = message_of(raw, args.mail_from or "", at)
+    who = sender_identity(raw, args.mail_from or "")
+    print(f"tenant {tenant.name}; sender {msg.sender} ({who.how}); {msg.kind} message; at {at.isoformat()}")
+    for r in rcpts:
+        outcome = policy.rules.outcome(policy.directory, msg, r.lower())
+        print(f"\nrecipient {r}: " + (", ".join(f"{s.section} '{s.template}' from rule '{s.rule}'" for s in outcome)
+                                      or "no signature"))
+        for line in policy.rules.explain(policy.directory, msg, r.lower()):
+            print(line)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = policy.plan(msg, rcpts)
+    print(f"\n{len(groups)} cop{'y' if len(groups) == 1 else 'ies'} (one per distinct outcome):")
+    for n, (outcome, group) in enumerate(groups, 1):
+        sig, bottom = policy.render(outcome, msg, group)
+        result = stamp(raw, sig, mail_from=args.mail_from, bottom=bottom)
+        eml = out_dir / f"preview-{n}.eml"
+        eml.write_bytes(result.data)
+        s = scanner.scan(result.data[result.data.index(b"\n") + 1:])
+        html_part = find_targets(s).get("html")
+        html = "<p>(no HTML body)</p>"
+        if html_part is not None:
+            html = codec.decode_text(codec.decode_transfer(s.body_bytes(html_part), html_part.cte), html_part.charset)
+        for img in (sig.images if sig else ()):
+            cid_ref = next((part for part in html.split('"') if part.startswith("cid:") and img.name in part), None)
+            if cid_ref:
+                html = html.replace(cid_ref, f"data:{img.content_type};base64,{base64.b64encode(img.data).decode()}")
+        page = out_dir / f"preview-{n}.html"
+        page.write_text(html, "utf-8")
+        print(f"  copy {n} for {', '.join(group)}: {result.decision}"
+              + (f", {result.placement}" if result.placement else "") + f"\n    {eml}\n    {page}")
+    return 0
+
+
+def _tenant_for(cfg: config.Config, name: str | None, mail_from: str | None) -> config.Tenant:
+    tenant = cfg.tenant_by_name(name) if name else None
+    if name and tenant is None:
+        have = ", ".join(t.name for t in cfg.tenants)
+        raise ConfigError(cfg.source, "--tenant", f"no tenant {name!r} (have: {have})")
+    if tenant is None and mail_from:
+        tenant = cfg.tenant_by_domain(mail_from.rpartition("@")[2])
+    if tenant is None and len(cfg.tenants) == 1:
+        tenant = cfg.tenants[0]
+    if tenant is None:
+        raise ConfigError(cfg.source, "--tenant", "cannot tell which tenant: give --tenant")
+    return tenant
+
+
+def cmd_stamp(args: argparse.Namespace) -> int:
     from relay.mime.stamper import Signature
 
     if args.html or args.text:
         if not (args.html and args.text):
             raise ConfigError("--html/--text", "", "give both --html FILE and --text FILE")
-        return Signature(open(args.html, encoding="utf-8").read(), open(args.text, encoding="utf-8").read()), "files"
-    cfg = _config(args)
-    tenant = cfg.tenant_by_name(args.tenant) if args.tenant else None
-    if args.tenant and tenant is None:
-        raise ConfigError(cfg.source, "--tenant", f"no tenant {args.tenant!r} (have: "
-                          f"{', '.join(t.name for t in cfg.tenants)})")
-    if tenant is None and args.mail_from:
-        tenant = cfg.tenant_by_domain(args.mail_from.rpartition("@")[2])
-    if tenant is None and len(cfg.tenants) == 1:
-        tenant = cfg.tenants[0]
-    if tenant is None:
-        raise ConfigError(cfg.source, "--tenant", "cannot tell which tenant's signature to use: give --tenant")
-    if tenant.signature_html is None or tenant.signature_text is None:
-        return None, f"tenant {tenant.name} (no signature files)"
-    return Signature(tenant.signature_html, tenant.signature_text), f"tenant {tenant.name}"
-
-
-def cmd_stamp(args: argparse.Namespace) -> int:
-    from relay.mime.stamper import Signature, stamp
-
-    sig, source = _signature_for(args)
-    assert sig is None or isinstance(sig, Signature)
-    mail_from = args.mail_from
+        with open(args.html, encoding="utf-8") as h, open(args.text, encoding="utf-8") as t:
+            sig: Signature | None = Signature(h.read(), t.read())
+        source, policy = "files", None
+    else:
+        cfg = _config(args)
+        tenant = _tenant_for(cfg, args.tenant, args.mail_from)
+        sig, source, policy = None, f"tenant {tenant.name} rules", tenant.policy
     if args.report:
-        return _report(args.report, sig, mail_from, args.bottom)
+        return _report(args.report, sig, policy, args.mail_from, args.rcpt, args.bottom)
     raw = sys.stdin.buffer.read()
-    result = stamp(raw, sig, mail_from=mail_from, bottom=args.bottom)
+    result, sections = _stamp_one(raw, sig, policy, args.mail_from, args.rcpt, args.bottom)
     sys.stdout.buffer.write(result.data)
     sys.stdout.buffer.flush()
     print(f"decision: {result.decision}" + (f"\nplacement: {result.placement}" if result.placement else "")
           + (f"\nanomalies: {', '.join(result.anomalies)}" if result.anomalies else "")
-          + f"\nsignature: {source}\nsize: {len(raw)} -> {len(result.data)} bytes", file=sys.stderr)
+          + f"\nsignature: {source}" + (f" ({sections})" if sections else "")
+          + f"\nsize: {len(raw)} -> {len(result.data)} bytes", file=sys.stderr)
     return 0
 
 
-def _report(paths: list[str], sig: object, mail_from: str | None, bottom: bool) -> int:
+def _stamp_one(raw: bytes, sig: object, policy: object, mail_from: str | None, rcpts: list[str],
+               bottom: bool) -> tuple[Any, str]:
+    """Stamp with fixed files, or with what the tenant's rules give the first recipient."""
+    import datetime as dt
+
+    from relay.mime.stamper import Signature, stamp
+    from relay.policy import Policy, message_of
+
+    sections = ""
+    if sig is None and isinstance(policy, Policy) and policy.has_rules:
+        msg = message_of(raw, mail_from or "", dt.datetime.now(dt.UTC))
+        outcome, group = policy.plan(msg, rcpts or ["recipient@example.net"])[0]
+        sig, bottom_rule = policy.render(outcome, msg, group)
+        bottom = bottom or bottom_rule
+        sections = ",".join(f"{x.section}:{x.rule}" for x in outcome)
+    assert sig is None or isinstance(sig, Signature)
+    return stamp(raw, sig, mail_from=mail_from, bottom=bottom), sections
+
+
+def _report(paths: list[str], sig: object, policy: object, mail_from: str | None, rcpts: list[str],
+            bottom: bool) -> int:
     """Replay a corpus: one line per file, then a summary. Never stops at a bad file."""
     import collections
     from pathlib import Path
 
-    from relay.mime.stamper import Signature, stamp
-
-    assert sig is None or isinstance(sig, Signature)
     files: list[Path] = []
     for p in map(Path, paths):
         files += sorted(p.rglob("*.eml")) if p.is_dir() else [p]
@@ -197,7 +326,7 @@ def _report(paths: list[str], sig: object, mail_from: str | None, bottom: bool) 
     for i, f in enumerate(files, 1):
         try:
             raw = f.read_bytes()
-            r = stamp(raw, sig, mail_from=mail_from, bottom=bottom)
+            r, _ = _stamp_one(raw, sig, policy, mail_from, rcpts, bottom)
         except OSError as e:
             errors += 1
             print(f"ERROR\t-\t{f}\t{e.strerror}")
@@ -276,6 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--report", nargs="+", metavar="FILE_OR_DIR",
                     help="replay .eml files (directories recursively) and summarise decisions and placements")
     st.set_defaults(func=cmd_stamp)
+
+    pv = sub.add_parser(
+        "preview", help="explain which rule applies to each recipient and write a stamped preview",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate the tenant's rules for a message and explain every condition, then write the\n"
+                    "stamped .eml and an .html page of its HTML body (images inlined) to open in a browser.",
+        epilog="example:\n  signature-relay preview --from alice@contoso.com --to bob@fabrikam.example --reply")
+    _add_config(pv)
+    pv.add_argument("--tenant", help="tenant name (default: the tenant of --from)")
+    pv.add_argument("--from", dest="mail_from", metavar="ADDR", required=True, help="sender (From:)")
+    pv.add_argument("--to", dest="rcpt", metavar="ADDR", action="append", default=[], help="recipient (repeatable)")
+    pv.add_argument("--cc", metavar="ADDR", action="append", default=[], help="Cc recipient (repeatable)")
+    pv.add_argument("--reply", action="store_true", help="a reply (RE:, quoted history) instead of a new message")
+    pv.add_argument("--subject", help="subject (default 'Preview')")
+    pv.add_argument("--at", metavar="TIME", help="evaluate time windows at this ISO time (default now, UTC)")
+    pv.add_argument("--eml", metavar="FILE", help="use this message instead of a generated one")
+    pv.add_argument("--out", metavar="DIR", default="var/preview", help="where to write (default var/preview)")
+    pv.set_defaults(func=cmd_preview)
 
     k = sub.add_parser("check", help="validate the configuration and certificates, then exit")
     _add_config(k)

@@ -22,8 +22,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from relay.errors import ConfigError
+from relay.errors import ConfigError, ConfigErrors
 from relay.mime.scanner import Limits
+from relay.policy import Policy, PolicyError
 
 DEFAULT_CONFIG_NAME: Final = "relay/defaults/relay.toml (embedded dev profile)"
 # Exchange Online advertises SIZE 157286400 (150 MiB); a smaller limit here would bounce mail
@@ -159,8 +160,7 @@ class Tenant:
     networks: tuple[Network, ...] = ()  # narrower than security.allowed_networks, if set
     require_from_domain: bool = True  # From: domain must be one of accepted_domains
     require_client_cert: bool = False
-    signature_html: str | None = None  # static signature until rules/templates land (issue #4)
-    signature_text: str | None = None
+    policy: Policy | None = None  # directory + rules + templates (rules/<name>/, signatures/<name>/)
 
 
 @dataclass(frozen=True)
@@ -360,30 +360,13 @@ def certificate_name(subdomain: str, region: str, service_domain: str) -> str:
     return f"{subdomain}.{'de-smtp' if region == 'de' else 'smtp'}.{service_domain}"
 
 
-def _load_signature(sdir: Path) -> tuple[str | None, str | None]:
-    """``signatures/<tenant>/signature.html`` and ``signature.txt``: both or neither."""
-    html_f, text_f = sdir / "signature.html", sdir / "signature.txt"
-    present = [f for f in (html_f, text_f) if f.exists()]
-    if not present:
-        return None, None
-    if len(present) == 1:
-        missing = text_f if present[0] == html_f else html_f
-        raise ConfigError(str(missing), "", f"missing: a signature needs both {html_f.name} and {text_f.name}")
-    out = []
-    for f in (html_f, text_f):
-        try:
-            out.append(f.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(str(f), "", f"cannot read as UTF-8: {e}") from e
-    return out[0], out[1]
-
-
 def _load_tenants(
     tdir: Path, sigdir: Path, service_domain: str, certs_dir: Path, bind_default: bool,
 ) -> list[Tenant]:
     if not tdir.is_dir():
         raise ConfigError(str(tdir), "", "tenants directory does not exist (service.tenants_dir)")
     tenants = []
+    policy_errors: list[str] = []
     for f in sorted(tdir.glob("*/tenant.toml")):
         try:
             data = tomllib.loads(f.read_text("utf-8"))
@@ -409,6 +392,7 @@ def _load_tenants(
         accepted.add(initial)
         region = t.choice("region", ("global", "de"), "global")
         sub = t.string("subdomain", _REQUIRED)
+        images_base_url = t.string("images_base_url", "")
         if not _SUBDOMAIN_RE.match(sub):
             raise ConfigError(str(f), t.key("subdomain"), "must be one DNS label: a-z, 0-9 and '-'")
         t.done()
@@ -431,14 +415,20 @@ def _load_tenants(
         t_mtls = bs.boolean("require_client_cert", False)
         bs.done()
         root.done()
-        sig_html, sig_text = _load_signature(sigdir / name)
+        try:
+            policy = Policy(name, f.parent, sigdir / name, frozenset(accepted), images_base_url)
+        except PolicyError as e:
+            policy_errors += e.errors
+            policy = None
         tenants.append(Tenant(
             name=name, id=tid, initial_domain=initial, accepted_domains=frozenset(accepted),
             region=region, subdomain=sub, certificate_name=certificate_name(sub, region, service_domain),
             endpoint=endpoint, tls_server_name=tls_name, client_cert=client_cert, client_key=client_key,
             bind_by_sender_domain=by_sender, source=f, networks=tnets, require_from_domain=from_dom,
-            require_client_cert=t_mtls, signature_html=sig_html, signature_text=sig_text,
+            require_client_cert=t_mtls, policy=policy,
         ))
+    if policy_errors:
+        raise ConfigErrors(policy_errors)
     return tenants
 
 

@@ -76,3 +76,12 @@ class ConfigError(Exception):
         self.reason = reason
         where = f"{file}: {key}" if key else file
         super().__init__(f"{where}: {reason}")
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration errors at once (``signature-relay check`` shows them all)."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        Exception.__init__(self, "\n".join(errors))
+        self.file, self.key, self.reason = "", "", "\n".join(errors)

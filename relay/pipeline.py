@@ -7,12 +7,16 @@ and log. Until signature rules land (issue #4) the signature is the tenant's sta
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relay.mime.scanner import Limits
 from relay.mime.stamper import DEFAULT_LIMITS, Decision, Signature, already_processed, stamp
+from relay.policy import Policy, RenderError, message_of
+from relay.rules import Outcome
 
-__all__ = ["Decision", "Processed", "already_processed", "process"]
+__all__ = ["Copy", "Decision", "Processed", "already_processed", "plan_copies", "process"]
 
 
 @dataclass(frozen=True)
@@ -32,3 +36,40 @@ def process(
     result = stamp(raw, signature, processed_header=processed_header, mail_from=mail_from, prefix=received,
                    limits=limits)
     return Processed(result.data, result.decision, result.placement, result.anomalies)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One copy of the message for the recipients that share an outcome (issue #4 splitting)."""
+
+    recipients: tuple[str, ...]
+    processed: Processed
+    sections: str  # "signature:Sales,disclaimer:Legal" or "" when nothing applied
+    render_error: str | None = None
+
+
+def plan_copies(
+    raw: bytes, *, policy: Policy | None, mail_from: str, recipients: Sequence[str], at: dt.datetime,
+    processed_header: str, received_for: Callable[[Sequence[str]], bytes], limits: Limits = DEFAULT_LIMITS,
+) -> list[Copy]:
+    """Rules → render → stamp for every distinct outcome. Pure (runs in a worker thread for big
+    messages). To/Cc headers are never touched: copies differ only in body and envelope."""
+    if policy is None or not policy.has_rules:
+        groups: list[tuple[Outcome, list[str]]] = [((), list(recipients))]
+        msg = None
+    else:
+        msg = message_of(raw, mail_from, at)
+        groups = policy.plan(msg, recipients)
+    copies = []
+    for outcome, group in groups:
+        sig, bottom, error = None, False, None
+        if outcome and policy is not None and msg is not None:
+            try:
+                sig, bottom = policy.render(outcome, msg, group)
+            except RenderError as e:
+                error = str(e)  # never a crash, never a 5xx: the copy goes out unstamped (marked)
+        result = stamp(raw, sig, processed_header=processed_header, mail_from=mail_from, bottom=bottom,
+                       prefix=received_for(group), limits=limits)
+        copies.append(Copy(tuple(group), Processed(result.data, result.decision, result.placement, result.anomalies),
+                           ",".join(f"{x.section}:{x.rule}" for x in outcome), error))
+    return copies

@@ -14,6 +14,7 @@ import functools
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -22,10 +23,9 @@ from relay import binding, pipeline
 from relay import log as msglog
 from relay.config import Config
 from relay.delivery import dsn
-from relay.delivery.client import Delivery
-from relay.errors import PermanentError, RelayError, Reply
+from relay.delivery.client import Delivery, Outcome
+from relay.errors import PermanentError, RelayError, Reply, TransientError
 from relay.mime import headers, trace
-from relay.mime.stamper import Signature
 from relay.smtp import replies, tls
 from relay.smtp.server import EhloWithoutAuth, Guard, RelaySMTP, start_listener
 
@@ -176,29 +176,53 @@ class Relay:
         b = binding.bind(cfg, mail_from, raw, peer)
         fields["tenant"] = b.tenant.name
         fields["bound_by"] = b.how
-        received = trace.received(
-            helo=session.host_name, peer_ip=session.peer[0] if session.peer else None, by=cfg.hostname,
-            queue_id=qid, recipients=rcpts, tls=tls.describe(session.ssl), smtputf8=envelope.smtp_utf8,
-            when=dt.datetime.now(dt.UTC).astimezone(),
-        )
         t = b.tenant
-        signature = (Signature(t.signature_html, t.signature_text)
-                     if t.signature_html is not None and t.signature_text is not None else None)
-        work = functools.partial(pipeline.process, raw, processed_header=cfg.processed_header,
-                                 received=received, signature=signature, mail_from=mail_from,
-                                 limits=cfg.mime_limits)
-        processed = await asyncio.to_thread(work) if len(raw) > _OFFLOAD_BYTES else work()
-        fields["decision"] = str(processed.decision)
-        fields["placement"] = processed.placement or None
-        fields["anomalies"] = ",".join(processed.anomalies) or None
-        fields["size_out"] = len(processed.data)
-        outcome = await self.delivery.deliver(
-            b.tenant, mail_from, rcpts, processed.data, smtputf8=envelope.smtp_utf8)
-        fields["endpoint"] = outcome.endpoint
-        fields["downstream"] = outcome.reply[:200]
-        if outcome.refused:
-            fields["refused"] = ",".join(outcome.refused)
-            fields["dsn"] = await self._send_dsn(b.tenant, qid, raw, mail_from, outcome.refused)
+        tls_info, when = tls.describe(session.ssl), dt.datetime.now(dt.UTC)
+
+        def received_for(group: Sequence[str]) -> bytes:
+            return trace.received(
+                helo=session.host_name, peer_ip=session.peer[0] if session.peer else None, by=cfg.hostname,
+                queue_id=qid, recipients=group, tls=tls_info, smtputf8=envelope.smtp_utf8, when=when.astimezone())
+
+        work = functools.partial(
+            pipeline.plan_copies, raw, policy=t.policy, mail_from=mail_from, recipients=rcpts, at=when,
+            processed_header=cfg.processed_header, received_for=received_for, limits=cfg.mime_limits)
+        copies = await asyncio.to_thread(work) if len(raw) > _OFFLOAD_BYTES else work()
+        fields["copies"] = len(copies) if len(copies) > 1 else None
+        fields["decision"] = ";".join(str(c.processed.decision) for c in copies)
+        fields["rules"] = ";".join(c.sections or "-" for c in copies) if any(c.sections for c in copies) else None
+        fields["placement"] = ";".join(c.processed.placement for c in copies if c.processed.placement) or None
+        fields["anomalies"] = ",".join(sorted({a for c in copies for a in c.processed.anomalies})) or None
+        fields["render_error"] = ";".join(c.render_error for c in copies if c.render_error) or None
+        fields["size_out"] = ",".join(str(len(c.processed.data)) for c in copies)
+        refused: dict[str, dsn.Refusal] = {}
+        delivered: list[Outcome] = []
+        for i, copy in enumerate(copies):
+            try:
+                outcome = await self.delivery.deliver(
+                    t, mail_from, list(copy.recipients), copy.processed.data, smtputf8=envelope.smtp_utf8)
+            except PermanentError as e:
+                if len(copies) == 1:
+                    raise
+                # This copy's recipients are refused for good; the others still get theirs.
+                refused.update({r: dsn.Refusal(e.reply.code, f"{e.reply.enhanced} {e.reply.text}", "tenant endpoint")
+                                for r in copy.recipients})
+                continue
+            except TransientError as e:
+                if i > 0 and delivered:
+                    log.warning("%s: copy %d of %d deferred after earlier copies were delivered: a retry "
+                                "duplicates them (never loses any)", qid, i + 1, len(copies))
+                raise e
+            delivered.append(outcome)
+            refused.update(outcome.refused)
+        if not delivered:
+            raise PermanentError(replies.NOT_AUTHORIZED, "every copy refused") if not refused else PermanentError(
+                Reply(550, "5.0.0", next(iter(refused.values())).text), "every copy refused")
+        fields["endpoint"] = delivered[0].endpoint
+        fields["downstream"] = ";".join(o.reply[:120] for o in delivered)
+        if refused:
+            fields["refused"] = ",".join(refused)
+            fields["dsn"] = await self._send_dsn(t, qid, raw, mail_from, refused)
         return str(Reply(250, "2.0.0", f"Ok {qid} accepted by tenant endpoint"))
 
     async def _send_dsn(

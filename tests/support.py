@@ -74,8 +74,10 @@ def make_deployment(root: Path, *, sender_domain_binding: bool = True, extra: st
         "fabrikam", FABRIKAM_ID, ["fabrikam.com"], f"127.0.0.1:{sink_port}", "fabrikam-2b9x1k"))
     if signature:
         (root / "signatures" / "contoso").mkdir(parents=True, exist_ok=True)
-        (root / "signatures" / "contoso" / "signature.html").write_text(SIG_HTML)
-        (root / "signatures" / "contoso" / "signature.txt").write_text(SIG_TEXT)
+        (root / "signatures" / "contoso" / "plain.html.j2").write_text(SIG_HTML)
+        (root / "signatures" / "contoso" / "plain.txt.j2").write_text(SIG_TEXT)
+        (root / "rules" / "contoso" / "rules.toml").write_text(
+            '[[rule]]\nname = "Everyone"\nnew = "plain"\n')
     cfg_path = root / "relay.toml"
     cfg_path.write_text(textwrap.dedent(f"""\
         [service]

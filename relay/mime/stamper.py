@@ -202,7 +202,7 @@ def _attach_images(s: Scan, part: Part, new_leaf: bytes, images: list[tuple[Imag
     b = boundary.encode("ascii")
     related_ct = f'Content-Type: multipart/related;{eol.decode()}\tboundary="{boundary}";{eol.decode()}' \
                  f'\ttype="text/html"'.encode("ascii") + eol
-    hend = part.header_end - part.start
+    hend = headers.header_end(new_leaf)  # the edited header may be longer (charset, CTE changed)
     leaf_header, leaf_body = new_leaf[:hend], new_leaf[hend:]
     if part.parent is None:
         # The leaf is the whole message: Content-* fields move into the inner part, all other

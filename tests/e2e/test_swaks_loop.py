@@ -181,6 +181,7 @@ def test_embedded_default_from_a_checkout(tmp_path: Path) -> None:
     """What `make serve` does, minus the long-running part: certs from nothing, then a valid config."""
     repo = Path(__file__).resolve().parents[2]
     shutil.copytree(repo / "rules", tmp_path / "rules")
+    shutil.copytree(repo / "signatures", tmp_path / "signatures")
     env = {**os.environ}
     env.pop("SIGNATURE_RELAY_CONFIG", None)
     r = subprocess.run([*CLI, "certs", "init", "--missing-only"], cwd=tmp_path, capture_output=True, text=True,
@@ -240,7 +241,7 @@ def test_swaks_reply_is_stamped_under_the_newest_reply(stamping_loop: Procs) -> 
     assert html.index("Yes please!") < html.index("<b>Alice Wilber</b>") < html.index('class="gmail_quote"')
     assert html.count("<b>Alice Wilber</b>") == 1
     log = stamping_loop.stop("relay")
-    assert re.search(r"decision=stamped placement=\"html:gmail text:attribution\"", log), log
+    assert re.search(r"decision=stamped rules=signature:Everyone placement=\"html:gmail text:attribution\"", log), log
 
 
 def test_stamp_cli_as_a_process(tmp_path: Path, pki_dir: Path) -> None:

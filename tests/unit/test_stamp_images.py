@@ -96,3 +96,15 @@ def test_cid_never_collides_with_the_message() -> None:
     ids = [f.value for p in scanner.scan(out).parts for f in headers.fields(scanner.scan(out).header_bytes(p))
            if f.name.lower() == "content-id"]
     assert len(ids) == len(set(ids)) == 2
+
+
+@pytest.mark.parametrize("name", ["gmail_reply", "apple_forward", "related_inline_image"])
+def test_images_with_a_signature_that_changes_the_transfer_encoding(name: str) -> None:
+    """Regression: wrapping the leaf after its header grew (7bit → quoted-printable) split it wrongly."""
+    sig = Signature(html='<p><img src="cid:logo.png"> Ålice — ☎</p>', text="Ålice — ☎",
+                    images=(Image("logo.png", "image/png", PNG),))
+    r = stamp((DATA / f"{name}.in.eml").read_bytes(), sig, mail_from="alice@contoso.com")
+    msg = parse(r.data)
+    html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "Ålice — ☎" in html and html.count("signature-relay") == 2  # the div class and the CID
+    assert [p.get_content() for p in images_of(msg) if "signature-relay" in (p["Content-ID"] or "")] == [PNG]

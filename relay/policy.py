@@ -1,0 +1,144 @@
+"""A tenant's signature policy: directory + rules + templates, and what the pipeline asks of it.
+
+    policy.plan(raw, mail_from, recipients, now) -> [(Outcome, [recipients])]   # fewest copies
+    policy.render(outcome, message)               -> Signature | None
+
+Pure apart from loading the tenant's files once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.errors
+import email.header
+import email.utils
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relay import directory as directory_mod
+from relay import rules as rules_mod
+from relay import signatures as signatures_mod
+from relay.directory import Directory
+from relay.mime import codec, headers, scanner
+from relay.mime.classify import find_targets
+from relay.mime.stamper import Image, Signature
+from relay.rules import Message, Outcome, RuleSet
+from relay.signatures import RenderError, Templates
+
+_KEYWORD_BODY_LIMIT = 64 * 1024
+
+
+class PolicyError(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class SenderIdentity:
+    address: str
+    how: str  # "from", "send-on-behalf (Sender:)", "envelope"
+
+
+def sender_identity(raw: bytes, mail_from: str) -> SenderIdentity:
+    """Whose rules apply. Send As: From: is the mailbox (no Sender:) → the mailbox owner's rules.
+    Send on Behalf: From: is the principal and Sender: the delegate → the delegate's rules."""
+    top = headers.index(raw)
+    frm = [a.lower() for _, a in email.utils.getaddresses(top.get("from", [])) if a]
+    snd = [a.lower() for _, a in email.utils.getaddresses(top.get("sender", [])) if a]
+    if snd and frm and snd[0] != frm[0]:
+        return SenderIdentity(snd[0], "send-on-behalf (Sender:)")
+    if frm:
+        return SenderIdentity(frm[0], "from")
+    return SenderIdentity(mail_from.lower(), "envelope")
+
+
+def _subject(raw: bytes) -> str:
+    value = (headers.get_all(raw, "Subject") or [""])[0]
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (UnicodeError, LookupError, email.errors.HeaderParseError):
+        return value
+
+
+def _body_text(raw: bytes) -> str:
+    """The message's own text (plain preferred), decoded, bounded: what keyword rules look at."""
+    s = scanner.scan(raw)
+    t = find_targets(s)
+    part = t.get("plain") or t.get("html")
+    if part is None:
+        return ""
+    try:
+        text = codec.decode_text(codec.decode_transfer(s.body_bytes(part)[:_KEYWORD_BODY_LIMIT], part.cte),
+                                 part.charset)
+    except codec.DecodeError:
+        return ""
+    return signatures_mod.html_to_text(text) if part.ctype == "text/html" else text
+
+
+def message_of(raw: bytes, mail_from: str, at: dt.datetime) -> Message:
+    subject = _subject(raw)
+    reply = rules_mod.is_reply(subject, bool(headers.get_all(raw, "In-Reply-To") or headers.get_all(raw, "References")))
+    return Message(sender=sender_identity(raw, mail_from).address, subject=subject, body=_body_text(raw),
+                   kind="reply" if reply else "new", at=at)
+
+
+class Policy:
+    def __init__(self, name: str, tenant_dir: Path, sig_dir: Path, accepted_domains: frozenset[str],
+                 images_base_url: str = "") -> None:
+        self.name = name
+        self.accepted_domains = accepted_domains
+        errors: list[str] = []
+        try:
+            self.directory = directory_mod.load(tenant_dir)
+        except directory_mod.DirectoryError as e:
+            errors += e.errors
+            self.directory = Directory()
+        try:
+            self.templates = Templates(sig_dir, images_base_url)
+        except signatures_mod.TemplateError as e:
+            errors += e.errors
+            self.templates = Templates(Path("/nonexistent"))
+        try:
+            self.rules = rules_mod.load(tenant_dir / "rules.toml", self.directory, self.templates.templates,
+                                        accepted_domains)
+        except rules_mod.RulesError as e:
+            errors += e.errors
+            self.rules = RuleSet((), accepted_domains)
+        if errors:
+            raise PolicyError(errors)
+        self.has_rules = (tenant_dir / "rules.toml").exists()
+
+    def plan(self, msg: Message, recipients: Sequence[str]) -> list[tuple[Outcome, list[str]]]:
+        return self.rules.split(self.directory, msg, recipients)
+
+    def context(self, msg: Message, recipients: Sequence[str]) -> dict[str, Any]:
+        user = self.directory.user(msg.sender)
+        attrs = dict(user.attributes) if user else {"mail": msg.sender}
+        internal = all(self.rules.internal(r, self.directory) for r in recipients)
+        return {
+            "user": attrs,
+            "recipient": {"internal": internal, "count": len(recipients)},
+            "message": {"subject": msg.subject, "date": msg.at.isoformat(), "kind": msg.kind},
+            "tenant": {"name": self.name, "domains": sorted(self.accepted_domains)},
+        }
+
+    def render(self, outcome: Outcome, msg: Message, recipients: Sequence[str]) -> tuple[Signature | None, bool]:
+        """The combined signature for one outcome (sections stacked in their fixed order) and
+        whether it goes at the bottom. Raises RenderError (caller passes the message through)."""
+        if not outcome:
+            return None, False
+        ctx = self.context(msg, recipients)
+        parts = [self.templates.render(s.template, ctx) for s in outcome]
+        images: dict[str, Image] = {}
+        for p in parts:
+            for img in p.images:
+                images.setdefault(img.name, img)
+        sig = Signature(html="".join(p.html for p in parts), text="\n".join(p.text.rstrip("\n") for p in parts) + "\n",
+                        images=tuple(images.values()))
+        return sig, outcome[0].placement == "bottom"
+
+
+__all__ = ["Policy", "PolicyError", "RenderError", "SenderIdentity", "message_of", "sender_identity"]

@@ -1,0 +1,446 @@
+"""Signature rules: who gets which signature. Pure: no I/O beyond loading the tenant's file.
+
+``rules/<tenant>/rules.toml`` holds ordered ``[[rule]]`` tables. For each recipient the rules are
+evaluated top to bottom; a matching rule contributes its section (signature, banner or
+disclaimer) and, unless ``stop = false``, ends the evaluation. Sections stack in that fixed
+order. Recipients whose outcomes differ get separate copies of the message.
+
+    [[rule]]
+    name = "Sales"
+    senders = { groups = ["Sales"], except_users = ["intern@contoso.com"] }
+    recipients = { scope = "external" }
+    new = "sales"            # signatures/<tenant>/sales.html.j2
+    reply = "sales-short"    # or "none"; absent = same as new
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tomllib
+import zoneinfo
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Final
+
+from relay.directory import ATTRIBUTES, Directory, User
+
+SECTIONS: Final = ("signature", "banner", "disclaimer")
+_RULE_KEYS: Final = {"name", "enabled", "senders", "recipients", "keywords", "window", "new", "reply",
+                     "placement", "section", "stop", "internal"}
+_WHO_KEYS: Final = {"all", "users", "groups", "domains", "where", "except_users", "except_groups",
+                    "except_domains", "except_where"}
+_RCPT_KEYS: Final = _WHO_KEYS | {"scope"}
+# Reply/forward subject prefixes: EN, DE (AW/WG), Nordic (SV/VS), FR (TR/REF), ES/PT (RV/RES/ENC),
+# IT (RIF), NL (ANTW/DOORST), PL (ODP/PD).
+_REPLY_RE: Final = re.compile(
+    r"^\s*(?:re|aw|sv|vs|ref|rif|antw|odp|res|fw|fwd|wg|tr|rv|doorst|pd|enc)\s*(?:\[\d+\])?\s*:", re.I)
+
+
+class RulesError(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class AttrFilter:
+    attribute: str
+    op: str  # equals, not_equals, matches, empty, not_empty
+    value: str = ""
+    regex: re.Pattern[str] | None = None
+
+    def test(self, user: User | None) -> bool:
+        v = user.get(self.attribute) if user else ""
+        if self.op == "equals":
+            return v.casefold() == self.value.casefold()
+        if self.op == "not_equals":
+            return v.casefold() != self.value.casefold()
+        if self.op == "matches":
+            assert self.regex is not None
+            return bool(self.regex.search(v))
+        if self.op == "empty":
+            return not v
+        return bool(v)
+
+    def __str__(self) -> str:
+        return f"{self.attribute} {self.op} {self.value!r}" if self.op not in ("empty", "not_empty") else \
+            f"{self.attribute} {self.op}"
+
+
+@dataclass(frozen=True)
+class Who:
+    all: bool = False
+    users: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    domains: frozenset[str] = frozenset()
+    where: tuple[AttrFilter, ...] = ()
+    except_users: frozenset[str] = frozenset()
+    except_groups: frozenset[str] = frozenset()
+    except_domains: frozenset[str] = frozenset()
+    except_where: tuple[AttrFilter, ...] = ()
+    scope: str = "all"  # recipients only: all, internal, external
+
+    def checks(self, address: str, user: User | None, internal: bool) -> list[tuple[str, bool]]:
+        """Each condition with its outcome, for explanations; the rule needs all to be True."""
+        out: list[tuple[str, bool]] = []
+        dom = address.rpartition("@")[2]
+        groups = user.groups if user else frozenset()
+        addr = user.mail if user else address
+        if self.scope != "all":
+            out.append((f"scope {self.scope}", internal == (self.scope == "internal")))
+        positive = self.users or self.groups or self.domains or self.where
+        if positive and not self.all:
+            hit = (addr in self.users or address in self.users or bool(groups & self.groups) or dom in self.domains
+                   or (bool(self.where) and all(f.test(user) for f in self.where)))
+            out.append(("in " + ", ".join(self._describe()), hit))
+        if self.except_users:
+            out.append((f"not one of users {sorted(self.except_users)}",
+                        addr not in self.except_users and address not in self.except_users))
+        if self.except_groups:
+            out.append((f"not in groups {sorted(self.except_groups)}", not groups & self.except_groups))
+        if self.except_domains:
+            out.append((f"not in domains {sorted(self.except_domains)}", dom not in self.except_domains))
+        out += [(f"not where {f}", not f.test(user)) for f in self.except_where]
+        return out
+
+    def matches(self, address: str, user: User | None, internal: bool) -> bool:
+        return all(ok for _, ok in self.checks(address, user, internal))
+
+    def _describe(self) -> list[str]:
+        parts = []
+        if self.users:
+            parts.append(f"users {sorted(self.users)}")
+        if self.groups:
+            parts.append(f"groups {sorted(self.groups)}")
+        if self.domains:
+            parts.append(f"domains {sorted(self.domains)}")
+        parts += [f"where {f}" for f in self.where]
+        return parts
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int
+    name: str
+    enabled: bool
+    senders: Who
+    recipients: Who
+    trigger: tuple[str, ...]
+    suppress: tuple[str, ...]
+    keyword_fields: tuple[str, ...]
+    start: dt.datetime | None
+    end: dt.datetime | None
+    new: str | None  # template name, None = no signature for new messages
+    reply: str | None
+    placement: str  # "reply" (under the newest reply) or "bottom"
+    section: str
+    stop: bool
+    internal: bool  # False: internal recipients never get this rule
+
+
+@dataclass(frozen=True)
+class Message:
+    sender: str  # the identity rules are evaluated for (see sender_identity)
+    subject: str
+    body: str  # decoded text used for keyword conditions (bounded)
+    kind: str  # "new" or "reply"
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Section:
+    section: str
+    template: str
+    rule: str
+    placement: str
+
+
+Outcome = tuple[Section, ...]
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    rules: tuple[Rule, ...] = ()
+    accepted_domains: frozenset[str] = frozenset()
+    _sender_cache: dict[str, tuple[Rule, ...]] = field(default_factory=dict, compare=False, repr=False)
+
+    # --- evaluation ------------------------------------------------------------------------------
+
+    def candidates(self, directory: Directory, sender: str) -> tuple[Rule, ...]:
+        """Rules whose sender conditions match ``sender``: cached per sender, so with 1,000 rules a
+        message costs one dict lookup plus the few candidate rules (not a scan of all)."""
+        hit = self._sender_cache.get(sender)
+        if hit is None:
+            user = directory.user(sender)
+            hit = tuple(r for r in self.rules if r.enabled and r.senders.matches(sender, user, True))
+            if len(self._sender_cache) > 100_000:
+                self._sender_cache.clear()
+            self._sender_cache[sender] = hit
+        return hit
+
+    def internal(self, address: str, directory: Directory) -> bool:
+        """Internal = an address in one of the tenant's accepted domains (a contact is not)."""
+        return address.rpartition("@")[2].lower() in self.accepted_domains
+
+    def outcome(self, directory: Directory, msg: Message, recipient: str) -> Outcome:
+        sections: list[Section] = []
+        r_user = directory.user(recipient)
+        internal = self.internal(recipient, directory)
+        for rule in self.candidates(directory, msg.sender):
+            if not _rule_matches(rule, msg, recipient, r_user, internal):
+                continue
+            template = rule.new if msg.kind == "new" else rule.reply
+            if template is not None and all(s.section != rule.section for s in sections):
+                sections.append(Section(rule.section, template, rule.name, rule.placement))
+            if rule.stop:
+                break
+        return tuple(sorted(sections, key=lambda s: SECTIONS.index(s.section)))
+
+    def split(self, directory: Directory, msg: Message, recipients: Sequence[str]) -> list[tuple[Outcome, list[str]]]:
+        """One group per distinct outcome (fewest copies), in first-recipient order."""
+        groups: dict[Outcome, list[str]] = {}
+        for r in recipients:
+            groups.setdefault(self.outcome(directory, msg, r.lower()), []).append(r)
+        return list(groups.items())
+
+    def explain(self, directory: Directory, msg: Message, recipient: str) -> list[str]:
+        """Human-readable lines: every rule, every condition, true or false."""
+        lines = []
+        r_user = directory.user(recipient)
+        internal = self.internal(recipient, directory)
+        s_user = directory.user(msg.sender)
+        filled: set[str] = set()
+        stopped_by: str | None = None
+        for rule in self.rules:
+            checks = [("enabled", rule.enabled)]
+            checks += [(f"sender {c}", ok) for c, ok in rule.senders.checks(msg.sender, s_user, True)]
+            checks += _message_checks(rule, msg, recipient, r_user, internal)
+            matched = all(ok for _, ok in checks)
+            tmpl = rule.new if msg.kind == "new" else rule.reply
+            if stopped_by is not None:
+                state = f"skipped: '{stopped_by}' stopped the evaluation"
+            elif not matched:
+                state = "no match"
+            elif tmpl is None:
+                state = f"MATCH, no template for {msg.kind} messages"
+            elif rule.section in filled:
+                state = f"MATCH, not used: the {rule.section} is already set by an earlier rule"
+            else:
+                state = "MATCH, applied"
+                filled.add(rule.section)
+            if matched and stopped_by is None and rule.stop:
+                stopped_by = rule.name
+            lines.append(f"  [{state}] {rule.name} ({rule.section}"
+                         f"{', template ' + tmpl if tmpl else ''}{', stop' if rule.stop else ', continue'})")
+            lines += [f"        {'true ' if ok else 'false'}  {c}" for c, ok in checks]
+        return lines
+
+
+def _message_checks(rule: Rule, msg: Message, recipient: str, r_user: User | None,
+                    internal: bool) -> list[tuple[str, bool]]:
+    checks = [(f"recipient {c}", ok) for c, ok in rule.recipients.checks(recipient, r_user, internal)]
+    if not rule.internal:
+        checks.append(("recipient external (internal mail not stamped by this rule)", not internal))
+    hay = " ".join(getattr(msg, f) for f in rule.keyword_fields).casefold()
+    if rule.trigger:
+        checks.append((f"keywords {list(rule.trigger)} present", any(k.casefold() in hay for k in rule.trigger)))
+    if rule.suppress:
+        checks.append((f"keywords {list(rule.suppress)} absent", not any(k.casefold() in hay for k in rule.suppress)))
+    if rule.start is not None or rule.end is not None:
+        ok = (rule.start is None or msg.at >= rule.start) and (rule.end is None or msg.at < rule.end)
+        checks.append((f"time in [{rule.start}, {rule.end})", ok))
+    return checks
+
+
+def _rule_matches(rule: Rule, msg: Message, recipient: str, r_user: User | None, internal: bool) -> bool:
+    return all(ok for _, ok in _message_checks(rule, msg, recipient, r_user, internal))
+
+
+def is_reply(subject: str, has_in_reply_to: bool) -> bool:
+    return has_in_reply_to or bool(_REPLY_RE.match(subject))
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def load(path: Path, directory: Directory, templates: Iterable[str], accepted_domains: frozenset[str]) -> RuleSet:
+    """Load ``rules.toml``; every error is collected (file, rule and key named)."""
+    if not path.exists():
+        return RuleSet((), accepted_domains)
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise RulesError([f"{path}: invalid TOML: {e}"]) from e
+    errors: list[str] = []
+    known_templates = set(templates)
+    if set(data) - {"rule"}:
+        errors.append(f"{path}: {sorted(set(data) - {'rule'})[0]}: unknown key (expected [[rule]] tables)")
+    rules = []
+    for i, raw in enumerate(data.get("rule", [])):
+        where = f"{path}: rule[{i}]" + (f" ({raw.get('name')!r})" if isinstance(raw, dict) and raw.get("name") else "")
+        rule = _rule(i, raw, where, directory, known_templates, errors)
+        if rule is not None:
+            rules.append(rule)
+    if errors:
+        raise RulesError(errors)
+    return RuleSet(tuple(rules), accepted_domains)
+
+
+def _rule(i: int, raw: Mapping[str, Any], where: str, directory: Directory, templates: set[str],
+          errors: list[str]) -> Rule | None:
+    n = len(errors)
+    for k in sorted(set(raw) - _RULE_KEYS):
+        errors.append(f"{where}.{k}: unknown key")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        errors.append(f"{where}.name: required")
+        name = f"rule {i}"
+    senders = _who(raw.get("senders", {"all": True}), f"{where}.senders", directory, errors, _WHO_KEYS)
+    recipients = _who(raw.get("recipients", {"all": True}), f"{where}.recipients", directory, errors, _RCPT_KEYS)
+    kw = raw.get("keywords", {})
+    trigger = _strs(kw, "trigger", f"{where}.keywords", errors)
+    suppress = _strs(kw, "suppress", f"{where}.keywords", errors)
+    fields = _strs(kw, "in", f"{where}.keywords", errors) or ["subject", "body"]
+    for f in fields:
+        if f not in ("subject", "body"):
+            errors.append(f"{where}.keywords.in: {f!r}: expected subject or body")
+    for k in sorted(set(kw) - {"trigger", "suppress", "in"}):
+        errors.append(f"{where}.keywords.{k}: unknown key")
+    start, end = _window(raw.get("window"), f"{where}.window", errors)
+    new = raw.get("new")
+    reply = raw.get("reply", new)
+    for key, val in (("new", new), ("reply", reply)):
+        if val is not None and (not isinstance(val, str) or (val != "none" and val not in templates)):
+            errors.append(f"{where}.{key}: template {val!r} not found (have: {', '.join(sorted(templates)) or 'none'})")
+    placement = raw.get("placement", "reply")
+    if placement not in ("reply", "bottom"):
+        errors.append(f"{where}.placement: expected 'reply' or 'bottom', got {placement!r}")
+    section = raw.get("section", "signature")
+    if section not in SECTIONS:
+        errors.append(f"{where}.section: expected one of {', '.join(SECTIONS)}, got {section!r}")
+    for key in ("enabled", "stop", "internal"):
+        if key in raw and not isinstance(raw[key], bool):
+            errors.append(f"{where}.{key}: expected true or false")
+    if len(errors) > n:
+        return None
+    return Rule(
+        index=i, name=name, enabled=raw.get("enabled", True), senders=senders, recipients=recipients,
+        trigger=tuple(trigger), suppress=tuple(suppress), keyword_fields=tuple(fields), start=start, end=end,
+        new=None if new in (None, "none") else new, reply=None if reply in (None, "none") else reply,
+        placement=placement, section=section, stop=raw.get("stop", True), internal=raw.get("internal", True),
+    )
+
+
+def _strs(table: Any, key: str, where: str, errors: list[str]) -> list[str]:
+    v = table.get(key, []) if isinstance(table, dict) else []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        errors.append(f"{where}.{key}: expected a list of strings")
+        return []
+    return list(v)
+
+
+def _filters(items: Any, where: str, errors: list[str]) -> tuple[AttrFilter, ...]:
+    out = []
+    if not isinstance(items, list):
+        errors.append(f"{where}: expected a list of {{ attribute = ..., equals|not_equals|matches = ... }}")
+        return ()
+    for j, f in enumerate(items):
+        w = f"{where}[{j}]"
+        if not isinstance(f, dict) or "attribute" not in f:
+            errors.append(f"{w}: expected {{ attribute = ..., equals|not_equals|matches|empty|not_empty = ... }}")
+            continue
+        attr = f["attribute"]
+        if attr not in ATTRIBUTES:
+            errors.append(f"{w}.attribute: unknown attribute {attr!r}")
+            continue
+        ops = [k for k in f if k != "attribute"]
+        if len(ops) != 1 or ops[0] not in ("equals", "not_equals", "matches", "empty", "not_empty"):
+            errors.append(f"{w}: exactly one of equals, not_equals, matches, empty, not_empty")
+            continue
+        op, value = ops[0], f[ops[0]]
+        regex = None
+        if op == "matches":
+            try:
+                regex = re.compile(str(value))
+            except re.error as e:
+                errors.append(f"{w}.matches: bad regular expression {value!r}: {e}")
+                continue
+        out.append(AttrFilter(attr, op, str(value) if op in ("equals", "not_equals", "matches") else "", regex))
+    return tuple(out)
+
+
+def _who(raw: Any, where: str, directory: Directory, errors: list[str], keys: set[str]) -> Who:
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: expected a table")
+        return Who()
+    for k in sorted(set(raw) - keys):
+        errors.append(f"{where}.{k}: unknown key")
+    lists = {k: [x.strip().lower() for x in _strs(raw, k, where, errors)]
+             for k in ("users", "domains", "except_users", "except_domains")}
+    groups = {}
+    for k in ("groups", "except_groups"):
+        names = _strs(raw, k, where, errors)
+        for g in names:
+            if g.lower() not in directory.groups:
+                errors.append(f"{where}.{k}: unknown group {g!r}")
+        groups[k] = frozenset(g.lower() for g in names)
+    scope = raw.get("scope", "all")
+    if scope not in ("all", "internal", "external"):
+        errors.append(f"{where}.scope: expected all, internal or external, got {scope!r}")
+    positive = any(lists[k] for k in ("users", "domains")) or groups["groups"] or raw.get("where")
+    return Who(
+        all=bool(raw.get("all", not positive)), users=frozenset(lists["users"]), groups=groups["groups"],
+        domains=frozenset(lists["domains"]), where=_filters(raw.get("where", []), f"{where}.where", errors),
+        except_users=frozenset(lists["except_users"]), except_groups=groups["except_groups"],
+        except_domains=frozenset(lists["except_domains"]),
+        except_where=_filters(raw.get("except_where", []), f"{where}.except_where", errors), scope=scope,
+    )
+
+
+def _window(raw: Any, where: str, errors: list[str]) -> tuple[dt.datetime | None, dt.datetime | None]:
+    if raw is None:
+        return None, None
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: expected {{ start = ..., end = ..., tz = ... }}")
+        return None, None
+    for k in sorted(set(raw) - {"start", "end", "tz"}):
+        errors.append(f"{where}.{k}: unknown key")
+    tzname = raw.get("tz", "UTC")
+    try:
+        tz = _zone(str(tzname))
+    except zoneinfo.ZoneInfoNotFoundError:
+        errors.append(f"{where}.tz: unknown time zone {tzname!r}")
+        return None, None
+    out: list[dt.datetime | None] = []
+    for k in ("start", "end"):
+        v = raw.get(k)
+        if v is None:
+            out.append(None)
+            continue
+        if isinstance(v, str):
+            try:
+                v = dt.datetime.fromisoformat(v)
+            except ValueError:
+                errors.append(f"{where}.{k}: not a date/time: {v!r}")
+                out.append(None)
+                continue
+        if isinstance(v, dt.date) and not isinstance(v, dt.datetime):
+            v = dt.datetime.combine(v, dt.time())
+        if not isinstance(v, dt.datetime):
+            errors.append(f"{where}.{k}: expected a date/time")
+            out.append(None)
+            continue
+        # A local time is read in the rule's zone: DST is the zone database's business.
+        out.append(v if v.tzinfo else v.replace(tzinfo=tz))
+    start, end = out
+    if start and end and end <= start:
+        errors.append(f"{where}: end {end.isoformat()} is not after start {start.isoformat()}")
+    return start, end
+
+
+@lru_cache(maxsize=256)
+def _zone(name: str) -> zoneinfo.ZoneInfo:
+    return zoneinfo.ZoneInfo(name)

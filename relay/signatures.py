@@ -1,0 +1,191 @@
+"""Signature templates: Jinja2 in a sandbox, compiled once at load, rendered per sender.
+
+Templates live in ``signatures/<tenant>/``: ``NAME.html.j2`` and optionally ``NAME.txt.j2`` (else the
+text is derived from the HTML); images next to them, referenced as ``{{ image("logo.png") }}``
+(embedded as a ``cid:`` part) or ``{{ image("logo.png", link=true) }}`` (``<images_base_url>/logo.png``).
+
+Context: ``user`` (directory attributes, Entra ID names), ``recipient`` (address, internal),
+``message`` (subject, date, kind) and ``tenant`` (name, domains). A missing attribute renders as
+nothing, never "None"; a template line whose placeholders all rendered empty is removed — the
+"remove text if empty" behaviour signature admins rely on.
+"""
+
+from __future__ import annotations
+
+import html as htmllib
+import mimetypes
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any, Final
+
+import jinja2
+import jinja2.meta
+import jinja2.nodes
+from jinja2.sandbox import SandboxedEnvironment
+
+from relay.mime.stamper import Image, Signature
+
+CONTEXT_NAMES: Final = frozenset({"user", "recipient", "message", "tenant", "image"})
+_EMPTY: Final = "\x00\x01e\x00"
+_FULL: Final = "\x00\x01f\x00"
+
+
+class TemplateError(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class RenderError(Exception):
+    """A template misbehaved at render time (sandbox violation...): pass the message through."""
+
+
+def _finalize(value: Any) -> Any:
+    if value is None or isinstance(value, jinja2.Undefined) or (isinstance(value, str) and not value.strip()):
+        return _EMPTY
+    return _FULL + value if isinstance(value, str) else _FULL + str(value)
+
+
+def _drop_empty_lines(text: str) -> str:
+    lines = [ln for ln in text.split("\n") if not (_EMPTY in ln and _FULL not in ln)]
+    return "\n".join(lines).replace(_EMPTY, "").replace(_FULL, "")
+
+
+def _env(autoescape: bool) -> SandboxedEnvironment:
+    return SandboxedEnvironment(
+        autoescape=autoescape, undefined=jinja2.ChainableUndefined, finalize=_finalize,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False,
+    )
+
+
+class _TextFromHtml(HTMLParser):
+    _BLOCK: Final = {"p", "div", "tr", "table", "li", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("style", "script", "head"):
+            self.skip += 1
+        elif tag == "br" or tag in self._BLOCK:
+            self.out.append("\n")
+        elif tag == "td":
+            self.out.append(" ")
+        elif tag == "img":
+            alt = dict(attrs).get("alt")
+            if alt:
+                self.out.append(alt)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("style", "script", "head"):
+            self.skip = max(0, self.skip - 1)
+        elif tag in self._BLOCK:
+            self.out.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.out.append(re.sub(r"\s+", " ", data))
+
+
+def html_to_text(html: str) -> str:
+    """A readable plain-text rendition of a signature's HTML (for templates without .txt.j2)."""
+    p = _TextFromHtml()
+    p.feed(html)
+    p.close()
+    lines = [ln.strip() for ln in "".join(p.out).split("\n")]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
+    return htmllib.unescape(text) + "\n"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    html: jinja2.Template
+    text: jinja2.Template | None
+    images: frozenset[str]
+
+
+class Templates:
+    """Every template of one tenant, compiled at load; all errors collected with file and line."""
+
+    def __init__(self, sig_dir: Path, images_base_url: str = "") -> None:
+        self.dir = sig_dir
+        self.base_url = images_base_url.rstrip("/")
+        self.templates: dict[str, Template] = {}
+        self.image_data: dict[str, bytes] = {}
+        errors: list[str] = []
+        html_env, text_env = _env(True), _env(False)
+        for f in sorted(sig_dir.glob("*.html.j2")) if sig_dir.is_dir() else []:
+            name = f.name.removesuffix(".html.j2")
+            html_t = self._compile(html_env, f, errors)
+            tf = sig_dir / f"{name}.txt.j2"
+            text_t = self._compile(text_env, tf, errors) if tf.exists() else None
+            images = self._images(html_env, f, errors) | (self._images(text_env, tf, errors) if tf.exists() else set())
+            if html_t is not None and (text_t is not None or not tf.exists()):
+                self.templates[name] = Template(name, html_t, text_t, frozenset(images))
+        for f in sorted(sig_dir.glob("*.txt.j2")) if sig_dir.is_dir() else []:
+            if not (sig_dir / f.name.replace(".txt.j2", ".html.j2")).exists():
+                errors.append(f"{f}: a text template needs its HTML sibling {f.name.replace('.txt.j2', '.html.j2')}")
+        if errors:
+            raise TemplateError(errors)
+
+    def _compile(self, env: SandboxedEnvironment, f: Path, errors: list[str]) -> jinja2.Template | None:
+        src = f.read_text("utf-8")
+        try:
+            ast = env.parse(src, name=f.name, filename=str(f))
+            unknown = jinja2.meta.find_undeclared_variables(ast) - CONTEXT_NAMES
+            for var in sorted(unknown):
+                word = re.compile(rf"\b{re.escape(var)}\b")
+                line = next((i for i, ln in enumerate(src.splitlines(), 1) if word.search(ln)), 0)
+                errors.append(f"{f}:{line}: unknown variable {var!r} (use user, recipient, message, tenant, image)")
+            return env.from_string(src, template_class=jinja2.Template) if not unknown else None
+        except jinja2.TemplateSyntaxError as e:  # includes unknown filters (TemplateAssertionError)
+            errors.append(f"{f}:{e.lineno}: {e.message}")
+            return None
+
+    def _images(self, env: SandboxedEnvironment, f: Path, errors: list[str]) -> set[str]:
+        try:
+            ast = env.parse(f.read_text("utf-8"))
+        except jinja2.TemplateSyntaxError:
+            return set()  # already reported
+        out: set[str] = set()
+        for call in ast.find_all(jinja2.nodes.Call):
+            if isinstance(call.node, jinja2.nodes.Name) and call.node.name == "image":
+                arg = call.args[0] if call.args else None
+                if not isinstance(arg, jinja2.nodes.Const) or not isinstance(arg.value, str):
+                    errors.append(f"{f}:{call.lineno}: image() takes a literal file name")
+                    continue
+                path = self.dir / arg.value
+                if not path.is_file() or path.resolve().parent != self.dir.resolve():
+                    errors.append(f"{f}:{call.lineno}: image {arg.value!r} not found in {self.dir}")
+                    continue
+                self.image_data[arg.value] = path.read_bytes()
+                out.add(arg.value)
+        return out
+
+    def render(self, name: str, context: Mapping[str, Any]) -> Signature:
+        t = self.templates[name]
+        used: set[str] = set()
+
+        def image(file: str, link: bool = False) -> str:
+            if link and self.base_url:
+                return f"{self.base_url}/{file}"
+            used.add(file)
+            return f"cid:{file}"
+
+        ctx = {**context, "image": image}
+        try:
+            html = _drop_empty_lines(t.html.render(ctx))
+            text = _drop_empty_lines(t.text.render(ctx)) if t.text is not None else html_to_text(html)
+        except jinja2.exceptions.SecurityError as e:
+            raise RenderError(f"template {name}: sandbox violation: {e}") from e
+        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as e:
+            raise RenderError(f"template {name}: {type(e).__name__}: {e}") from e
+        images = tuple(Image(f, mimetypes.guess_type(f)[0] or "application/octet-stream", self.image_data[f])
+                       for f in sorted(used) if f in self.image_data)
+        return Signature(html=html.strip("\n") + "\n", text=text, images=images)
