@@ -54,8 +54,17 @@ def _drop_empty_lines(text: str) -> str:
     return "\n".join(lines).replace(_EMPTY, "").replace(_FULL, "")
 
 
+class _StrictSandbox(SandboxedEnvironment):
+    """Jinja's sandbox turns a forbidden attribute (``__class__``, ``__globals__``...) into an
+    undefined value that renders as nothing; we make it an error, so an escape attempt is seen,
+    logged and the message passed through instead of silently stamped."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__} is unsafe")
+
+
 def _env(autoescape: bool) -> SandboxedEnvironment:
-    return SandboxedEnvironment(
+    return _StrictSandbox(
         autoescape=autoescape, undefined=jinja2.ChainableUndefined, finalize=_finalize,
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False,
     )
@@ -68,28 +77,41 @@ class _TextFromHtml(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.out: list[str] = []
         self.skip = 0
+        self.at_line_start = True
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in ("style", "script", "head"):
             self.skip += 1
-        elif tag == "br" or tag in self._BLOCK:
+        elif tag == "br":
             self.out.append("\n")
+            self.at_line_start = True
+        elif tag in self._BLOCK:
+            self._block_break()
         elif tag == "td":
             self.out.append(" ")
         elif tag == "img":
             alt = dict(attrs).get("alt")
             if alt:
                 self.out.append(alt)
+                self.at_line_start = False
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("style", "script", "head"):
             self.skip = max(0, self.skip - 1)
         elif tag in self._BLOCK:
+            self._block_break()
+
+    def _block_break(self) -> None:
+        # Adjacent block boundaries (</td></tr><tr>) make one line break, not a blank line.
+        if self.out and not self.at_line_start:
             self.out.append("\n")
+            self.at_line_start = True
 
     def handle_data(self, data: str) -> None:
         if not self.skip:
             self.out.append(re.sub(r"\s+", " ", data))
+            if data.strip():
+                self.at_line_start = False
 
 
 def html_to_text(html: str) -> str:
