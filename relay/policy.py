@@ -96,13 +96,10 @@ class Policy:
         except directory_mod.DirectoryError as e:
             errors += e.errors
             self.directory = Directory()
+        self.templates = Templates(sig_dir, images_base_url)
+        errors += self.templates.errors
         try:
-            self.templates = Templates(sig_dir, images_base_url)
-        except signatures_mod.TemplateError as e:
-            errors += e.errors
-            self.templates = Templates(Path("/nonexistent"))
-        try:
-            self.rules = rules_mod.load(tenant_dir / "rules.toml", self.directory, self.templates.templates,
+            self.rules = rules_mod.load(tenant_dir / "rules.toml", self.directory, self.templates.names,
                                         accepted_domains)
         except rules_mod.RulesError as e:
             errors += e.errors

@@ -140,6 +140,10 @@ class Templates:
         self.base_url = images_base_url.rstrip("/")
         self.templates: dict[str, Template] = {}
         self.image_data: dict[str, bytes] = {}
+        # Every template file present, compiled or not: rules are checked against these names, so
+        # one broken template is one error, not one more per rule that uses it.
+        self.names = frozenset(f.name.removesuffix(".html.j2") for f in sig_dir.glob("*.html.j2")) \
+            if sig_dir.is_dir() else frozenset()
         errors: list[str] = []
         html_env, text_env = _env(True), _env(False)
         for f in sorted(sig_dir.glob("*.html.j2")) if sig_dir.is_dir() else []:
@@ -153,8 +157,9 @@ class Templates:
         for f in sorted(sig_dir.glob("*.txt.j2")) if sig_dir.is_dir() else []:
             if not (sig_dir / f.name.replace(".txt.j2", ".html.j2")).exists():
                 errors.append(f"{f}: a text template needs its HTML sibling {f.name.replace('.txt.j2', '.html.j2')}")
-        if errors:
-            raise TemplateError(errors)
+        # Kept, not raised: rules referring to the templates that did compile can still be checked,
+        # so `signature-relay check` reports real errors instead of a cascade.
+        self.errors = errors
 
     def _compile(self, env: SandboxedEnvironment, f: Path, errors: list[str]) -> jinja2.Template | None:
         src = f.read_text("utf-8")

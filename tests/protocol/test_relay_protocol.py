@@ -290,3 +290,31 @@ async def test_implicit_tls_listener(make_stack: object, deployment: object) -> 
     c.close()
     [got] = st.deployment.delivered()
     assert b"with ESMTPS id" in got and b"version=TLSv1.3" in got
+
+
+async def test_recipients_with_different_signatures_get_separate_copies(make_stack: object,
+                                                                        deployment: object) -> None:
+    """One copy per distinct outcome, each with its own envelope recipients; headers untouched."""
+    dep = deployment
+    root = dep.root  # type: ignore[attr-defined]
+    sig = root / "signatures" / "contoso"
+    sig.mkdir(parents=True, exist_ok=True)
+    (sig / "ext.html.j2").write_text("<p>EXTERNAL SIGNATURE</p>\n")
+    (sig / "int.html.j2").write_text("<p>INTERNAL SIGNATURE</p>\n")
+    (root / "rules" / "contoso" / "rules.toml").write_text(
+        '[[rule]]\nname = "Ext"\nrecipients = { scope = "external" }\nnew = "ext"\n'
+        '[[rule]]\nname = "Int"\nrecipients = { scope = "internal" }\nnew = "int"\n')
+    st = await make_stack()  # type: ignore[operator]
+    raw = message(to="a@example.net").replace(b"To: <a@example.net>", b"To: <a@example.net>, <bob@contoso.com>\r\n"
+                                                                      b"Cc: <c@example.org>")
+    code, _ = await send(st, raw, rcpts=("a@example.net", "bob@contoso.com", "c@example.org", "hidden@contoso.com"))
+    assert code == 250
+    recs = journal(st.deployment)
+    assert sorted(tuple(r["rcpt_tos"]) for r in recs) == [  # type: ignore[arg-type]
+        ("a@example.net", "c@example.org"), ("bob@contoso.com", "hidden@contoso.com")]
+    for got, rec in zip(st.deployment.delivered(), recs, strict=True):
+        head = got[:headers.header_end(got)]
+        assert b"To: <a@example.net>, <bob@contoso.com>\r\nCc: <c@example.org>\r\n" in head  # unchanged
+        assert b"hidden@contoso.com" not in head or b"for <hidden" in head  # Bcc never exposed in headers
+        expected = b"EXTERNAL SIGNATURE" if "a@example.net" in rec["rcpt_tos"] else b"INTERNAL SIGNATURE"  # type: ignore[operator]
+        assert expected in got and got.count(b"SIGNATURE") == 1
