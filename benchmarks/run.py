@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from relay import pipeline
 from relay.mime.stamper import Signature, stamp
@@ -124,6 +125,10 @@ def main() -> None:
         per_kb.append((kb, timeit(ours, raw, budget / 2)))
     scaling = ", ".join(f"{kb} KB {t * 1e6:,.0f} µs ({t * 1e6 / kb:,.1f} µs/KB)" for kb, t in per_kb)
     rows.append("edited-leaf scaling: " + scaling)
+    if not args.quick:
+        import rules_bench
+
+        rows += rules_bench.main()
     title = "signature-relay benchmarks (wall time on one core, best and median of batched runs; compare the ratios)"
     out = "\n".join([title, *rows])
     print(out)

@@ -130,6 +130,7 @@ class Template:
     html: jinja2.Template
     text: jinja2.Template | None
     images: frozenset[str]
+    uses: frozenset[str] = frozenset()  # context names the template reads (for the render cache)
 
 
 class Templates:
@@ -140,6 +141,7 @@ class Templates:
         self.base_url = images_base_url.rstrip("/")
         self.templates: dict[str, Template] = {}
         self.image_data: dict[str, bytes] = {}
+        self._cache: dict[tuple[str, ...], Signature] = {}
         # Every template file present, compiled or not: rules are checked against these names, so
         # one broken template is one error, not one more per rule that uses it.
         self.names = frozenset(f.name.removesuffix(".html.j2") for f in sig_dir.glob("*.html.j2")) \
@@ -153,7 +155,8 @@ class Templates:
             text_t = self._compile(text_env, tf, errors) if tf.exists() else None
             images = self._images(html_env, f, errors) | (self._images(text_env, tf, errors) if tf.exists() else set())
             if html_t is not None and (text_t is not None or not tf.exists()):
-                self.templates[name] = Template(name, html_t, text_t, frozenset(images))
+                uses = self._uses(html_env, f) | (self._uses(text_env, tf) if tf.exists() else frozenset())
+                self.templates[name] = Template(name, html_t, text_t, frozenset(images), uses)
         for f in sorted(sig_dir.glob("*.txt.j2")) if sig_dir.is_dir() else []:
             if not (sig_dir / f.name.replace(".txt.j2", ".html.j2")).exists():
                 errors.append(f"{f}: a text template needs its HTML sibling {f.name.replace('.txt.j2', '.html.j2')}")
@@ -174,6 +177,10 @@ class Templates:
         except jinja2.TemplateSyntaxError as e:  # includes unknown filters (TemplateAssertionError)
             errors.append(f"{f}:{e.lineno}: {e.message}")
             return None
+
+    @staticmethod
+    def _uses(env: SandboxedEnvironment, f: Path) -> frozenset[str]:
+        return frozenset(jinja2.meta.find_undeclared_variables(env.parse(f.read_text("utf-8"))))
 
     def _images(self, env: SandboxedEnvironment, f: Path, errors: list[str]) -> set[str]:
         try:
@@ -196,7 +203,21 @@ class Templates:
         return out
 
     def render(self, name: str, context: Mapping[str, Any]) -> Signature:
+        """Render ``name``. Rendering is a pure function of the context parts the template reads,
+        so results are memoised on exactly those (typically the sender's attributes)."""
         t = self.templates[name]
+        key = (name, *(repr(sorted(context[k].items())) if isinstance(context.get(k), dict) else repr(context.get(k))
+                       for k in sorted(t.uses - {"image"})))
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._render(t, context)
+            if len(self._cache) > 50_000:
+                self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+    def _render(self, t: Template, context: Mapping[str, Any]) -> Signature:
+        name = t.name
         used: set[str] = set()
 
         def image(file: str, link: bool = False) -> str:

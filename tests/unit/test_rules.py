@@ -404,3 +404,63 @@ def test_split_into_fewest_copies(tmp_path: Path) -> None:
                                      ["bob@contoso.com", "carol@contoso.com"]]
     one = p.plan(msg(), ["a@example.net", "b@example.org"])
     assert len(one) == 1
+
+
+def test_fast_match_agrees_with_the_explanation(tmp_path: Path) -> None:
+    """The hot-path matcher and the explained checks must never disagree."""
+    from relay.rules import _message_checks, _rule_matches
+
+    sample = Path(__file__).resolve().parents[2] / "rules" / "contoso"
+    names_ = ["holiday-banner", "sales", "short", "partner", "support", "default", "internal", "disclaimer"]
+    p = tenant(tmp_path, (sample / "rules.toml").read_text(), templates={f"{n}.html.j2": "<p>x</p>\n" for n in names_},
+               directory_csv=(sample / "directory.csv").read_text(), groups=(sample / "groups.toml").read_text())
+    senders = ["alice@contoso.com", "bob@contoso.com", "carol@contoso.com", "emily@contoso.com", "info@contoso.com",
+               "x@elsewhere.example"]
+    rcpts = ["a@example.net", "bob@contoso.com", "carol@contoso.com", "x@fabrikam.example", "ceo@northwind.example"]
+    for s in senders:
+        for subject in ("hello", "the quote", "quote [nosig]"):
+            for at in (dt.datetime(2026, 6, 1, tzinfo=UTC), dt.datetime(2026, 12, 10, tzinfo=UTC)):
+                m = msg(s, subject=subject, at=at)
+                for r in rcpts:
+                    u = p.directory.user(r)
+                    internal = p.rules.internal(r, p.directory)
+                    for rule in p.rules.rules:
+                        slow = all(ok for _, ok in _message_checks(rule, m, r, u, internal))
+                        assert _rule_matches(rule, m, r, u, internal) == slow, (s, subject, r, rule.name)
+                        su = p.directory.user(s)
+                        assert rule.senders.matches(s, su, True) == all(
+                            ok for _, ok in rule.senders.checks(s, su, True))
+
+
+def test_outcome_cache_agrees_with_uncached_evaluation(tmp_path: Path) -> None:
+    sample = Path(__file__).resolve().parents[2] / "rules" / "contoso"
+    names_ = ["holiday-banner", "sales", "short", "partner", "support", "default", "internal", "disclaimer"]
+    p = tenant(tmp_path, (sample / "rules.toml").read_text(), templates={f"{n}.html.j2": "<p>x</p>\n" for n in names_},
+               directory_csv=(sample / "directory.csv").read_text(), groups=(sample / "groups.toml").read_text())
+    senders = ["alice@contoso.com", "bob@contoso.com", "carol@contoso.com", "emily@contoso.com", "info@contoso.com"]
+    rcpts = ["a@example.net", "b@example.net", "bob@contoso.com", "x@fabrikam.example", "ceo@northwind.example",
+             "z@contoso.onmicrosoft.com"]
+    for _ in range(2):  # second round is served from the cache
+        for s in senders:
+            for subject, body in (("hello", ""), ("the Quote", ""), ("x", "see the contract"), ("quote [nosig]", "")):
+                for at in (dt.datetime(2026, 6, 1, tzinfo=UTC), dt.datetime(2026, 12, 10, tzinfo=UTC),
+                           dt.datetime(2026, 11, 30, 23, 0, tzinfo=UTC),
+                           dt.datetime(2026, 11, 30, 22, 59, tzinfo=UTC)):
+                    for kind in ("new", "reply"):
+                        m = msg(s, subject=subject, body=body, kind=kind, at=at)
+                        for r in rcpts:
+                            assert p.rules.outcome(p.directory, m, r) == p.rules.outcome_uncached(p.directory, m, r)
+
+
+def test_keyword_hits_find_overlapping_keywords() -> None:
+    from relay.rules import _Index
+
+    idx = _Index(frozenset({"quote", "quotes", "tes", "contract"}), None, (), frozenset())
+    idx = _Index.build([])  # no keywords: nothing to find
+    assert idx.keyword_hits("anything") == frozenset()
+    import re as _re
+
+    kws = frozenset({"quote", "quotes", "tes", "contract"})
+    rx = _re.compile("(?=(" + "|".join(_re.escape(k) for k in sorted(kws, key=len, reverse=True)) + "))")
+    idx = _Index(kws, rx, (), frozenset())
+    assert idx.keyword_hits("Two QUOTES and a Contract") == {"quote", "quotes", "tes", "contract"}
