@@ -5,9 +5,10 @@ be bound to a tenant must never be relayed: that is what makes us not an open re
 Online's IPs and client certificate are shared by every tenant, so they can only ever prove
 "this is Exchange Online" — never "this is tenant X" (the 2024 "EchoSpoofing" abuse).
 
-This is the first layer set (issue #2): the ``X-MS-Exchange-CrossTenant-Id`` header Exchange
-Online adds with CloudServicesMailEnabled, cross-checked with the envelope sender's domain, and —
-for the dev profile only — the sender's domain alone.
+The tenant is found by the ``X-MS-Exchange-CrossTenant-Id`` header Exchange Online adds with
+CloudServicesMailEnabled (or, in the dev profile only, by the envelope sender's domain); then every
+layer that tenant requires must agree: envelope and ``From:`` domains, networks, client
+certificate, SNI. Which networks may connect at all is decided earlier, in ``relay.smtp.server``.
 """
 
 from __future__ import annotations

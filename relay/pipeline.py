@@ -1,8 +1,8 @@
 """The message pipeline: classify → (match rules → render) → stamp → trace. Pure: bytes in, bytes out.
 
 Each step is a small named function and the outcome is a :class:`Decision` value you can print
-and log. Until signature rules land (issue #4) the signature is the tenant's static one
-(``signatures/<tenant>/signature.html`` + ``signature.txt``); a tenant without one is marked only.
+and log. :func:`plan_copies` runs the tenant's rules (one copy per distinct outcome), renders each
+outcome's signature and stamps it; a tenant without rules is marked only.
 """
 
 from __future__ import annotations
