@@ -348,6 +348,121 @@ def _report(paths: list[str], sig: object, policy: object, mail_from: str | None
     return 1 if errors else 0
 
 
+def _plan(args: argparse.Namespace) -> tuple[config.Config, Any]:
+    from relay.provisioning import plan as planmod
+
+    cfg = _config(args)
+    tenant = _tenant_for(cfg, args.tenant, None)
+    try:
+        p = planmod.build(cfg, tenant, scope=args.scope, exclude_internal=args.exclude_internal,
+                          size_cap=args.size_cap, except_oof=args.except_oof, except_recall=args.except_recall)
+    except ValueError as e:
+        raise ConfigError("--scope", "", str(e)) from e
+    return cfg, p
+
+
+def cmd_connectors_plan(args: argparse.Namespace) -> int:
+    from relay.provisioning import plan as planmod
+
+    _, p = _plan(args)
+    parts = {"text": planmod.to_text, "powershell": planmod.to_powershell, "json": planmod.to_json}
+    chosen = list(parts) if args.format == "all" else [args.format]
+    for i, f in enumerate(chosen):
+        if i:
+            print()
+        print(parts[f](p), end="" if f != "json" else "\n")
+    return 0
+
+
+def _api(args: argparse.Namespace, cfg: config.Config) -> Any:
+    from pathlib import Path
+
+    from relay.provisioning.api import AdminApi, ApiError, msal_token_provider
+
+    tenant = _tenant_for(cfg, args.tenant, None)
+    if not args.app_id or not args.certificate:
+        raise ApiError("give --app-id and --certificate (PEM with the app registration's private key and "
+                       "certificate); see README 'Exchange Online setup'", exit_code=2)
+    verify: str | bool = args.ca_bundle or True
+    token = msal_token_provider(tenant_id=args.tenant_id or tenant.id, app_id=args.app_id,
+                                certificate=Path(args.certificate), login_base=args.login_url, verify=verify)
+    return AdminApi(base_url=args.admin_url, tenant=args.tenant_id or tenant.id, token=token, verify=verify,
+                    log=lambda m: print(m, flush=True))
+
+
+def cmd_connectors(args: argparse.Namespace) -> int:
+    from relay.provisioning import wizard
+    from relay.provisioning.api import ApiError
+
+    cfg, p = _plan(args)
+    try:
+        api = _api(args, cfg)
+        try:
+            if args.action == "apply":
+                wizard.apply(api, p, log=lambda m: print(m, flush=True), dry_run=args.dry_run,
+                             validation_recipient=args.validation_recipient)
+                return 0
+            if args.action == "check":
+                problems = wizard.check(api, p)
+                for prob in problems:
+                    print(f"DRIFT: {prob}")
+                print(f"{len(problems)} problem(s)" if problems else f"OK: tenant {p.tenant} matches the plan")
+                return 1 if problems else 0
+            n = wizard.remove(api, p, log=lambda m: print(m, flush=True))
+            print(f"Removed {n} object(s).")
+            return 0
+        finally:
+            api.close()
+    except ApiError as e:
+        print(f"signature-relay connectors {args.action}: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def cmd_tenants_add(args: argparse.Namespace) -> int:
+    import base64
+    import secrets
+    import uuid
+
+    cfg = _config(args)
+    name = args.name.lower()
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,40}", name):
+        raise ConfigError("NAME", "", "use lower-case letters, digits and '-'")
+    if cfg.tenant_by_name(name):
+        raise ConfigError(str(cfg.tenants_dir / name / "tenant.toml"), "", "tenant exists already")
+    try:
+        tid = str(uuid.UUID(args.id))
+    except ValueError as e:
+        raise ConfigError("--id", "", f"not a tenant GUID: {args.id!r}") from e
+    initial = args.initial_domain.lower()
+    if not initial.endswith(".onmicrosoft.com"):
+        raise ConfigError("--initial-domain", "", "must be the tenant's *.onmicrosoft.com domain")
+    sub = f"{name}-{base64.b32encode(secrets.token_bytes(5)).decode().lower()[:6]}"
+    domains = sorted({d.lower() for d in args.domain} | {initial})
+    tdir = cfg.tenants_dir / name
+    tdir.mkdir(parents=True)
+    endpoint = args.endpoint or f"mx:{initial}"
+    (tdir / "tenant.toml").write_text(
+        f'[tenant]\nid = "{tid}"\ninitial_domain = "{initial}"\n'
+        f'accepted_domains = [{", ".join(chr(34) + d + chr(34) for d in domains)}]\n'
+        f'region = "{args.region}"\nsubdomain = "{sub}"\n\n[inbound]\nendpoint = "{endpoint}"\n', "utf-8")
+    cfg2 = config.load(cfg.source if cfg.source != config.DEFAULT_CONFIG_NAME else None)
+    t = cfg2.tenant_by_name(name)
+    assert t is not None
+    print(f"tenant {name} added: {tdir / 'tenant.toml'}")
+    print(f"  smart host (outbound connector):        {t.subdomain}.{'de-smtp' if t.region == 'de' else 'smtp'}."
+          f"{cfg2.service_domain}")
+    print(f"  certificate name (inbound connector):   {t.certificate_name}")
+    if cfg2.certs.ca_key.exists():
+        from relay import certs
+
+        issued = certs.init_dev_pki(cfg2, missing_only=True)
+        for i in issued:
+            if i.created:
+                print(f"  dev client certificate: {i.cert_path}")
+    print(f"next: signature-relay connectors plan --tenant {name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="signature-relay", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -423,6 +538,54 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--eml", metavar="FILE", help="use this message instead of a generated one")
     pv.add_argument("--out", metavar="DIR", default="var/preview", help="where to write (default var/preview)")
     pv.set_defaults(func=cmd_preview)
+
+    cn = sub.add_parser("connectors", help="plan, apply, check or remove the Exchange Online connectors and rule")
+    cnsub = cn.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def scope_args(p: argparse.ArgumentParser) -> None:
+        _add_config(p)
+        p.add_argument("--tenant", help="tenant name (default: the only one)")
+        p.add_argument("--scope", default="all", metavar="all|group:NAME",
+                       help="senders routed to the relay: everyone, or members of a (possibly hidden) group")
+        p.add_argument("--exclude-internal", action="store_true", help="only mail with external recipients")
+        p.add_argument("--size-cap", type=int, metavar="BYTES", help="skip messages larger than this (e.g. 23592960)")
+        p.add_argument("--except-oof", action="store_true", help="add a rule that keeps automatic replies away")
+        p.add_argument("--except-recall", action="store_true", help="add a rule that keeps recall messages away")
+
+    pl = cnsub.add_parser("plan", help="print every value to set, as admin-center steps, PowerShell and JSON",
+                          description="What the tenant needs in Exchange Online, for an admin who prefers the manual "
+                                      "route. Nothing is contacted.")
+    scope_args(pl)
+    pl.add_argument("--format", choices=["text", "powershell", "json", "all"], default="all")
+    pl.set_defaults(func=cmd_connectors_plan)
+    for action, helptext in (("apply", "create or update everything through the admin API (idempotent)"),
+                             ("check", "compare Exchange Online with the plan; exit 1 on any drift"),
+                             ("remove", "remove the rule, then the outbound, then the inbound connector")):
+        ap = cnsub.add_parser(action, help=helptext, description=helptext)
+        scope_args(ap)
+        ap.add_argument("--app-id", help="app registration (client) id with Exchange.ManageAsApp")
+        ap.add_argument("--certificate", metavar="PEM", help="the app's private key and certificate")
+        ap.add_argument("--tenant-id", help="Entra tenant id or initial domain (default: the tenant's id)")
+        ap.add_argument("--admin-url", default="https://outlook.office365.com", help="admin API base URL")
+        ap.add_argument("--login-url", default="https://login.microsoftonline.com", help="sign-in base URL")
+        ap.add_argument("--ca-bundle", metavar="PEM", help="trust anchors for those URLs (default: system)")
+        if action == "apply":
+            ap.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+            ap.add_argument("--validation-recipient", default="validation@example.com",
+                            help="external address Validate-OutboundConnector sends to")
+        ap.set_defaults(func=cmd_connectors)
+
+    tn = sub.add_parser("tenants", help="register tenants")
+    tnsub = tn.add_subparsers(dest="tenants_command", required=True, metavar="ACTION")
+    ta = tnsub.add_parser("add", help="register a tenant: writes rules/NAME/tenant.toml with a unique subdomain")
+    _add_config(ta)
+    ta.add_argument("name")
+    ta.add_argument("--id", required=True, help="Entra ID tenant GUID")
+    ta.add_argument("--initial-domain", required=True, help="the tenant's *.onmicrosoft.com domain")
+    ta.add_argument("--domain", action="append", default=[], help="accepted domain (repeatable)")
+    ta.add_argument("--region", choices=["global", "de"], default="global")
+    ta.add_argument("--endpoint", help="inbound endpoint (default mx:<initial domain>)")
+    ta.set_defaults(func=cmd_tenants_add)
 
     k = sub.add_parser("check", help="validate the configuration and certificates, then exit")
     _add_config(k)

@@ -1,0 +1,156 @@
+"""Exchange Online's admin REST endpoint (what ExchangeOnlineManagement V3 uses underneath).
+
+``POST {base}/adminapi/beta/{tenant}/InvokeCommand`` with ``{"CmdletInput": {"CmdletName": ...,
+"Parameters": {...}}}``; app-only auth with a certificate through MSAL (scope
+``https://outlook.office365.com/.default``, app permission Exchange.ManageAsApp + an Exchange
+admin role). Paging follows ``@odata.nextLink`` (POSTing the same body), 429 backs off, a regional
+302 is followed with the same POST, and errors become sentences a person can act on.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ANCHOR_MAILBOX = "APP:SystemMailbox{{bb558c35-97f1-4cb9-8ff7-d53741dc928c}}@{tenant}"
+RESOURCE = "https://outlook.office365.com"
+
+
+class ApiError(Exception):
+    """A failure with a human explanation; ``exit_code`` tells the CLI what to return."""
+
+    def __init__(self, message: str, *, status: int = 0, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+        self.exit_code = exit_code
+
+
+@dataclass
+class Result:
+    value: list[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+
+
+def msal_token_provider(*, tenant_id: str, app_id: str, certificate: Path, login_base: str,
+                        verify: str | bool = True) -> Callable[[], str]:
+    """Bearer tokens for the admin API from an app registration's certificate (PEM: key + cert)."""
+    import msal
+
+    pem = certificate.read_text("utf-8")
+    key_start = pem.find("-----BEGIN PRIVATE KEY-----")
+    cert_start = pem.find("-----BEGIN CERTIFICATE-----")
+    if key_start < 0 or cert_start < 0:
+        raise ApiError(f"{certificate}: needs the private key and the certificate (PEM), e.g. "
+                       "`openssl pkcs12 -in app.pfx -out app.pem -nodes`", exit_code=2)
+    custom = login_base.rstrip("/") != "https://login.microsoftonline.com"
+    app = msal.ConfidentialClientApplication(
+        app_id, authority=f"{login_base.rstrip('/')}/{tenant_id}",
+        client_credential={"private_key": pem[key_start:pem.find("-----END PRIVATE KEY-----") + 25],
+                           "public_certificate": pem[cert_start:pem.find("-----END CERTIFICATE-----") + 25]},
+        verify=verify, instance_discovery=False if custom else None,
+    )
+
+    def token() -> str:
+        res = app.acquire_token_for_client(scopes=[f"{RESOURCE}/.default"])
+        if "access_token" not in res:
+            desc = str(res.get("error_description", res.get("error", "unknown error"))).splitlines()[0]
+            raise ApiError(f"Sign-in failed for app {app_id} in tenant {tenant_id}: {desc}. Check the app "
+                           "registration's certificate and that admin consent was granted.", exit_code=3)
+        return str(res["access_token"])
+
+    return token
+
+
+class AdminApi:
+    def __init__(self, *, base_url: str, tenant: str, token: Callable[[], str], verify: str | bool = True,
+                 max_retries: int = 5, log: Callable[[str], None] = lambda _m: None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.base = base_url.rstrip("/")
+        self.tenant = tenant
+        self.token = token
+        self.http = httpx.Client(verify=verify, timeout=60.0, follow_redirects=False)
+        self.max_retries = max_retries
+        self.log = log
+        self.sleep = sleep
+        self.calls: list[str] = []  # cmdlets invoked, for traces and tests
+
+    def close(self) -> None:
+        self.http.close()
+
+    def invoke(self, cmdlet: str, params: dict[str, Any] | None = None) -> Result:
+        self.calls.append(cmdlet)
+        body = {"CmdletInput": {"CmdletName": cmdlet, "Parameters": params or {}}}
+        url = f"{self.base}/adminapi/beta/{self.tenant}/InvokeCommand"
+        out = Result([])
+        while url:
+            data = self._post(url, body, cmdlet)
+            out.value += data.get("value", [])
+            out.warnings += [str(w) for w in data.get("@adminapi.warnings", [])]
+            url = data.get("@odata.nextLink") or ""
+        return out
+
+    def _post(self, url: str, body: dict[str, Any], cmdlet: str) -> dict[str, Any]:
+        redirects = 0
+        for attempt in range(self.max_retries + 1):
+            headers = {
+                "Authorization": f"Bearer {self.token()}",
+                "X-AnchorMailbox": ANCHOR_MAILBOX.format(tenant=self.tenant),
+                "Prefer": "odata.maxpagesize=1000",
+                "client-request-id": str(uuid.uuid4()),
+                "Content-Type": "application/json",
+            }
+            try:
+                r = self.http.post(url, json=body, headers=headers)
+            except httpx.HTTPError as e:
+                raise ApiError(f"{cmdlet}: cannot reach {url}: {e}", exit_code=4) from e
+            if r.status_code in (301, 302, 307, 308) and "location" in r.headers and redirects < 3:
+                # The tenant lives in another region: the same POST goes to the regional endpoint.
+                redirects += 1
+                url = str(httpx.URL(url).join(r.headers["location"]))
+                self.log(f"  … {cmdlet}: redirected to {httpx.URL(url).host}")
+                continue
+            if r.status_code == 429 and attempt < self.max_retries:
+                wait = _retry_after(r, attempt)
+                self.log(f"  … {cmdlet}: throttled (429), retrying in {wait:.0f} s")
+                self.sleep(wait)
+                continue
+            if r.status_code == 200:
+                payload: dict[str, Any] = r.json()
+                return payload
+            raise _explain(r, cmdlet)
+        raise ApiError(f"{cmdlet}: still throttled after {self.max_retries} retries; try again later",
+                       status=429, exit_code=5)
+
+
+def _retry_after(r: httpx.Response, attempt: int) -> float:
+    try:
+        return max(0.0, float(r.headers.get("retry-after", "")))
+    except ValueError:
+        return min(60.0, 2.0 ** attempt)
+
+
+def _explain(r: httpx.Response, cmdlet: str) -> ApiError:
+    if r.status_code == 401:
+        return ApiError(f"{cmdlet}: 401 Unauthorized — the token was not accepted. The app registration needs the "
+                        "Office 365 Exchange Online application permission Exchange.ManageAsApp with admin consent, "
+                        "and the certificate it signs in with must be uploaded to it.", status=401, exit_code=3)
+    if r.status_code == 403:
+        return ApiError(f"{cmdlet}: 403 Forbidden — the app signed in but may not run this cmdlet. Assign its service "
+                        "principal the Exchange Administrator role (Entra ID → Roles and administrators).",
+                        status=403, exit_code=3)
+    try:
+        err = r.json().get("error", {})
+    except ValueError:
+        err = {}
+    details = [d.get("message", "") for d in err.get("details", []) if isinstance(d, dict)]
+    # Exchange packs "ExceptionCode|Exception.Type|human text" into details[].message.
+    human = next((d.split("|")[-1].strip() for d in details if d), "") or err.get("message", "") or r.text[:200]
+    code = err.get("code", "")
+    return ApiError(f"{cmdlet}: Exchange Online refused ({r.status_code}{', ' + code if code else ''}): {human}",
+                    status=r.status_code, exit_code=1)

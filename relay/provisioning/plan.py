@@ -1,0 +1,198 @@
+"""What a tenant needs in Exchange Online, as data (pure): two connectors and the transport rule.
+
+Mirrors the product documentation's manual steps (``reference/connectors-configuration.txt``) and
+the cmdlet facts in ``reference/exchange-online.md``. The same :class:`Plan` is printed as
+admin-center steps, as PowerShell, as JSON, applied through the admin API and checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.config import Config, Tenant
+
+BRAND = "Signature Relay"
+# Exclaimer's default cap: larger messages skip the relay (Exchange Online's own limit is 150 MB).
+DEFAULT_SIZE_CAP = 23_592_960
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One Exchange Online object: its kind (cmdlet noun) and the parameters New-/Set- take."""
+
+    kind: str  # "InboundConnector", "OutboundConnector", "TransportRule"
+    name: str
+    params: dict[str, Any]
+    gui: tuple[str, ...] = ()  # the same settings as an admin types them in the admin center
+
+    def new_params(self) -> dict[str, Any]:
+        return {"Name": self.name, **self.params}
+
+
+@dataclass(frozen=True)
+class Plan:
+    tenant: str
+    objects: tuple[Obj, ...]
+    smart_host: str
+    certificate_name: str
+    tls_domain: str
+    scope: str
+    senders_in_scope: int | None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def inbound(self) -> Obj:
+        return next(o for o in self.objects if o.kind == "InboundConnector")
+
+    @property
+    def outbound(self) -> Obj:
+        return next(o for o in self.objects if o.kind == "OutboundConnector")
+
+    @property
+    def rules(self) -> list[Obj]:
+        return [o for o in self.objects if o.kind == "TransportRule"]
+
+
+def build(cfg: Config, tenant: Tenant, *, scope: str = "all", exclude_internal: bool = False,
+          size_cap: int | None = None, except_oof: bool = False, except_recall: bool = False,
+          brand: str = BRAND) -> Plan:
+    """``scope`` is ``all`` or ``group:<name>`` (a distribution or hidden group)."""
+    if scope != "all" and not scope.startswith("group:"):
+        raise ValueError("scope must be 'all' or 'group:<name>'")
+    group = scope[6:].strip() if scope.startswith("group:") else None
+    if group == "":
+        raise ValueError("scope group:<name> needs a group name")
+    smart_host = f"{tenant.subdomain}.{'de-smtp' if tenant.region == 'de' else 'smtp'}.{cfg.service_domain}"
+    tls_domain = f"*.{cfg.service_domain}"
+    header = cfg.processed_header
+    inbound = Obj("InboundConnector", f"{brand} Inbound Connector 2.0", {
+        "ConnectorType": "OnPremises", "SenderDomains": ["*"], "TlsSenderCertificateName": tenant.certificate_name,
+        "RequireTls": True, "RestrictDomainsToCertificate": True, "CloudServicesMailEnabled": True, "Enabled": True,
+    }, gui=(
+        "Connectors → Add a connector: From 'Your organization's email server', To 'Office 365'",
+        f"Name: {brand} Inbound Connector 2.0; 'Turn it on' and 'Retain internal Exchange email headers' checked",
+        f"Authenticate by certificate: the subject name is {tenant.certificate_name}",
+    ))
+    outbound = Obj("OutboundConnector", f"{brand} Outbound Connector", {
+        "ConnectorType": "OnPremises", "IsTransportRuleScoped": True, "UseMXRecord": False,
+        "SmartHosts": [smart_host], "TlsSettings": "DomainValidation", "TlsDomain": tls_domain,
+        "CloudServicesMailEnabled": True, "RouteAllMessagesViaOnPremises": False, "Enabled": True,
+    }, gui=(
+        "Connectors → Add a connector: From 'Office 365', To 'Your organization's email server'",
+        f"Name: {brand} Outbound Connector; 'Turn it on' and 'Retain internal Exchange email headers' checked",
+        "Use of connector: 'Only when I have a transport rule set up that redirects messages to this connector'",
+        f"Routing: smart host {smart_host} (port 25)",
+        f"Security: 'Always use TLS', 'Issued by a trusted CA and the subject name matches': {tls_domain}",
+        "Validate with any external address, then Save",
+    ))
+    rules: list[Obj] = []
+    priority = 0
+    for enabled, suffix, cond, what in (
+        (except_oof, "out-of-office exception", {"MessageTypeMatches": "OOF"}, "automatic replies"),
+        (except_recall, "message recall exception",
+         {"HeaderMatchesMessageHeader": "Content-Class", "HeaderMatchesPatterns": ["recall"]}, "recall messages"),
+    ):
+        if enabled:
+            # A transport rule cannot OR conditions of different kinds: a small rule that marks the
+            # message processed keeps it away from the main rule (Exclaimer's approach).
+            rules.append(Obj("TransportRule", f"{brand} {suffix}", {
+                **cond, "SetHeaderName": header, "SetHeaderValue": "true", "Priority": priority, "Mode": "Enforce",
+            }, gui=(f"Rule '{brand} {suffix}': if {what}, set the message header {header} to 'true'",)))
+            priority += 1
+    main: dict[str, Any] = {"FromScope": "InOrganization"}
+    if group:
+        main["FromMemberOf"] = [group]
+    if exclude_internal:
+        main["SentToScope"] = "NotInOrganization"
+    main |= {
+        "RouteMessageOutboundConnector": outbound.name,
+        "ExceptIfHeaderMatchesMessageHeader": header, "ExceptIfHeaderMatchesPatterns": ["true"],
+        "ExceptIfMessageTypeMatches": "Calendaring",
+        "ExceptIfFromAddressMatchesPatterns": ["<>"],
+    }
+    if size_cap:
+        main["ExceptIfMessageSizeOver"] = size_cap
+    main |= {"SenderAddressLocation": "HeaderOrEnvelope", "RuleErrorAction": "Defer", "StopRuleProcessing": True,
+             "Priority": priority, "Mode": "Enforce"}
+    gui = [f"Rules → Add a rule: name '{brand} Exchange transport rule'",
+           "Apply this rule if: The sender is located 'Inside the organization'"]
+    if group:
+        gui.append(f"  and: The sender is a member of '{group}' (hidden groups can be picked too)")
+    if exclude_internal:
+        gui.append("  and: The recipient is located 'Outside the organization'")
+    gui += [f"Do the following: Redirect the message to the connector '{outbound.name}'",
+            "Except if: the sender address matches '<>'",
+            "Except if: the message type is 'Calendaring'",
+            f"Except if: the message header '{header}' matches 'true'"]
+    if size_cap:
+        gui.append(f"Except if: the message size is greater than or equal to {size_cap} bytes")
+    gui += ["'Defer the message if rule processing doesn't complete' checked",
+            "'Match sender address in message': Header or envelope", "Stop processing more rules; priority " +
+            str(priority)]
+    rules.append(Obj("TransportRule", f"{brand} Exchange transport rule", main, gui=tuple(gui)))
+    users = tenant.policy.directory.people if tenant.policy else []
+    if group and tenant.policy:
+        members = tenant.policy.directory.members.get(group.lower())
+        in_scope: int | None = len(members) if members is not None else None
+    else:
+        in_scope = len(users) if tenant.policy and users else None
+    notes = (
+        "Every sender in the transport rule's scope uses one licence, whether or not a signature rule applies.",
+        "Exchange Online's '<>' sender-address exception does not reliably match an empty sender (Microsoft "
+        "documents this); the relay itself passes null-sender mail through unstamped, so nothing is lost.",
+        "Changes to connectors and rules can take from a few minutes to more than an hour to propagate.",
+    )
+    return Plan(tenant.name, (inbound, outbound, *rules), smart_host, tenant.certificate_name, tls_domain,
+                scope, in_scope, notes)
+
+
+# --- renderings -----------------------------------------------------------------------------------
+
+
+def ps_value(v: Any) -> str:
+    """A PowerShell literal: $true/$false, numbers, 'quoted' strings, @('a','b') arrays."""
+    if isinstance(v, bool):
+        return "$true" if v else "$false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, list):
+        return "@(" + ",".join(ps_value(x) for x in v) + ")"
+    return "'" + str(v).replace("'", "''") + "'"
+
+
+def to_powershell(plan: Plan) -> str:
+    lines = ["# Exchange Online PowerShell (ExchangeOnlineManagement V3). Run: Connect-ExchangeOnline", ""]
+    for o in plan.objects:
+        args = " ".join(f"-{k} {ps_value(v)}" for k, v in o.new_params().items())
+        lines.append(f"New-{o.kind} {args}")
+        if o.kind == "OutboundConnector":
+            lines.append(f"Validate-OutboundConnector -Identity {ps_value(o.name)} "
+                         "-Recipients @('validation@example.com')  # any external address")
+            lines.append(f"Set-OutboundConnector -Identity {ps_value(o.name)} -IsValidated $true "
+                         "-LastValidationTimestamp (Get-Date).ToUniversalTime() -ValidationRecipients @('validation@example.com')")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(plan: Plan) -> str:
+    return json.dumps({
+        "tenant": plan.tenant, "smart_host": plan.smart_host, "certificate_name": plan.certificate_name,
+        "tls_domain": plan.tls_domain, "scope": plan.scope, "senders_in_scope": plan.senders_in_scope,
+        "objects": [{"cmdlet": f"New-{o.kind}", "parameters": o.new_params()} for o in plan.objects],
+        "notes": list(plan.notes),
+    }, indent=2)
+
+
+def to_text(plan: Plan) -> str:
+    out = [f"Exchange Online setup for tenant {plan.tenant} (manual route, Exchange admin center → Mail flow)", ""]
+    for n, o in enumerate(plan.objects, 1):
+        out.append(f"{n}. {o.kind}: {o.name}")
+        out += [f"   - {g}" for g in o.gui]
+        out.append("")
+    scope = "all senders in the organization" if plan.scope == "all" else f"members of {plan.scope[6:]}"
+    count = f"{plan.senders_in_scope} sender(s) in the directory" if plan.senders_in_scope is not None else \
+        "unknown number of senders"
+    out.append(f"Licences: the rule covers {scope} — {count}; every one of them uses a licence.")
+    out += [f"Note: {n}" for n in plan.notes[1:]]
+    return "\n".join(out) + "\n"

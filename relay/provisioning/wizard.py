@@ -1,0 +1,159 @@
+"""Apply, check and remove a :class:`~relay.provisioning.plan.Plan` through the admin API, with a
+trace like the vendor wizard's. Idempotent: what already matches the plan is left alone."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.provisioning.api import AdminApi, ApiError
+from relay.provisioning.plan import Obj, Plan, ps_value
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Change:
+    obj: Obj
+    action: str  # "create", "update", "ok"
+    diffs: list[tuple[str, Any, Any]] = field(default_factory=list)  # (parameter, have, want)
+    current: dict[str, Any] | None = None
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, int | float):
+        return int(v)
+    if isinstance(v, list | tuple):
+        return sorted(str(_norm(x)) for x in v)
+    s = str(v).strip()
+    if s.isdigit():
+        return int(s)
+    return s.lower()
+
+
+def get(api: AdminApi, kind: str, name: str) -> dict[str, Any] | None:
+    try:
+        res = api.invoke(f"Get-{kind}", {"Identity": name})
+    except ApiError as e:
+        if "couldn't be found" in str(e) or "ManagementObjectNotFound" in str(e):
+            return None
+        raise
+    return res.value[0] if res.value else None
+
+
+def compare(obj: Obj, have: dict[str, Any] | None) -> Change:
+    if have is None:
+        return Change(obj, "create")
+    diffs = [(k, have.get(k), want) for k, want in obj.params.items() if _norm(have.get(k)) != _norm(want)]
+    return Change(obj, "update" if diffs else "ok", diffs, have)
+
+
+def diff(api: AdminApi, plan: Plan) -> list[Change]:
+    return [compare(o, get(api, o.kind, o.name)) for o in plan.objects]
+
+
+def _set_line(c: Change) -> str:
+    args = " ".join(f"-{k} {ps_value(want)}" for k, _, want in c.diffs)
+    return f"Set-{c.obj.kind} -Identity {ps_value(c.obj.name)} {args}"
+
+
+def check_accepted_domain(api: AdminApi, plan: Plan) -> str | None:
+    """The inbound connector's certificate domain must be a (verified) accepted domain."""
+    domains = [str(d.get("DomainName", d.get("Name", ""))).lower() for d in api.invoke("Get-AcceptedDomain").value]
+    cert = plan.certificate_name.lower()
+    if any(cert == d or cert.endswith("." + d) for d in domains):
+        return None
+    return (f"the certificate domain {plan.certificate_name} is not within an accepted domain of the tenant "
+            f"(have: {', '.join(domains) or 'none'}). Add and verify it in the Microsoft 365 admin center → "
+            "Settings → Domains, then run apply again.")
+
+
+def apply(api: AdminApi, plan: Plan, *, log: Log, dry_run: bool = False,
+          validation_recipient: str = "validation@example.com") -> list[Change]:
+    log(f"Tenant {plan.tenant}: {'dry run, nothing will be changed' if dry_run else 'configuring Exchange Online'}")
+    log("[1/5] Checking the certificate domain is an accepted domain")
+    problem = check_accepted_domain(api, plan)
+    if problem:
+        raise ApiError(f"Cannot continue: {problem}", exit_code=1)
+    log("      ok")
+    changes: list[Change] = []
+    steps = {"InboundConnector": "[2/5] Inbound connector", "OutboundConnector": "[3/5] Outbound connector"}
+    for obj in plan.objects:
+        label = steps.get(obj.kind, "[5/5] Transport rule")
+        c = compare(obj, get(api, obj.kind, obj.name))
+        changes.append(c)
+        if c.action == "ok":
+            log(f"{label} '{obj.name}': already as planned")
+        elif c.action == "create":
+            log(f"{label} '{obj.name}': {'would create' if dry_run else 'creating'}")
+            if not dry_run:
+                res = api.invoke(f"New-{obj.kind}", obj.new_params())
+                for w in res.warnings:
+                    log(f"      warning from Exchange Online: {w}")
+        else:
+            for k, have, want in c.diffs:
+                log(f"{label} '{obj.name}': {k}: {have!r} → {want!r}" + (" (would change)" if dry_run else ""))
+            if not dry_run:
+                api.invoke(f"Set-{obj.kind}", {"Identity": obj.name, **{k: w for k, _, w in c.diffs}})
+        if obj.kind == "OutboundConnector":
+            validated = bool((c.current or {}).get("IsValidated"))
+            if c.action != "ok" or not validated:
+                log(f"[4/5] Validating '{obj.name}' (Exchange Online sends a test message to the relay)"
+                    + (" — skipped in dry run" if dry_run else ""))
+                if not dry_run:
+                    res = api.invoke("Validate-OutboundConnector",
+                                     {"Identity": obj.name, "Recipients": [validation_recipient]})
+                    failed = [r for r in res.value if str(r.get("Status", "")).lower() not in ("succeeded", "")]
+                    if failed:
+                        raise ApiError(f"Validation of '{obj.name}' failed: {failed[0]}. Is the relay reachable on "
+                                       f"port 25 as {plan.smart_host}, with a certificate for {plan.tls_domain}?")
+                    # Validate-OutboundConnector does not set the flag: mark it validated ourselves.
+                    api.invoke("Set-OutboundConnector", {
+                        "Identity": obj.name, "IsValidated": True,
+                        "LastValidationTimestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        "ValidationRecipients": [validation_recipient]})
+            else:
+                log(f"[4/5] '{obj.name}' is validated")
+    changed = sum(c.action != "ok" for c in changes)
+    log(f"Done: {changed} object(s) {'would change' if dry_run else 'created or updated'}, "
+        f"{len(changes) - changed} already as planned.")
+    if changed and not dry_run:
+        log("Note: changes can take from a few minutes to more than an hour to propagate in Exchange Online; "
+            "signatures are not added until they do.")
+    return changes
+
+
+def check(api: AdminApi, plan: Plan) -> list[str]:
+    """Every setting that differs from the plan, each with the command that fixes it."""
+    problems = []
+    domain = check_accepted_domain(api, plan)
+    if domain:
+        problems.append(domain)
+    for c in diff(api, plan):
+        if c.action == "create":
+            problems.append(f"{c.obj.kind} '{c.obj.name}' is missing. Fix: signature-relay connectors apply")
+        elif c.action == "update":
+            for k, have, want in c.diffs:
+                problems.append(f"{c.obj.kind} '{c.obj.name}': {k} is {have!r}, should be {want!r}. "
+                                f"Fix: {_set_line(Change(c.obj, 'update', [(k, have, want)]))}")
+        if c.obj.kind == "OutboundConnector" and c.current is not None and not c.current.get("IsValidated"):
+            problems.append(f"OutboundConnector '{c.obj.name}' is not validated. Fix: signature-relay connectors apply")
+    return problems
+
+
+def remove(api: AdminApi, plan: Plan, *, log: Log) -> int:
+    """Rule(s) first, then outbound, then inbound: never a rule pointing at a missing connector."""
+    order = [*reversed(plan.rules), plan.outbound, plan.inbound]
+    removed = 0
+    for obj in order:
+        if get(api, obj.kind, obj.name) is None:
+            log(f"{obj.kind} '{obj.name}': not present")
+            continue
+        api.invoke(f"Remove-{obj.kind}", {"Identity": obj.name, "Confirm": False})
+        log(f"{obj.kind} '{obj.name}': removed")
+        removed += 1
+    return removed
