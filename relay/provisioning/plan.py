@@ -171,7 +171,8 @@ def to_powershell(plan: Plan) -> str:
             lines.append(f"Validate-OutboundConnector -Identity {ps_value(o.name)} "
                          "-Recipients @('validation@example.com')  # any external address")
             lines.append(f"Set-OutboundConnector -Identity {ps_value(o.name)} -IsValidated $true "
-                         "-LastValidationTimestamp (Get-Date).ToUniversalTime() -ValidationRecipients @('validation@example.com')")
+                         "-LastValidationTimestamp (Get-Date).ToUniversalTime() "
+                         "-ValidationRecipients @('validation@example.com')")
     return "\n".join(lines) + "\n"
 
 
