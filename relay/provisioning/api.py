@@ -9,6 +9,8 @@ admin role). Paging follows ``@odata.nextLink`` (POSTing the same body), 429 bac
 
 from __future__ import annotations
 
+import functools
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -41,6 +43,7 @@ def msal_token_provider(*, tenant_id: str, app_id: str, certificate: Path, login
                         verify: str | bool = True) -> Callable[[], str]:
     """Bearer tokens for the admin API from an app registration's certificate (PEM: key + cert)."""
     import msal
+    import requests
 
     pem = certificate.read_text("utf-8")
     key_start = pem.find("-----BEGIN PRIVATE KEY-----")
@@ -49,15 +52,28 @@ def msal_token_provider(*, tenant_id: str, app_id: str, certificate: Path, login
         raise ApiError(f"{certificate}: needs the private key and the certificate (PEM), e.g. "
                        "`openssl pkcs12 -in app.pfx -out app.pem -nodes`", exit_code=2)
     custom = login_base.rstrip("/") != "https://login.microsoftonline.com"
-    app = msal.ConfidentialClientApplication(
-        app_id, authority=f"{login_base.rstrip('/')}/{tenant_id}",
-        client_credential={"private_key": pem[key_start:pem.find("-----END PRIVATE KEY-----") + 25],
-                           "public_certificate": pem[cert_start:pem.find("-----END CERTIFICATE-----") + 25]},
-        verify=verify, instance_discovery=False if custom else None,
-    )
+    session = requests.Session()  # our own, so the trust anchors apply to discovery and token calls alike
+    if verify is not True:
+        # requests lets $REQUESTS_CA_BUNDLE override Session.verify (it wins over session settings);
+        # an explicit --ca-bundle must win, so pass it on every request instead.
+        session.request = functools.partial(session.request, verify=verify)  # type: ignore[method-assign]
+    try:  # MSAL fetches the authority's OpenID configuration right here
+        app = msal.ConfidentialClientApplication(
+            app_id, authority=f"{login_base.rstrip('/')}/{tenant_id}",
+            client_credential={"private_key": pem[key_start:pem.find("-----END PRIVATE KEY-----") + 25],
+                               "public_certificate": pem[cert_start:pem.find("-----END CERTIFICATE-----") + 25]},
+            http_client=session, instance_discovery=False if custom else None,
+        )
+    except (requests.RequestException, ValueError) as e:
+        raise ApiError(f"Sign-in service {login_base} not reachable or not answering as expected: {e}",
+                       exit_code=4) from e
 
     def token() -> str:
-        res = app.acquire_token_for_client(scopes=[f"{RESOURCE}/.default"])
+        try:
+            res = app.acquire_token_for_client(scopes=[f"{RESOURCE}/.default"])
+        except (requests.RequestException, ValueError) as e:
+            raise ApiError(f"Sign-in service {login_base} not reachable or not answering as expected: {e}",
+                           exit_code=4) from e
         if "access_token" not in res:
             desc = str(res.get("error_description", res.get("error", "unknown error"))).splitlines()[0]
             raise ApiError(f"Sign-in failed for app {app_id} in tenant {tenant_id}: {desc}. Check the app "
@@ -74,7 +90,8 @@ class AdminApi:
         self.base = base_url.rstrip("/")
         self.tenant = tenant
         self.token = token
-        self.http = httpx.Client(verify=verify, timeout=60.0, follow_redirects=False)
+        tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        self.http = httpx.Client(verify=tls, timeout=60.0, follow_redirects=False)
         self.max_retries = max_retries
         self.log = log
         self.sleep = sleep
@@ -115,7 +132,9 @@ class AdminApi:
                 url = str(httpx.URL(url).join(r.headers["location"]))
                 self.log(f"  … {cmdlet}: redirected to {httpx.URL(url).host}")
                 continue
-            if r.status_code == 429 and attempt < self.max_retries:
+            if r.status_code == 429:
+                if attempt >= self.max_retries:
+                    break
                 wait = _retry_after(r, attempt)
                 self.log(f"  … {cmdlet}: throttled (429), retrying in {wait:.0f} s")
                 self.sleep(wait)

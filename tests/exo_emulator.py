@@ -1,0 +1,240 @@
+"""A local HTTPS emulator of Exchange Online's admin REST API and of the Entra ID token endpoint.
+
+It follows the documented shapes (``shared/reference/exchange-online.md``): InvokeCommand with
+``{"CmdletInput": {"CmdletName", "Parameters"}}``, bearer token + ``X-AnchorMailbox`` required,
+``{"value": [...], "@adminapi.warnings": [...]}`` answers, ``@odata.nextLink`` paging, error bodies
+``{"error": {"code", "message", "details": [{"message": "Ex..|Type|text"}]}}``. It keeps connector and
+rule state, verifies the client-assertion JWT MSAL signs with the app's certificate, and can inject
+429, 302 (regional redirect), 401, 403 and error bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import ssl
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography import x509
+
+ANCHOR = "APP:SystemMailbox{bb558c35-97f1-4cb9-8ff7-d53741dc928c}@"
+PARAMS = {
+    "InboundConnector": {"Name", "ConnectorType", "SenderDomains", "TlsSenderCertificateName", "RequireTls",
+                         "RestrictDomainsToCertificate", "CloudServicesMailEnabled", "Enabled", "Comment"},
+    "OutboundConnector": {"Name", "ConnectorType", "IsTransportRuleScoped", "UseMXRecord", "SmartHosts",
+                          "TlsSettings", "TlsDomain", "CloudServicesMailEnabled", "RouteAllMessagesViaOnPremises",
+                          "Enabled", "IsValidated", "LastValidationTimestamp", "ValidationRecipients", "Comment"},
+    "TransportRule": {"Name", "FromScope", "FromMemberOf", "SentToScope", "RouteMessageOutboundConnector",
+                      "ExceptIfHeaderMatchesMessageHeader", "ExceptIfHeaderMatchesPatterns",
+                      "ExceptIfMessageTypeMatches", "ExceptIfFromAddressMatchesPatterns", "ExceptIfMessageSizeOver",
+                      "SenderAddressLocation", "RuleErrorAction", "StopRuleProcessing", "Priority", "Mode",
+                      "MessageTypeMatches", "HeaderMatchesMessageHeader", "HeaderMatchesPatterns", "SetHeaderName",
+                      "SetHeaderValue"},
+}
+
+
+@dataclass
+class ExoState:
+    tenant_id: str
+    app_id: str
+    app_cert: x509.Certificate
+    accepted_domains: list[str]
+    objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    tokens: set[str] = field(default_factory=set)
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    inject: list[str] = field(default_factory=list)  # "429", "302", "401", "403", "error"
+    page_size: int = 2
+    token_requests: int = 0
+    base: str = ""
+
+    def mutations(self) -> list[str]:
+        return [c for c, _ in self.calls if not c.startswith("Get-")]
+
+
+def _error(code: str, text: str, exc: str = "Microsoft.Exchange.Management.Tasks.TaskException") -> dict[str, Any]:
+    return {"error": {"code": code, "message": "An error occurred.",
+                      "details": [{"message": f"Ex6F9304|{exc}|{text}"}]}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    state: ExoState
+
+    def log_message(self, fmt: str, *args: Any) -> None:  # quiet
+        pass
+
+    def _send(self, status: int, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body or {}).encode()
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        st = self.state
+        if self.path.endswith("/.well-known/openid-configuration"):
+            t = st.tenant_id
+            self._send(200, {
+                "token_endpoint": f"{st.base}/{t}/oauth2/v2.0/token",
+                "authorization_endpoint": f"{st.base}/{t}/oauth2/v2.0/authorize",
+                "issuer": f"{st.base}/{t}/v2.0",
+                "device_authorization_endpoint": f"{st.base}/{t}/oauth2/v2.0/devicecode",
+            })
+            return
+        self._send(404, _error("NotFound", "no such path"))
+
+    def do_POST(self) -> None:
+        st = self.state
+        length = int(self.headers.get("Content-Length", "0"))
+        raw = self.rfile.read(length)
+        path = urllib.parse.urlsplit(self.path)
+        if path.path.endswith("/oauth2/v2.0/token"):
+            self._token(urllib.parse.parse_qs(raw.decode()))
+            return
+        if not path.path.endswith(f"/adminapi/beta/{st.tenant_id}/InvokeCommand"):
+            self._send(404, _error("NotFound", f"no such endpoint {path.path}"))
+            return
+        if st.inject:
+            what = st.inject.pop(0)
+            if what == "429":
+                self._send(429, _error("TooManyRequests", "Too many requests"), {"Retry-After": "0"})
+                return
+            if what == "302":
+                self._send(302, {}, {"Location": f"{st.base}/emea/adminapi/beta/{st.tenant_id}/InvokeCommand"})
+                return
+            if what == "401":
+                self._send(401, {}, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+                return
+            if what == "403":
+                self._send(403, _error("Forbidden",
+                                       "The role assigned to application isn't supported in this scenario"))
+                return
+            if what == "error":
+                self._send(400, _error("BadRequest", "The connector couldn't be saved because TlsDomain is invalid.",
+                                       "Microsoft.Exchange.Management.Tasks.InvalidTlsDomainException"))
+                return
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[7:] not in st.tokens:
+            self._send(401, {}, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            return
+        if self.headers.get("X-AnchorMailbox") != ANCHOR + st.tenant_id:
+            self._send(400, _error("BadRequest", "X-AnchorMailbox header missing or wrong"))
+            return
+        if not self.headers.get("Content-Type", "").startswith("application/json"):
+            self._send(415, _error("UnsupportedMediaType", "JSON body expected"))
+            return
+        try:
+            body = json.loads(raw)
+            cmd = body["CmdletInput"]["CmdletName"]
+            params = body["CmdletInput"].get("Parameters", {})
+            assert isinstance(cmd, str) and isinstance(params, dict)
+        except (ValueError, KeyError, AssertionError):
+            self._send(400, _error("BadRequest",
+                                   'Request body must be {"CmdletInput": {"CmdletName", "Parameters"}}'))
+            return
+        st.calls.append((cmd, params))
+        skip = int(urllib.parse.parse_qs(path.query).get("$skiptoken", ["0"])[0])
+        status, out = self._cmdlet(cmd, params, skip)
+        self._send(status, out)
+
+    def _token(self, form: dict[str, list[str]]) -> None:
+        st = self.state
+        st.token_requests += 1
+        f = {k: v[0] for k, v in form.items()}
+        try:
+            assert f.get("grant_type") == "client_credentials"
+            assert f.get("client_id") == st.app_id
+            assert f.get("scope") == "https://outlook.office365.com/.default"
+            assert f.get("client_assertion_type") == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+            claims = jwt.decode(f["client_assertion"], st.app_cert.public_key(), algorithms=["RS256", "PS256"],
+                                audience=f"{st.base}/{st.tenant_id}/oauth2/v2.0/token")
+            assert claims["iss"] == claims["sub"] == st.app_id
+        except (AssertionError, KeyError, jwt.PyJWTError) as e:
+            self._send(401, {"error": "invalid_client",
+                             "error_description": f"AADSTS700027: bad client assertion ({e})"})
+            return
+        token = secrets.token_urlsafe(24)
+        st.tokens.add(token)
+        self._send(200, {"token_type": "Bearer", "expires_in": 3599, "access_token": token})
+
+    def _cmdlet(self, cmd: str, params: dict[str, Any], skip: int) -> tuple[int, dict[str, Any]]:
+        st = self.state
+        verb, _, noun = cmd.partition("-")
+        if cmd == "Get-AcceptedDomain":
+            doms = [{"DomainName": d, "Name": d, "DomainType": "Authoritative"} for d in st.accepted_domains]
+            page = doms[skip:skip + st.page_size]
+            out: dict[str, Any] = {"value": page}
+            if skip + st.page_size < len(doms):
+                out["@odata.nextLink"] = (f"{st.base}/adminapi/beta/{st.tenant_id}/InvokeCommand"
+                                          f"?$skiptoken={skip + st.page_size}")
+            return 200, out
+        if noun not in PARAMS:
+            return 400, _error("BadRequest", f"The term '{cmd}' is not recognized as a cmdlet")
+        allowed = PARAMS[noun] | ({"Identity"} if verb in ("Get", "Set", "Remove", "Validate") else set()) | \
+            ({"Confirm"} if verb == "Remove" else set()) | ({"Recipients"} if verb == "Validate" else set())
+        unknown = sorted(set(params) - allowed) if verb != "Get" else sorted(set(params) - {"Identity"})
+        if unknown:
+            return 400, _error("BadRequest", f"A parameter cannot be found that matches parameter name '{unknown[0]}'.",
+                               "System.Management.Automation.ParameterBindingException")
+        name = str(params.get("Identity" if verb != "New" else "Name", ""))
+        key = (noun, name.lower())
+        missing = _error("NotFound", f"The operation couldn't be performed because object '{name}' couldn't be found "
+                         f"on 'AM0PR01A001DC01.EURPR01A001.prod.outlook.com'.",
+                         "Microsoft.Exchange.Configuration.Tasks.ManagementObjectNotFoundException")
+        if verb == "Get":
+            if not name:
+                return 200, {"value": [o for (n, _), o in st.objects.items() if n == noun]}
+            return (200, {"value": [st.objects[key]]}) if key in st.objects else (404, missing)
+        if verb == "New":
+            if not name:
+                return 400, _error("BadRequest", "Name is required")
+            if key in st.objects:
+                return 400, _error("BadRequest", f"An object named '{name}' already exists.")
+            if noun == "OutboundConnector":
+                params = {"IsValidated": False, **params}
+            st.objects[key] = dict(params)
+            warn = ["The transport rule may take up to 30 minutes to take effect."] if noun == "TransportRule" else []
+            return 200, {"value": [st.objects[key]], "@adminapi.warnings": warn}
+        if key not in st.objects:
+            return 404, missing
+        if verb == "Set":
+            st.objects[key].update({k: v for k, v in params.items() if k != "Identity"})
+            return 200, {"value": []}
+        if verb == "Remove":
+            if noun == "OutboundConnector" and any(o.get("RouteMessageOutboundConnector", "").lower() == name.lower()
+                                                   for (n, _), o in st.objects.items() if n == "TransportRule"):
+                return 400, _error("BadRequest", f"Connector '{name}' is used by a transport rule.")
+            del st.objects[key]
+            return 200, {"value": []}
+        if verb == "Validate" and noun == "OutboundConnector":
+            return 200, {"value": [{"Identity": name, "Status": "Succeeded", "Recipients": params.get("Recipients")}]}
+        return 400, _error("BadRequest", f"The term '{cmd}' is not recognized as a cmdlet")
+
+
+class Emulator:
+    def __init__(self, state: ExoState, cert: Path, key: Path) -> None:
+        handler = type("H", (_Handler,), {"state": state})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert), str(key))
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        state.base = f"https://127.0.0.1:{self.port}"
+        self.state = state
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Emulator:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

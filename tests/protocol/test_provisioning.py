@@ -1,0 +1,165 @@
+"""Provisioning against a local HTTPS emulator of the Exchange Online admin API (issue #6)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from relay import certs, cli
+from relay.provisioning import plan as planmod
+from tests.exo_emulator import Emulator, ExoState
+from tests.support import CONTOSO_ID, Deployment, make_deployment
+
+APP_ID = "6c1a7f5e-0d2b-4e8a-9b3f-2a4c5d6e7f80"
+CERT_DOMAIN = "contoso-7q4k2m.smtp.signature-relay.test"
+
+
+@pytest.fixture
+def env(tmp_path: Path, pki_dir: Path) -> Iterator[tuple[Deployment, Emulator, list[str]]]:
+    dep = make_deployment(tmp_path, pki_from=pki_dir)
+    cfg = dep.load()
+    ca = certs.load_pair(cfg.certs.ca_cert, cfg.certs.ca_key)
+    app_cert, app_key = certs.issue(*ca, ["signature-relay-provisioning"], 30, server=False, client=True)
+    pem = tmp_path / "app.pem"
+    pem.write_bytes(app_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption())
+                    + app_cert.public_bytes(serialization.Encoding.PEM))
+    state = ExoState(CONTOSO_ID, APP_ID, app_cert, ["contoso.com", "contoso.onmicrosoft.com", "fabrikam.net",
+                                                    CERT_DOMAIN, "contoso.mail.onmicrosoft.com"])
+    with Emulator(state, cfg.tls.cert, cfg.tls.key) as emu:
+        base = f"https://127.0.0.1:{emu.port}"
+        args = ["-c", str(dep.config_path), "--tenant", "contoso", "--app-id", APP_ID, "--certificate", str(pem),
+                "--admin-url", base, "--login-url", base, "--ca-bundle", str(cfg.certs.ca_cert)]
+        yield dep, emu, args
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_apply_creates_exactly_the_plan_then_changes_nothing(env: tuple[Deployment, Emulator, list[str]],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    dep, emu, args = env
+    rc, out, err = run(capsys, "connectors", "apply", *args)
+    assert rc == 0, err
+    plan = planmod.build(dep.load(), dep.load().tenants[0])
+    st = emu.state
+    assert set(st.objects) == {(o.kind, o.name.lower()) for o in plan.objects}
+    for o in plan.objects:
+        stored = st.objects[(o.kind, o.name.lower())]
+        assert {k: stored[k] for k in o.new_params()} == o.new_params()
+    out_conn = st.objects[("OutboundConnector", plan.outbound.name.lower())]
+    assert out_conn["IsValidated"] is True and out_conn["ValidationRecipients"] == ["validation@example.com"]
+    assert [c for c in st.mutations()] == ["New-InboundConnector", "New-OutboundConnector",
+                                           "Validate-OutboundConnector", "Set-OutboundConnector", "New-TransportRule"]
+    assert "[1/5] Checking the certificate domain" in out and "propagate" in out
+    assert "warning from Exchange Online: The transport rule may take up to 30 minutes" in out
+    assert st.token_requests >= 1
+    # paging: Get-AcceptedDomain came back in pages of 2 and was followed to the end
+    before = len(st.mutations())
+    rc, out, _ = run(capsys, "connectors", "apply", *args)
+    assert rc == 0 and len(st.mutations()) == before  # second run: no state-changing call
+    assert out.count("': already as planned") == 3
+    rc, out, _ = run(capsys, "connectors", "check", *args)
+    assert rc == 0 and "OK: tenant contoso matches the plan" in out
+
+
+def test_drift_is_reported_and_fixed_and_remove_goes_in_order(env: tuple[Deployment, Emulator, list[str]],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    _, emu, args = env
+    assert run(capsys, "connectors", "apply", *args)[0] == 0
+    st = emu.state
+    st.objects[("InboundConnector", "signature relay inbound connector 2.0")]["RequireTls"] = False
+    st.objects[("OutboundConnector", "signature relay outbound connector")]["SmartHosts"] = ["evil.example"]
+    del st.objects[("TransportRule", "signature relay exchange transport rule")]
+    rc, out, _ = run(capsys, "connectors", "check", *args)
+    assert rc == 1
+    assert "InboundConnector 'Signature Relay Inbound Connector 2.0': RequireTls is False, should be True. Fix: " \
+           "Set-InboundConnector -Identity 'Signature Relay Inbound Connector 2.0' -RequireTls $true" in out
+    assert "SmartHosts is ['evil.example'], should be ['contoso-7q4k2m.smtp.signature-relay.test']" in out
+    assert "TransportRule 'Signature Relay Exchange transport rule' is missing" in out
+    assert "3 problem(s)" in out
+    n = len(st.calls)
+    rc, out, _ = run(capsys, "connectors", "apply", *args)
+    assert rc == 0
+    assert [c for c, _ in st.calls[n:] if not c.startswith("Get-")] == [
+        "Set-InboundConnector", "Set-OutboundConnector", "Validate-OutboundConnector", "Set-OutboundConnector",
+        "New-TransportRule"]
+    assert run(capsys, "connectors", "check", *args)[0] == 0
+    n = len(st.calls)
+    rc, out, _ = run(capsys, "connectors", "remove", *args)
+    assert rc == 0 and st.objects == {}
+    assert [c for c, _ in st.calls[n:] if c.startswith("Remove-")] == [
+        "Remove-TransportRule", "Remove-OutboundConnector", "Remove-InboundConnector"]
+
+
+def test_dry_run_changes_nothing(env: tuple[Deployment, Emulator, list[str]],
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    _, emu, args = env
+    rc, out, _ = run(capsys, "connectors", "apply", "--dry-run", *args)
+    assert rc == 0 and emu.state.mutations() == [] and emu.state.objects == {}
+    assert "would create" in out and "3 object(s) would change" in out
+
+
+def test_certificate_domain_must_be_accepted(env: tuple[Deployment, Emulator, list[str]],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    _, emu, args = env
+    emu.state.accepted_domains.remove(CERT_DOMAIN)
+    rc, _, err = run(capsys, "connectors", "apply", *args)
+    assert rc == 1 and "is not within an accepted domain" in err and "Settings → Domains" in err
+    assert emu.state.mutations() == []
+
+
+@pytest.mark.parametrize(("inject", "code", "text"), [
+    ("401", 3, "401 Unauthorized — the token was not accepted. The app registration needs the Office 365 Exchange "
+               "Online application permission Exchange.ManageAsApp"),
+    ("403", 3, "403 Forbidden — the app signed in but may not run this cmdlet. Assign its service principal the "
+               "Exchange Administrator role"),
+    ("error", 1, "Exchange Online refused (400, BadRequest): The connector couldn't be saved because TlsDomain is "
+                 "invalid."),
+])
+def test_errors_are_explained_with_exit_codes(env: tuple[Deployment, Emulator, list[str]],
+                                              capsys: pytest.CaptureFixture[str], inject: str, code: int,
+                                              text: str) -> None:
+    _, emu, args = env
+    emu.state.inject = [inject]
+    rc, _, err = run(capsys, "connectors", "check", *args)
+    assert rc == code and text in err, err
+
+
+def test_throttling_and_regional_redirect_are_handled(env: tuple[Deployment, Emulator, list[str]],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    _, emu, args = env
+    emu.state.inject = ["429", "302", "429"]
+    rc, out, err = run(capsys, "connectors", "apply", *args)
+    assert rc == 0, err
+    assert out.count("throttled (429), retrying") == 2 and "redirected to 127.0.0.1" in out
+    assert len(emu.state.objects) == 3
+
+
+def test_persistent_throttling_gives_up_with_advice(env: tuple[Deployment, Emulator, list[str]],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    _, emu, args = env
+    emu.state.inject = ["429"] * 10
+    rc, _, err = run(capsys, "connectors", "check", *args)
+    assert rc == 5 and "still throttled after 5 retries; try again later" in err
+
+
+def test_bad_app_certificate_is_a_sign_in_error(env: tuple[Deployment, Emulator, list[str]], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    dep, _, args = env
+    cfg = dep.load()
+    ca = certs.load_pair(cfg.certs.ca_cert, cfg.certs.ca_key)
+    other_cert, other_key = certs.issue(*ca, ["someone-else"], 30, server=False, client=True)
+    pem = tmp_path / "other.pem"
+    pem.write_bytes(other_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption())
+                    + other_cert.public_bytes(serialization.Encoding.PEM))
+    args = [a if a != str(tmp_path / "app.pem") else str(pem) for a in args]
+    rc, _, err = run(capsys, "connectors", "check", *args)
+    assert rc == 3 and "Sign-in failed for app" in err and "AADSTS700027" in err
