@@ -251,3 +251,28 @@ def test_stamp_cli_as_a_process(tmp_path: Path, pki_dir: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert b"decision: stamped\nplacement: html:gmail text:attribution\nsignature: tenant contoso" in r.stderr
     assert r.stdout.startswith(b"X-CodeTwoProcessed: true\r\n") and b"Alice Wilber" in r.stdout
+
+
+def test_exchange_online_connector_validation_message(tmp_path: Path, pki_dir: Path) -> None:
+    """What Exchange Online sends when an admin clicks Validate on the outbound connector: accepted
+    with 250, relayed as a pass-through (marked, never stamped), even with stamping rules in place."""
+    dep = make_deployment(tmp_path, pki_from=pki_dir, signature=True, sender_domain_binding=False)
+    procs = Procs(dep)
+    procs.start("sink", "sink", port=dep.sink_port)
+    procs.start("relay", "serve", "--no-sink", port=dep.relay_port)
+    try:
+        validation = (b"From: O365ConnectorValidation@contoso.onmicrosoft.com\r\nTo: validation@example.com\r\n"
+                      b"Subject: Test email for connector validation\r\n"
+                      b"X-MS-Exchange-CrossTenant-Id: 3f6e1b2a-9c4d-4e8f-a1b2-5c7d9e0f1a2b\r\n"
+                      b"X-MS-Exchange-CrossTenant-AuthAs: Internal\r\nMIME-Version: 1.0\r\n"
+                      b"Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+                      b"This is a test message for connector validation.\r\n")
+        rc, out = swaks(dep, "--tls", "--from", "<>", "--to", "validation@example.com", data=validation)
+        assert rc == 0, out
+        assert re.search(r"<~  250 2\.0\.0 Ok \S+ accepted by tenant endpoint", out), out
+        [got] = dep.delivered()
+        assert got.endswith(sent_data(out)) and b"signature-relay" not in got.split(b"\r\n\r\n", 1)[1]
+        log = procs.stop("relay")
+        assert "decision=pass-through(connector-validation)" in log, log
+    finally:
+        procs.stop_all()
