@@ -82,11 +82,13 @@ def test_licence_counts_from_the_directory(cfg: config.Config) -> None:
 
 
 def test_powershell_and_json(cfg: config.Config, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["connectors", "plan", "--scope", "group:Sales", "--exclude-internal", "--format", "powershell"]) == 0
+    assert cli.main(["connectors", "plan", "--scope", "group:Sales", "--exclude-internal",
+                     "--format", "powershell"]) == 0
     ps = capsys.readouterr().out
     assert ("New-InboundConnector -Name 'Signature Relay Inbound Connector 2.0' -ConnectorType 'OnPremises' "
             "-SenderDomains @('*') -TlsSenderCertificateName 'contoso-7q4k2m.smtp.signature-relay.test' "
-            "-RequireTls $true -RestrictDomainsToCertificate $true -CloudServicesMailEnabled $true -Enabled $true") in ps
+            "-RequireTls $true -RestrictDomainsToCertificate $true -CloudServicesMailEnabled $true "
+            "-Enabled $true") in ps
     assert "-FromMemberOf @('Sales') -SentToScope 'NotInOrganization'" in ps
     assert "Validate-OutboundConnector -Identity 'Signature Relay Outbound Connector'" in ps
     assert "Set-OutboundConnector -Identity 'Signature Relay Outbound Connector' -IsValidated $true" in ps
