@@ -513,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--from", dest="mail_from", metavar="ADDR", default=None,
                     help="envelope sender (use --from '' for the null sender)")
     st.add_argument("--to", dest="rcpt", metavar="ADDR", action="append", default=[],
-                    help="envelope recipient (recorded for rules; repeatable)")
+                    help="envelope recipient whose rule outcome is stamped (default recipient@example.net; "
+                         "repeatable, the first one's outcome is used)")
     st.add_argument("--html", metavar="FILE", help="signature HTML fragment (with --text) instead of the tenant's")
     st.add_argument("--text", metavar="FILE", help="signature plain text (with --html)")
     st.add_argument("--bottom", action="store_true", help="place at the bottom instead of under the newest reply")

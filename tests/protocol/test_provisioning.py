@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from relay import certs, cli
+from relay import certs, cli, config
 from relay.provisioning import plan as planmod
 from tests.exo_emulator import Emulator, ExoState
 from tests.support import CONTOSO_ID, Deployment, make_deployment
@@ -17,16 +18,21 @@ APP_ID = "6c1a7f5e-0d2b-4e8a-9b3f-2a4c5d6e7f80"
 CERT_DOMAIN = "contoso-7q4k2m.smtp.signature-relay.test"
 
 
+def app_pem(cfg: config.Config, name: str, path: Path) -> x509.Certificate:
+    """An app registration's certificate (issued by the dev CA) with its key, as one PEM file."""
+    ca = certs.load_pair(cfg.certs.ca_cert, cfg.certs.ca_key)
+    cert, key = certs.issue(*ca, [name], 30, server=False, client=True)
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()) + cert.public_bytes(serialization.Encoding.PEM))
+    return cert
+
+
 @pytest.fixture
 def env(tmp_path: Path, pki_dir: Path) -> Iterator[tuple[Deployment, Emulator, list[str]]]:
     dep = make_deployment(tmp_path, pki_from=pki_dir)
     cfg = dep.load()
-    ca = certs.load_pair(cfg.certs.ca_cert, cfg.certs.ca_key)
-    app_cert, app_key = certs.issue(*ca, ["signature-relay-provisioning"], 30, server=False, client=True)
     pem = tmp_path / "app.pem"
-    pem.write_bytes(app_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption())
-                    + app_cert.public_bytes(serialization.Encoding.PEM))
+    app_cert = app_pem(cfg, "signature-relay-provisioning", pem)
     state = ExoState(CONTOSO_ID, APP_ID, app_cert, ["contoso.com", "contoso.onmicrosoft.com", "fabrikam.net",
                                                     CERT_DOMAIN, "contoso.mail.onmicrosoft.com"])
     with Emulator(state, cfg.tls.cert, cfg.tls.key) as emu:
@@ -155,13 +161,8 @@ def test_persistent_throttling_gives_up_with_advice(env: tuple[Deployment, Emula
 def test_bad_app_certificate_is_a_sign_in_error(env: tuple[Deployment, Emulator, list[str]], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     dep, _, args = env
-    cfg = dep.load()
-    ca = certs.load_pair(cfg.certs.ca_cert, cfg.certs.ca_key)
-    other_cert, other_key = certs.issue(*ca, ["someone-else"], 30, server=False, client=True)
     pem = tmp_path / "other.pem"
-    pem.write_bytes(other_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption())
-                    + other_cert.public_bytes(serialization.Encoding.PEM))
+    app_pem(dep.load(), "someone-else", pem)
     args = [a if a != str(tmp_path / "app.pem") else str(pem) for a in args]
     rc, _, err = run(capsys, "connectors", "check", *args)
     assert rc == 3 and "Sign-in failed for app" in err and "AADSTS700027" in err
