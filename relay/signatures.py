@@ -33,12 +33,6 @@ _EMPTY: Final = "\x00\x01e\x00"
 _FULL: Final = "\x00\x01f\x00"
 
 
-class TemplateError(Exception):
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
-
-
 class RenderError(Exception):
     """A template misbehaved at render time (sandbox violation...): pass the message through."""
 
