@@ -197,14 +197,14 @@ class Relay:
         fields["size_out"] = ",".join(str(len(c.processed.data)) for c in copies)
         refused: dict[str, dsn.Refusal] = {}
         delivered: list[Outcome] = []
+        first_refusal: PermanentError | None = None
         for i, copy in enumerate(copies):
             try:
                 outcome = await self.delivery.deliver(
                     t, mail_from, list(copy.recipients), copy.processed.data, smtputf8=envelope.smtp_utf8)
             except PermanentError as e:
-                if len(copies) == 1:
-                    raise
                 # This copy's recipients are refused for good; the others still get theirs.
+                first_refusal = first_refusal or e
                 refused.update({r: dsn.Refusal(e.reply.code, f"{e.reply.enhanced} {e.reply.text}", "tenant endpoint")
                                 for r in copy.recipients})
                 continue
@@ -216,8 +216,8 @@ class Relay:
             delivered.append(outcome)
             refused.update(outcome.refused)
         if not delivered:
-            raise PermanentError(replies.NOT_AUTHORIZED, "every copy refused") if not refused else PermanentError(
-                Reply(550, "5.0.0", next(iter(refused.values())).text), "every copy refused")
+            assert first_refusal is not None  # every copy either raised, was refused, or was delivered
+            raise first_refusal
         fields["endpoint"] = delivered[0].endpoint
         fields["downstream"] = ";".join(o.reply[:120] for o in delivered)
         if refused:

@@ -318,3 +318,24 @@ async def test_recipients_with_different_signatures_get_separate_copies(make_sta
         assert b"hidden@contoso.com" not in head or b"for <hidden" in head  # Bcc never exposed in headers
         expected = b"EXTERNAL SIGNATURE" if "a@example.net" in rec["rcpt_tos"] else b"INTERNAL SIGNATURE"  # type: ignore[operator]
         assert expected in got and got.count(b"SIGNATURE") == 1
+
+
+async def test_one_copy_refused_the_other_delivered_gives_250_and_a_dsn(make_stack: object,
+                                                                        deployment: object) -> None:
+    root = deployment.root  # type: ignore[attr-defined]
+    sig = root / "signatures" / "contoso"
+    sig.mkdir(parents=True, exist_ok=True)
+    (sig / "ext.html.j2").write_text("<p>EXT</p>\n")
+    (sig / "int.html.j2").write_text("<p>INT</p>\n")
+    (root / "rules" / "contoso" / "rules.toml").write_text(
+        '[[rule]]\nname = "Ext"\nrecipients = { scope = "external" }\nnew = "ext"\n'
+        '[[rule]]\nname = "Int"\nrecipients = { scope = "internal" }\nnew = "int"\n')
+    st = await make_stack(SinkBehavior(reject_rcpt=re.compile("@example.net")))  # type: ignore[operator]
+    code, _ = await send(st, message(), rcpts=("gone@example.net", "bob@contoso.com"))
+    assert code == 250
+    recs = journal(st.deployment)
+    assert [r["rcpt_tos"] for r in recs] == [["bob@contoso.com"], ["alice@contoso.com"]]  # copy, then the DSN
+    assert b"Final-Recipient: rfc822; gone@example.net" in st.deployment.delivered()[1]
+    # and when every copy is refused, the client gets the endpoint's own 5xx
+    code, text = await send(st, message(), rcpts=("a@example.net", "b@example.net"))
+    assert code == 550 and "User unknown" in text
