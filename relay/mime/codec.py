@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import functools
 import re
 from typing import Final
 
@@ -24,6 +25,7 @@ class DecodeError(Exception):
     """The leaf cannot be decoded faithfully: the stamper passes the message through."""
 
 
+@functools.lru_cache(maxsize=512)
 def python_charset(charset: str | None) -> str:
     """Map a MIME charset to a Python codec name; raise DecodeError if unknown."""
     cs = (charset or "us-ascii").strip().strip('"').lower()
@@ -39,6 +41,7 @@ def python_charset(charset: str | None) -> str:
 _PRINTABLE: Final = "".join(chr(c) for c in range(32, 127)) + "\t\r\n"
 
 
+@functools.lru_cache(maxsize=512)
 def ascii_compatible(codec_name: str) -> bool:
     """True when every printable ASCII character encodes to itself (not UTF-16/32, not UTF-7),
     which the character-wise quoted-printable encoder and our markers rely on."""

@@ -115,7 +115,8 @@ def stamp(
     for p in targets.values():
         if p.cte in ("7bit", "8bit", "binary"):  # encoded bodies carry their text's line breaks escaped
             anomalies += [a for a in line_anomalies(raw, p.header_end, p.end) if a not in anomalies]
-    if any(p.cte != "base64" and codec.max_line(s.body_bytes(p)) > _MAX_LINE for p in targets.values()):
+    if any(p.cte in ("7bit", "8bit", "binary") and codec.max_line(s.body_bytes(p)) > _MAX_LINE
+           for p in targets.values()):
         anomalies.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998
     return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules), tuple(anomalies))
 
@@ -310,7 +311,8 @@ def _splice(body: bytes, cte: str, text: str, offset: int, block: str, charset: 
     if cte != "quoted-printable":
         return None
     # Hard line breaks of the encoded body: an end of line not preceded by "=" (a soft break).
-    hard_total = body.count(b"\n") - body.count(b"=\n") - body.count(b"=\r\n")
+    soft = b"=\r\n" if body.find(b"\r\n") >= 0 else b"=\n"  # the body's own line ending
+    hard_total = body.count(b"\n") - body.count(soft)
     k = text.count("\n", 0, offset)
     if hard_total != text.count("\n") or k > hard_total:
         return None  # encoded and decoded lines do not correspond (e.g. "=0D=0A" in the body)
