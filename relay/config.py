@@ -183,6 +183,7 @@ class Config:
     tenants: tuple[Tenant, ...]
     security: SecurityConfig = field(default_factory=lambda: _default_security())
     mime_limits: Limits = field(default_factory=Limits)
+    metrics_listen: tuple[str, int] | None = None  # [metrics] listen; None = off
     _by_id: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
     _by_domain: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
 
@@ -321,6 +322,11 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         raise ConfigError(name, sec.key("client_ca"), "required when require_client_cert = true")
     sec.done()
 
+    mt = root.section("metrics")
+    metrics_spec = mt.string("listen", "")
+    metrics_listen = _hp(mt, "listen", metrics_spec) if metrics_spec else None
+    mt.done()
+
     mm = root.section("mime")
     mime_limits = Limits(
         max_depth=mm.integer("max_depth", 100, 1, 10_000),
@@ -350,7 +356,7 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         require_starttls=require_starttls, max_message_size=max_size, idle_timeout=idle_timeout,
         tls=tls, delivery=delivery, sink=sink, certs=certs, tenants_dir=tenants_dir,
         signatures_dir=signatures_dir, var_dir=var_dir, tenants=tuple(tenants), security=security,
-        mime_limits=mime_limits,
+        mime_limits=mime_limits, metrics_listen=metrics_listen,
         _by_id=MappingProxyType(by_id), _by_domain=MappingProxyType(by_domain),
     )
 

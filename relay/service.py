@@ -19,7 +19,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay import binding, pipeline
+from relay import binding, metrics, pipeline
 from relay import log as msglog
 from relay.config import Config
 from relay.delivery import dsn
@@ -100,6 +100,8 @@ class Relay:
         self.delivery = delivery or Delivery(cfg.delivery, cfg.tenants, local_hostname=cfg.hostname)
         self.handler = RelayHandler(self)
         self.servers: list[asyncio.Server] = []
+        self.metrics = metrics.Metrics(connections=lambda: self.guard.active)
+        self._metrics_server: asyncio.Server | None = None
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -117,11 +119,19 @@ class Relay:
             factory = functools.partial(self.smtp_factory, lst.implicit_tls)
             self.servers.append(await start_listener(factory, lst, self.tls_context))
             log.info("listening on %s:%s (%s)", lst.host, lst.port, "implicit TLS" if lst.implicit_tls else "STARTTLS")
+        if self.cfg.metrics_listen:
+            host, port = self.cfg.metrics_listen
+            self._metrics_server = await metrics.serve(host, port, self.metrics, self.healthy)
+
+    def healthy(self) -> bool:
+        return bool(self.servers) and all(s.is_serving() for s in self.servers)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let messages in flight finish (up to ``grace`` s), close the pool."""
         for s in self.servers:
             s.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
         await self.delivery.close()
@@ -155,7 +165,13 @@ class Relay:
             if not self.in_flight:
                 self._idle.set()
         fields["reply"] = reply
-        fields["latency_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        elapsed = time.monotonic() - t0
+        fields["latency_ms"] = round(elapsed * 1000, 1)
+        self.metrics.latency.observe(elapsed)
+        self.metrics.replies.labels(reply[:3]).inc()
+        if not reply.startswith("2"):
+            kind = "deferred" if reply.startswith("4") else "refused"
+            self.metrics.messages.labels(fields.get("tenant", "-"), kind).inc()
         log.info("message %s", msglog.fmt(fields))
         return reply
 
@@ -218,6 +234,11 @@ class Relay:
         if not delivered:
             assert first_refusal is not None  # every copy either raised, was refused, or was delivered
             raise first_refusal
+        for copy in copies:
+            d = copy.processed.decision
+            # The reason's first word only ("undecodable", "malformed"...): labels must stay a small set.
+            label = d.action if d.action != "pass-through" else f"pass-through:{d.reason.split(':')[0]}"
+            self.metrics.messages.labels(t.name, label).inc()
         fields["endpoint"] = delivered[0].endpoint
         fields["downstream"] = ";".join(o.reply[:120] for o in delivered)
         if refused:

@@ -339,3 +339,36 @@ async def test_one_copy_refused_the_other_delivered_gives_250_and_a_dsn(make_sta
     # and when every copy is refused, the client gets the endpoint's own 5xx
     code, text = await send(st, message(), rcpts=("a@example.net", "b@example.net"))
     assert code == 550 and "User unknown" in text
+
+
+async def test_metrics_and_health_endpoint(make_stack: object, deployment: object) -> None:
+    from tests.support import free_port
+
+    port = free_port()
+    cfgp = deployment.config_path  # type: ignore[attr-defined]
+    cfgp.write_text(cfgp.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    st = await make_stack()  # type: ignore[operator]
+
+    async def get(path: str) -> tuple[str, str]:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        data = (await r.read()).decode()
+        w.close()
+        head, _, body = data.partition("\r\n\r\n")
+        return head.split("\r\n")[0], body
+
+    assert (await get("/healthz")) == ("HTTP/1.0 200 OK", "ok\n")
+    assert (await send(st, message()))[0] == 250
+    c = await st.tls_client()
+    assert (await c.execute_command(b"MAIL", b"FROM:<x@unknown.example>")).code == 550
+    c.close()
+    status, body = await get("/metrics")
+    assert status == "HTTP/1.0 200 OK"
+    assert 'signature_relay_messages_total{decision="marked",tenant="contoso"} 1.0' in body
+    assert 'signature_relay_replies_total{code="250"} 1.0' in body
+    assert "signature_relay_message_seconds_count 1.0" in body
+    assert "signature_relay_connections " in body
+    assert (await get("/nope"))[0] == "HTTP/1.0 404 Not Found"
+    for s in st.relay.servers:
+        s.close()
+    assert (await get("/healthz"))[0] == "HTTP/1.0 503 Service Unavailable"

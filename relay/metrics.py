@@ -1,0 +1,71 @@
+"""Prometheus metrics and a health endpoint, on their own small HTTP listener.
+
+One registry per relay (no process-global state, so tests and reloads stay independent):
+
+* ``signature_relay_messages_total{tenant, decision}`` — one per message copy
+  (``stamped``, ``marked``, ``pass-through:<reason>``, ``refused``, ``deferred``, ``error``)
+* ``signature_relay_replies_total{code}`` — the replies given to Exchange Online after DATA
+* ``signature_relay_message_seconds`` — DATA received to reply, including inline delivery
+* ``signature_relay_connections`` — sessions open now
+
+``GET /healthz`` answers 200 while the SMTP listeners are open, 503 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("relay.metrics")
+
+
+class Metrics:
+    def __init__(self, connections: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.messages = Counter("signature_relay_messages", "Message copies by tenant and decision",
+                                ["tenant", "decision"], registry=self.registry)
+        self.replies = Counter("signature_relay_replies", "Replies to DATA by code", ["code"],
+                               registry=self.registry)
+        self.latency = Histogram("signature_relay_message_seconds", "DATA received to reply (incl. delivery)",
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+                                 registry=self.registry)
+        g = Gauge("signature_relay_connections", "SMTP sessions open now", registry=self.registry)
+        g.set_function(lambda: float(connections()))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve(host: str, port: int, metrics: Metrics, healthy: Callable[[], bool]) -> asyncio.Server:
+    """A deliberately tiny HTTP/1.0 server: two GET routes, nothing else, no keep-alive."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)).strip():
+                pass  # headers are not needed
+            parts = request.decode("latin-1").split()
+            path = parts[1] if len(parts) >= 2 and parts[0] == "GET" else ""
+            if path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, metrics.render()
+            elif path == "/healthz":
+                ok = healthy()
+                status, ctype, body = ("200 OK" if ok else "503 Service Unavailable"), "text/plain", \
+                    (b"ok\n" if ok else b"not serving\n")
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"try /metrics or /healthz\n"
+            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode("latin-1") + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    log.info("metrics and health on http://%s:%s/metrics and /healthz", host, port)
+    return server
