@@ -54,6 +54,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+
+        def reload() -> None:
+            try:
+                new = _config(args)
+                relay.reload(new)
+                if sink:
+                    sink.reload(new)
+                print("signature-relay: configuration reloaded", file=sys.stderr, flush=True)
+            except ConfigError as e:
+                print(f"signature-relay: reload refused, still running the previous configuration: {e}",
+                      file=sys.stderr, flush=True)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
         print("signature-relay: shutting down (finishing messages in flight)", file=sys.stderr, flush=True)
         await relay.stop()

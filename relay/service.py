@@ -117,11 +117,32 @@ class Relay:
     async def start(self) -> None:
         for lst in self.cfg.listeners:
             factory = functools.partial(self.smtp_factory, lst.implicit_tls)
+            # Implicit-TLS listeners keep the context they started with (asyncio binds it to the
+            # server); STARTTLS ones pick up a reloaded certificate for each new session.
             self.servers.append(await start_listener(factory, lst, self.tls_context))
             log.info("listening on %s:%s (%s)", lst.host, lst.port, "implicit TLS" if lst.implicit_tls else "STARTTLS")
         if self.cfg.metrics_listen:
             host, port = self.cfg.metrics_listen
             self._metrics_server = await metrics.serve(host, port, self.metrics, self.healthy)
+
+    def reload(self, new: Config) -> None:
+        """Take a new configuration without dropping connections (SIGHUP). Everything is built
+        first — TLS context, tenants' client certificates — and swapped only if all of it
+        succeeded: invalid config is never half-applied (raises ConfigError, old config stays).
+        Sessions in progress continue; each new message uses the new tenants, rules and limits."""
+        sec = new.security
+        tls_context = tls.server_context(new.tls, client_ca=sec.client_ca, where=f"{new.source}: [tls]")
+        self.delivery.update(new.delivery, new.tenants)
+        if new.listeners != self.cfg.listeners or new.metrics_listen != self.cfg.metrics_listen:
+            log.warning("reload: listener addresses changed; that takes a restart (old ones kept)")
+        g = self.guard
+        g.allowed, g.max_connections, g.max_per_ip = sec.allowed_networks, sec.max_connections, \
+            sec.max_connections_per_ip
+        g.max_errors, g.min_data_rate, g.greeting_delay = sec.max_errors, sec.min_data_rate, sec.greeting_delay
+        g.max_line_length = sec.max_line_length
+        self.tls_context = tls_context
+        self.cfg = new
+        log.info("configuration reloaded: %d tenant(s) [%s]", len(new.tenants), ", ".join(t.name for t in new.tenants))
 
     def healthy(self) -> bool:
         return bool(self.servers) and all(s.is_serving() for s in self.servers)

@@ -148,6 +148,10 @@ class Sink:
             guard=Guard(max_line_length=self.cfg.security.max_line_length),
         )
 
+    def reload(self, cfg: Config) -> None:
+        """Accept the certificates of tenants added since start (config reload)."""
+        self.handler.allowed = {t.certificate_name.lower(): t.name for t in cfg.tenants}
+
     async def start(self) -> None:
         self.server = await start_listener(self.smtp_factory, self.listener, self.tls_context)
         log.info("tenant-inbound sink listening on %s:%s, Maildir %s",

@@ -112,6 +112,19 @@ class Delivery:
 
     # --- public --------------------------------------------------------------------------------
 
+    def update(self, cfg: DeliveryConfig, tenants: Sequence[Tenant]) -> None:
+        """New settings and client certificates (config reload). Built before anything changes, so
+        a bad certificate raises ConfigError and leaves us as we were; pooled connections, made
+        with the old certificates, are closed."""
+        contexts = {t.name: client_context(cfg, t) for t in tenants}
+        self.cfg, self._contexts = cfg, contexts
+        if cfg.dns_servers != self.resolver.servers:
+            self.resolver = Resolver(cfg.dns_servers, cfg.dns_timeout)
+        pools, self._pool = self._pool, {}
+        for conns in pools.values():
+            for c in conns:
+                self._discard(c)
+
     async def deliver(
         self, tenant: Tenant, mail_from: str, rcpts: Sequence[str], data: bytes, *, smtputf8: bool = False,
     ) -> Outcome:

@@ -39,6 +39,7 @@ class Resolver:
     empty uses the system configuration."""
 
     def __init__(self, servers: tuple[str, ...] = (), timeout: float = 10.0) -> None:
+        self.servers = servers
         self._r = dns.asyncresolver.Resolver(configure=not servers)
         if servers:
             parsed = [parse_dns_server(s) for s in servers]

@@ -276,3 +276,20 @@ def test_exchange_online_connector_validation_message(tmp_path: Path, pki_dir: P
         assert "decision=pass-through(connector-validation)" in log, log
     finally:
         procs.stop_all()
+
+
+def test_sighup_reloads_rules_without_a_restart(stamping_loop: Procs) -> None:
+    dep = stamping_loop.dep
+    (dep.root / "signatures" / "contoso" / "v2.html.j2").write_text("<p>VERSION TWO</p>\n")
+    (dep.root / "rules" / "contoso" / "rules.toml").write_text('[[rule]]\nname = "V2"\nnew = "v2"\n')
+    relay = stamping_loop.procs["relay"]
+    relay.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert relay.poll() is None  # still running
+    rc, out = swaks(dep, "--tls", "--from", "alice@contoso.com", "--to", "bob@fabrikam.example", data=GMAIL_REPLY)
+    assert rc == 0, out
+    [got] = dep.delivered()
+    assert b"VERSION TWO" in got, got[-600:]
+    assert b"<b>Alice Wilber</b>" not in got  # the old rules' signature (literal even in QP)
+    log = stamping_loop.stop("relay")
+    assert "configuration reloaded" in log and "rules=signature:V2" in log, log

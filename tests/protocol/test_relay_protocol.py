@@ -372,3 +372,28 @@ async def test_metrics_and_health_endpoint(make_stack: object, deployment: objec
     for s in st.relay.servers:
         s.close()
     assert (await get("/healthz"))[0] == "HTTP/1.0 503 Service Unavailable"
+
+
+async def test_reload_applies_new_rules_and_refuses_bad_config(make_stack: object, deployment: object) -> None:
+    from relay import config
+    from relay.errors import ConfigError
+
+    st = await make_stack()  # type: ignore[operator]
+    c = await st.tls_client()  # a session open across the reload
+    root = deployment.root  # type: ignore[attr-defined]
+    sig = root / "signatures" / "contoso"
+    sig.mkdir(parents=True, exist_ok=True)
+    (sig / "new.html.j2").write_text("<p>RELOADED SIGNATURE</p>\n")
+    rules = root / "rules" / "contoso" / "rules.toml"
+    rules.write_text('[[rule]]\nname = "New"\nnew = "new"\n')
+    st.relay.reload(config.load(deployment.config_path))  # type: ignore[attr-defined]
+    assert (await c.execute_command(b"MAIL", b"FROM:<alice@contoso.com>")).code == 250  # same session goes on
+    await c.execute_command(b"RCPT", b"TO:<b@example.net>")
+    assert (await c.data(message())).code == 250
+    c.close()
+    assert b"RELOADED SIGNATURE" in st.deployment.delivered()[0]
+    rules.write_text('[[rule]]\nname = "Broken"\nnew = "missing"\n')
+    with pytest.raises(ConfigError):
+        st.relay.reload(config.load(deployment.config_path))  # type: ignore[attr-defined]
+    assert (await send(st, message()))[0] == 250  # the previous configuration still serves
+    assert b"RELOADED SIGNATURE" in st.deployment.delivered()[1]
