@@ -17,6 +17,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
+from relay.errors import ErrorList
+
 # Entra ID (Microsoft Graph user resource) attribute names we know. Others are refused at load:
 # a typo in a column header must not silently render as nothing.
 ATTRIBUTES: Final = (
@@ -29,10 +31,8 @@ _MULTI: Final = ("businessPhones", "proxyAddresses")
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
-class DirectoryError(Exception):
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
+class DirectoryError(ErrorList):
+    """Errors in directory.csv / groups.toml."""
 
 
 def _clean(v: str) -> str:

@@ -78,6 +78,14 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {reason}")
 
 
+class ErrorList(Exception):
+    """Every problem found in one pass over some files, so a person fixes them all at once."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
 class ConfigErrors(ConfigError):
     """Several configuration errors at once (``signature-relay check`` shows them all)."""
 

@@ -21,6 +21,7 @@ from relay import directory as directory_mod
 from relay import rules as rules_mod
 from relay import signatures as signatures_mod
 from relay.directory import Directory
+from relay.errors import ErrorList
 from relay.mime import codec, headers, scanner
 from relay.mime.classify import find_targets
 from relay.mime.stamper import Image, Signature
@@ -30,10 +31,8 @@ from relay.signatures import RenderError, Templates
 _KEYWORD_BODY_LIMIT = 64 * 1024
 
 
-class PolicyError(Exception):
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
+class PolicyError(ErrorList):
+    """Errors anywhere in a tenant's directory, templates or rules."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from relay.directory import ATTRIBUTES, Directory, User
+from relay.errors import ErrorList
 
 SECTIONS: Final = ("signature", "banner", "disclaimer")
 _RULE_KEYS: Final = {"name", "enabled", "senders", "recipients", "keywords", "window", "new", "reply",
@@ -40,10 +41,8 @@ _REPLY_RE: Final = re.compile(
     r"^\s*(?:re|aw|sv|vs|ref|rif|antw|odp|res|fw|fwd|wg|tr|rv|doorst|pd|enc)\s*(?:\[\d+\])?\s*:", re.I)
 
 
-class RulesError(Exception):
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
+class RulesError(ErrorList):
+    """Errors in rules.toml."""
 
 
 @dataclass(frozen=True)

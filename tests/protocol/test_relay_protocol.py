@@ -292,11 +292,9 @@ async def test_implicit_tls_listener(make_stack: object, deployment: object) -> 
     assert b"with ESMTPS id" in got and b"version=TLSv1.3" in got
 
 
-async def test_recipients_with_different_signatures_get_separate_copies(make_stack: object,
-                                                                        deployment: object) -> None:
-    """One copy per distinct outcome, each with its own envelope recipients; headers untouched."""
-    dep = deployment
-    root = dep.root  # type: ignore[attr-defined]
+def external_internal_rules(deployment: object) -> None:
+    """Contoso rules giving external and internal recipients different signatures."""
+    root = deployment.root  # type: ignore[attr-defined]
     sig = root / "signatures" / "contoso"
     sig.mkdir(parents=True, exist_ok=True)
     (sig / "ext.html.j2").write_text("<p>EXTERNAL SIGNATURE</p>\n")
@@ -304,6 +302,12 @@ async def test_recipients_with_different_signatures_get_separate_copies(make_sta
     (root / "rules" / "contoso" / "rules.toml").write_text(
         '[[rule]]\nname = "Ext"\nrecipients = { scope = "external" }\nnew = "ext"\n'
         '[[rule]]\nname = "Int"\nrecipients = { scope = "internal" }\nnew = "int"\n')
+
+
+async def test_recipients_with_different_signatures_get_separate_copies(make_stack: object,
+                                                                        deployment: object) -> None:
+    """One copy per distinct outcome, each with its own envelope recipients; headers untouched."""
+    external_internal_rules(deployment)
     st = await make_stack()  # type: ignore[operator]
     raw = message(to="a@example.net").replace(b"To: <a@example.net>", b"To: <a@example.net>, <bob@contoso.com>\r\n"
                                                                       b"Cc: <c@example.org>")
@@ -322,14 +326,7 @@ async def test_recipients_with_different_signatures_get_separate_copies(make_sta
 
 async def test_one_copy_refused_the_other_delivered_gives_250_and_a_dsn(make_stack: object,
                                                                         deployment: object) -> None:
-    root = deployment.root  # type: ignore[attr-defined]
-    sig = root / "signatures" / "contoso"
-    sig.mkdir(parents=True, exist_ok=True)
-    (sig / "ext.html.j2").write_text("<p>EXT</p>\n")
-    (sig / "int.html.j2").write_text("<p>INT</p>\n")
-    (root / "rules" / "contoso" / "rules.toml").write_text(
-        '[[rule]]\nname = "Ext"\nrecipients = { scope = "external" }\nnew = "ext"\n'
-        '[[rule]]\nname = "Int"\nrecipients = { scope = "internal" }\nnew = "int"\n')
+    external_internal_rules(deployment)
     st = await make_stack(SinkBehavior(reject_rcpt=re.compile("@example.net")))  # type: ignore[operator]
     code, _ = await send(st, message(), rcpts=("gone@example.net", "bob@contoso.com"))
     assert code == 250

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay import directory, policy, rules
+from relay.mime.stamper import Signature
 from relay.policy import Policy, PolicyError, message_of
 from relay.rules import Message
 
@@ -314,22 +315,23 @@ def test_sandbox_escapes_are_refused_at_render_and_pass_through(tmp_path: Path, 
     assert copies[0].processed.data.endswith(raw)
 
 
-def test_plain_text_is_derived_from_html_when_no_text_template(tmp_path: Path) -> None:
-    p = tenant(tmp_path, '[[rule]]\nname = "R"\nnew = "t"\n',
-               templates={"t.html.j2": "<table><tr><td><b>{{ user.displayName }}</b></td></tr>\n"
-                                       "<tr><td>{{ user.jobTitle }} &amp; more</td></tr></table>\n"})
-    m = msg()
-    sig, _ = p.render(p.rules.outcome(p.directory, m, "x@e.net"), m, ["x@e.net"])
-    assert sig is not None and sig.text == "Alice Wilber\nSales Director & more\n"
-
-
-def test_images_embedded_or_linked(tmp_path: Path) -> None:
-    p = tenant(tmp_path, '[[rule]]\nname = "R"\nnew = "t"\n',
-               templates={"t.html.j2": '<img src="{{ image("logo.png") }}">\n'
-                                       '<img src="{{ image("logo.png", link=true) }}">\n'})
+def render_sig(tmp: Path, template: str) -> Signature:
+    """Alice's signature from a one-rule tenant whose only template is ``template``."""
+    p = tenant(tmp, '[[rule]]\nname = "R"\nnew = "t"\n', templates={"t.html.j2": template})
     m = msg()
     sig, _ = p.render(p.rules.outcome(p.directory, m, "x@e.net"), m, ["x@e.net"])
     assert sig is not None
+    return sig
+
+
+def test_plain_text_is_derived_from_html_when_no_text_template(tmp_path: Path) -> None:
+    sig = render_sig(tmp_path, "<table><tr><td><b>{{ user.displayName }}</b></td></tr>\n"
+                               "<tr><td>{{ user.jobTitle }} &amp; more</td></tr></table>\n")
+    assert sig.text == "Alice Wilber\nSales Director & more\n"
+
+
+def test_images_embedded_or_linked(tmp_path: Path) -> None:
+    sig = render_sig(tmp_path, '<img src="{{ image("logo.png") }}">\n<img src="{{ image("logo.png", link=true) }}">\n')
     assert 'src="cid:logo.png"' in sig.html and 'src="https://img.contoso.com/logo.png"' in sig.html
     assert [i.name for i in sig.images] == ["logo.png"] and sig.images[0].content_type == "image/png"
 
