@@ -8,7 +8,8 @@
 #     -v /srv/signature-relay/certs:/etc/signature-relay/certs:ro \
 #     signature-relay
 #
-# The relay runs as an unprivileged user and listens on 2525 inside the container; publish it as
+# Start from deploy/relay.example.toml. The relay runs as an unprivileged user and listens on 2525
+# inside the container (as that example configures); publish it as
 # port 25 (Exchange Online's outbound connector only ever connects to port 25). Relative paths in
 # the mounted relay.toml resolve against /etc/signature-relay.
 FROM python:3.11-slim-bookworm AS build

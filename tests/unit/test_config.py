@@ -117,3 +117,26 @@ def test_mime_limits_are_configurable(tmp_path: Path, pki_dir: Path) -> None:
     assert str(limited.decision) == "pass-through(malformed:nesting-too-deep)"
     default = pipeline.process(deep, processed_header="X", received=b"", signature=sig)
     assert default.decision.action == "stamped"
+
+
+def test_production_example_config_is_valid(tmp_path: Path, pki_dir: Path) -> None:
+    """deploy/relay.example.toml loads as shipped (with a tenant and certificates next to it)."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[2]
+    shutil.copy(repo / "deploy" / "relay.example.toml", tmp_path / "relay.toml")
+    shutil.copytree(pki_dir, tmp_path / "certs")
+    (tmp_path / "certs" / "chain.pem").write_bytes((pki_dir / "ca.crt").read_bytes())
+    shutil.copytree(repo / "rules", tmp_path / "rules")
+    shutil.copytree(repo / "signatures", tmp_path / "signatures")
+    (tmp_path / "rules" / "contoso" / "tenant.toml").write_text(
+        (tmp_path / "rules" / "contoso" / "tenant.toml").read_text().replace(
+            'endpoint = "127.0.0.1:2526"', 'endpoint = "mx:contoso.onmicrosoft.com"'))
+    cfg = config.load(tmp_path / "relay.toml")
+    assert [str(n) for n in cfg.security.allowed_networks] == list(config.EXO_NETWORKS)
+    assert cfg.tenants[0].bind_by_sender_domain is False
+    assert cfg.tenants[0].endpoint == config.Endpoint("mx", "contoso.onmicrosoft.com", 25)
+    assert cfg.tenants[0].certificate_name == "contoso-7q4k2m.smtp.sigrelay.example.com"
+    from relay.smtp import tls
+
+    tls.server_context(cfg.tls)  # cert + key + separate chain load
