@@ -92,6 +92,13 @@ class DeliveryConfig:
     pool_idle: float
     dns_servers: tuple[str, ...]  # empty = system resolver (/etc/resolv.conf)
     dns_timeout: float
+    # "inline" (250 only after the tenant's 250, nothing at rest) or "queue" (250 once fsync'd in the
+    # spool; delivered with retries; DSN when it expires).
+    mode: str = "inline"
+    spool_dir: Path = Path("var/spool")
+    retry_min: float = 300.0  # first retry after this, doubling up to retry_max (Postfix: 300..4000 s)
+    retry_max: float = 4000.0
+    lifetime: float = 432_000.0  # give up (bounce) after 5 days (RFC 5321 §4.5.4.1: at least 4-5 days)
 
 
 @dataclass(frozen=True)
@@ -262,6 +269,11 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         pool_idle=d.number("pool_idle", 60.0, 0.0, 3600.0),
         dns_servers=tuple(d.str_list("dns_servers", [])),
         dns_timeout=d.number("dns_timeout", 10.0, 0.1, 120.0),
+        mode=d.choice("mode", ("inline", "queue"), "inline"),
+        spool_dir=d.path("spool_dir", str(var_dir / "spool")),
+        retry_min=d.number("retry_min", 300.0, 0.01, 86_400.0),
+        retry_max=d.number("retry_max", 4000.0, 0.01, 86_400.0),
+        lifetime=d.number("lifetime", 432_000.0, 1.0, 30 * 86_400.0),
     )
     for i, s in enumerate(delivery.dns_servers):
         try:

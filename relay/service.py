@@ -24,6 +24,9 @@ from relay import log as msglog
 from relay.config import Config
 from relay.delivery import dsn
 from relay.delivery.client import Delivery, Outcome
+from relay.delivery.queue import QueueRunner
+from relay.delivery.spool import Entry, Spool
+from relay.delivery.spool import now as spool_now
 from relay.errors import PermanentError, RelayError, Reply, TransientError
 from relay.mime import headers, trace
 from relay.smtp import replies, tls
@@ -101,6 +104,8 @@ class Relay:
         self.handler = RelayHandler(self)
         self.servers: list[asyncio.Server] = []
         self.metrics = metrics.Metrics(connections=lambda: self.guard.active)
+        self.queue = (QueueRunner(Spool(cfg.delivery.spool_dir), lambda: self.delivery, lambda: self.cfg)
+                      if cfg.delivery.mode == "queue" else None)
         self._metrics_server: asyncio.Server | None = None
         self.in_flight = 0
         self._idle = asyncio.Event()
@@ -115,6 +120,8 @@ class Relay:
         )
 
     async def start(self) -> None:
+        if self.queue is not None:
+            await self.queue.start()  # before listening: whatever the spool holds is scheduled first
         for lst in self.cfg.listeners:
             factory = functools.partial(self.smtp_factory, lst.implicit_tls)
             # Implicit-TLS listeners keep the context they started with (asyncio binds it to the
@@ -135,6 +142,8 @@ class Relay:
         self.delivery.update(new.delivery, new.tenants)
         if new.listeners != self.cfg.listeners or new.metrics_listen != self.cfg.metrics_listen:
             log.warning("reload: listener addresses changed; that takes a restart (old ones kept)")
+        if (new.delivery.mode, new.delivery.spool_dir) != (self.cfg.delivery.mode, self.cfg.delivery.spool_dir):
+            log.warning("reload: delivery mode or spool changed; that takes a restart (old ones kept)")
         g = self.guard
         g.allowed, g.max_connections, g.max_per_ip = sec.allowed_networks, sec.max_connections, \
             sec.max_connections_per_ip
@@ -155,6 +164,8 @@ class Relay:
             self._metrics_server.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
+        if self.queue is not None:
+            await self.queue.stop()  # spooled mail stays on disk for the next start
         await self.delivery.close()
 
     def hold_time(self) -> float:
@@ -232,6 +243,13 @@ class Relay:
         fields["anomalies"] = ",".join(sorted({a for c in copies for a in c.processed.anomalies})) or None
         fields["render_error"] = ";".join(c.render_error for c in copies if c.render_error) or None
         fields["size_out"] = ",".join(str(len(c.processed.data)) for c in copies)
+        for copy in copies:
+            d = copy.processed.decision
+            # The reason's first word only ("undecodable", "malformed"...): labels must stay a small set.
+            label = d.action if d.action != "pass-through" else f"pass-through:{d.reason.split(':')[0]}"
+            self.metrics.messages.labels(t.name, label).inc()
+        if self.queue is not None:
+            return await self._enqueue(t.name, qid, mail_from, copies, envelope.smtp_utf8, fields)
         refused: dict[str, dsn.Refusal] = {}
         delivered: list[Outcome] = []
         first_refusal: PermanentError | None = None
@@ -255,17 +273,28 @@ class Relay:
         if not delivered:
             assert first_refusal is not None  # every copy either raised, was refused, or was delivered
             raise first_refusal
-        for copy in copies:
-            d = copy.processed.decision
-            # The reason's first word only ("undecodable", "malformed"...): labels must stay a small set.
-            label = d.action if d.action != "pass-through" else f"pass-through:{d.reason.split(':')[0]}"
-            self.metrics.messages.labels(t.name, label).inc()
         fields["endpoint"] = delivered[0].endpoint
         fields["downstream"] = ";".join(o.reply[:120] for o in delivered)
         if refused:
             fields["refused"] = ",".join(refused)
             fields["dsn"] = await self._send_dsn(t, qid, raw, mail_from, refused)
         return str(Reply(250, "2.0.0", f"Ok {qid} accepted by tenant endpoint"))
+
+    async def _enqueue(self, tenant: str, qid: str, mail_from: str, copies: list[pipeline.Copy], smtputf8: bool,
+                       fields: dict[str, Any]) -> str:
+        """Queue mode: 250 once every copy is fsync'd in the spool (RFC 5321 §6.1). A write error
+        (ENOSPC, EIO...) is a 451: nothing is half-accepted, the client keeps the message."""
+        assert self.queue is not None
+        t = spool_now()
+        entries = [(Entry(id=f"{qid}-{i}", tenant=tenant, mail_from=mail_from, rcpts=list(c.recipients),
+                          smtputf8=smtputf8, created=t, next_attempt=t), c.processed.data)
+                   for i, c in enumerate(copies)]
+        try:
+            await self.queue.enqueue(entries)
+        except OSError as e:
+            raise TransientError(replies.QUEUE_WRITE_FAILED, f"spool {self.queue.spool.root}: {e}") from e
+        fields["queued"] = len(entries)
+        return str(Reply(250, "2.0.0", f"Ok {qid} queued"))
 
     async def _send_dsn(
         self, tenant: Any, qid: str, raw: bytes, mail_from: str, refused: Any,

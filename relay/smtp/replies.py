@@ -23,6 +23,7 @@ ENDPOINT_DNS_FAILED = Reply(451, "4.4.3", "Tenant endpoint lookup failed, try ag
 ENDPOINT_TIMEOUT = Reply(451, "4.4.2", "Tenant endpoint timed out, try again later")
 ENDPOINT_DEFERRED = Reply(451, "4.4.0", "Tenant endpoint deferred the message, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+QUEUE_WRITE_FAILED = Reply(451, "4.3.0", "Cannot queue the message now, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 
 # --- permanent (5xx) ----------------------------------------------------------------------------

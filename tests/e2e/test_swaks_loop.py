@@ -293,3 +293,30 @@ def test_sighup_reloads_rules_without_a_restart(stamping_loop: Procs) -> None:
     assert b"<b>Alice Wilber</b>" not in got  # the old rules' signature (literal even in QP)
     log = stamping_loop.stop("relay")
     assert "configuration reloaded" in log and "rules=signature:V2" in log, log
+
+
+def test_queue_mode_survives_kill_9(tmp_path: Path, pki_dir: Path) -> None:
+    """Queue mode: after a 250 the message is on disk. kill -9 the relay, bring the endpoint up,
+    start the relay again: the message arrives, once."""
+    dep = make_deployment(tmp_path, pki_from=pki_dir)
+    dep.config_path.write_text(dep.config_path.read_text().replace(
+        "[delivery]\n", '[delivery]\nmode = "queue"\nretry_min = 0.2\nretry_max = 0.5\n'))
+    procs = Procs(dep)
+    procs.start("relay", "serve", "--no-sink", port=dep.relay_port)
+    try:
+        rc, out = swaks(dep, "--tls", "--from", "alice@contoso.com", "--to", "bob@example.net")
+        assert rc == 0 and re.search(r"<~  250 2\.0\.0 Ok \S+ queued", out), out
+        relay = procs.procs.pop("relay")
+        relay.kill()  # SIGKILL: no shutdown code runs
+        relay.wait(timeout=10)
+        assert dep.delivered() == []
+        procs.start("sink", "sink", port=dep.sink_port)
+        procs.start("relay", "serve", "--no-sink", port=dep.relay_port)
+        deadline = time.monotonic() + 20
+        while not dep.delivered() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert len(dep.delivered()) == 1
+        assert not list((dep.root / "var" / "spool").glob("*.json"))
+    finally:
+        procs.stop_all()
