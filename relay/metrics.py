@@ -7,6 +7,7 @@ One registry per relay (no process-global state, so tests and reloads stay indep
 * ``signature_relay_replies_total{code}`` — the replies given to Exchange Online after DATA
 * ``signature_relay_message_seconds`` — DATA received to reply, including inline delivery
 * ``signature_relay_connections`` — sessions open now
+* ``signature_relay_queued`` — copies waiting in the spool (queue mode)
 
 ``GET /healthz`` answers 200 while the SMTP listeners are open, 503 otherwise.
 """
@@ -24,7 +25,7 @@ log = logging.getLogger("relay.metrics")
 
 
 class Metrics:
-    def __init__(self, connections: Callable[[], int]) -> None:
+    def __init__(self, connections: Callable[[], int], queued: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry()
         self.messages = Counter("signature_relay_messages", "Message copies by tenant and decision",
                                 ["tenant", "decision"], registry=self.registry)
@@ -35,6 +36,8 @@ class Metrics:
                                  registry=self.registry)
         g = Gauge("signature_relay_connections", "SMTP sessions open now", registry=self.registry)
         g.set_function(lambda: float(connections()))
+        q = Gauge("signature_relay_queued", "Message copies waiting in the spool (queue mode)", registry=self.registry)
+        q.set_function(lambda: float(queued()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -103,9 +103,10 @@ class Relay:
         self.delivery = delivery or Delivery(cfg.delivery, cfg.tenants, local_hostname=cfg.hostname)
         self.handler = RelayHandler(self)
         self.servers: list[asyncio.Server] = []
-        self.metrics = metrics.Metrics(connections=lambda: self.guard.active)
         self.queue = (QueueRunner(Spool(cfg.delivery.spool_dir), lambda: self.delivery, lambda: self.cfg)
                       if cfg.delivery.mode == "queue" else None)
+        self.metrics = metrics.Metrics(connections=lambda: self.guard.active,
+                                       queued=lambda: len(self.queue) if self.queue is not None else 0)
         self._metrics_server: asyncio.Server | None = None
         self.in_flight = 0
         self._idle = asyncio.Event()

@@ -41,6 +41,7 @@ async def test_accepted_while_endpoint_down_then_delivered_once(make_stack: Make
     code, text = await send(st, message())
     assert code == 250 and text.endswith("queued")
     assert len([n for n in spooled(deployment) if n.endswith(".json")]) == 1  # on disk before the 250
+    assert b"signature_relay_queued 1.0" in st.relay.metrics.render()
     await asyncio.sleep(0.5)  # a few attempts fail: the endpoint is down
     assert st.deployment.delivered() == []
     st.sink = Sink(st.cfg)
