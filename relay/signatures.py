@@ -144,13 +144,13 @@ class Templates:
         html_env, text_env = _env(True), _env(False)
         for f in sorted(sig_dir.glob("*.html.j2")) if sig_dir.is_dir() else []:
             name = f.name.removesuffix(".html.j2")
-            html_t = self._compile(html_env, f, errors)
             tf = sig_dir / f"{name}.txt.j2"
-            text_t = self._compile(text_env, tf, errors) if tf.exists() else None
-            images = self._images(html_env, f, errors) | (self._images(text_env, tf, errors) if tf.exists() else set())
-            if html_t is not None and (text_t is not None or not tf.exists()):
-                uses = self._uses(html_env, f) | (self._uses(text_env, tf) if tf.exists() else frozenset())
-                self.templates[name] = Template(name, html_t, text_t, frozenset(images), uses)
+            html = self._load(html_env, f, errors)
+            text = self._load(text_env, tf, errors) if tf.exists() else None
+            if html is not None and (text is not None or not tf.exists()):
+                self.templates[name] = Template(
+                    name, html[0], text[0] if text else None, html[2] | (text[2] if text else frozenset()),
+                    html[1] | (text[1] if text else frozenset()))
         for f in sorted(sig_dir.glob("*.txt.j2")) if sig_dir.is_dir() else []:
             if not (sig_dir / f.name.replace(".txt.j2", ".html.j2")).exists():
                 errors.append(f"{f}: a text template needs its HTML sibling {f.name.replace('.txt.j2', '.html.j2')}")
@@ -158,29 +158,31 @@ class Templates:
         # so `signature-relay check` reports real errors instead of a cascade.
         self.errors = errors
 
-    def _compile(self, env: SandboxedEnvironment, f: Path, errors: list[str]) -> jinja2.Template | None:
+    def _load(self, env: SandboxedEnvironment, f: Path, errors: list[str]
+              ) -> tuple[jinja2.Template, frozenset[str], frozenset[str]] | None:
+        """Read and parse one template once: (compiled, context names it reads, images it embeds),
+        or None with its errors (file and line) appended."""
         src = f.read_text("utf-8")
         try:
             ast = env.parse(src, name=f.name, filename=str(f))
-            unknown = jinja2.meta.find_undeclared_variables(ast) - CONTEXT_NAMES
-            for var in sorted(unknown):
-                word = re.compile(rf"\b{re.escape(var)}\b")
-                line = next((i for i, ln in enumerate(src.splitlines(), 1) if word.search(ln)), 0)
-                errors.append(f"{f}:{line}: unknown variable {var!r} (use user, recipient, message, tenant, image)")
-            return env.from_string(src, template_class=jinja2.Template) if not unknown else None
+            # Unknown filters only show when the code is generated: compile inside the same try.
+            compiled = env.from_string(src, template_class=jinja2.Template)
         except jinja2.TemplateSyntaxError as e:  # includes unknown filters (TemplateAssertionError)
             errors.append(f"{f}:{e.lineno}: {e.message}")
             return None
+        uses = frozenset(jinja2.meta.find_undeclared_variables(ast))
+        unknown = uses - CONTEXT_NAMES
+        for var in sorted(unknown):
+            word = re.compile(rf"\b{re.escape(var)}\b")
+            line = next((i for i, ln in enumerate(src.splitlines(), 1) if word.search(ln)), 0)
+            errors.append(f"{f}:{line}: unknown variable {var!r} (use user, recipient, message, tenant, image)")
+        n = len(errors)
+        images = self._images(ast, f, errors)
+        if unknown or len(errors) > n:
+            return None
+        return compiled, uses, images
 
-    @staticmethod
-    def _uses(env: SandboxedEnvironment, f: Path) -> frozenset[str]:
-        return frozenset(jinja2.meta.find_undeclared_variables(env.parse(f.read_text("utf-8"))))
-
-    def _images(self, env: SandboxedEnvironment, f: Path, errors: list[str]) -> set[str]:
-        try:
-            ast = env.parse(f.read_text("utf-8"))
-        except jinja2.TemplateSyntaxError:
-            return set()  # already reported
+    def _images(self, ast: jinja2.nodes.Template, f: Path, errors: list[str]) -> frozenset[str]:
         out: set[str] = set()
         for call in ast.find_all(jinja2.nodes.Call):
             if isinstance(call.node, jinja2.nodes.Name) and call.node.name == "image":
@@ -194,7 +196,7 @@ class Templates:
                     continue
                 self.image_data[arg.value] = path.read_bytes()
                 out.add(arg.value)
-        return out
+        return frozenset(out)
 
     def render(self, name: str, context: Mapping[str, Any]) -> Signature:
         """Render ``name``. Rendering is a pure function of the context parts the template reads,
