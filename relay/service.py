@@ -95,11 +95,8 @@ class Relay:
         self.cfg = cfg
         sec = cfg.security
         self.tls_context = tls.server_context(cfg.tls, client_ca=sec.client_ca, where=f"{cfg.source}: [tls]")
-        self.guard = Guard(
-            allowed=sec.allowed_networks, max_connections=sec.max_connections,
-            max_per_ip=sec.max_connections_per_ip, max_errors=sec.max_errors, min_data_rate=sec.min_data_rate,
-            greeting_delay=sec.greeting_delay, max_line_length=sec.max_line_length,
-        )
+        self.guard = Guard()
+        self.guard.configure(sec)
         self.delivery = delivery or Delivery(cfg.delivery, cfg.tenants, local_hostname=cfg.hostname)
         self.handler = RelayHandler(self)
         self.servers: list[asyncio.Server] = []
@@ -145,11 +142,7 @@ class Relay:
             log.warning("reload: listener addresses changed; that takes a restart (old ones kept)")
         if (new.delivery.mode, new.delivery.spool_dir) != (self.cfg.delivery.mode, self.cfg.delivery.spool_dir):
             log.warning("reload: delivery mode or spool changed; that takes a restart (old ones kept)")
-        g = self.guard
-        g.allowed, g.max_connections, g.max_per_ip = sec.allowed_networks, sec.max_connections, \
-            sec.max_connections_per_ip
-        g.max_errors, g.min_data_rate, g.greeting_delay = sec.max_errors, sec.min_data_rate, sec.greeting_delay
-        g.max_line_length = sec.max_line_length
+        self.guard.configure(sec)
         self.tls_context = tls_context
         self.cfg = new
         log.info("configuration reloaded: %d tenant(s) [%s]", len(new.tenants), ", ".join(t.name for t in new.tenants))

@@ -29,7 +29,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
-from relay.config import Listener, Network
+from relay.config import Listener, Network, SecurityConfig
 
 log = logging.getLogger("relay.smtp")
 
@@ -47,6 +47,13 @@ class Guard:
     max_line_length: int = 1001
     active: int = 0
     per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def configure(self, sec: SecurityConfig) -> None:
+        """Take the limits of a (new) security configuration; the live counters are kept."""
+        self.allowed, self.max_connections, self.max_per_ip = (
+            sec.allowed_networks, sec.max_connections, sec.max_connections_per_ip)
+        self.max_errors, self.min_data_rate, self.greeting_delay = sec.max_errors, sec.min_data_rate, sec.greeting_delay
+        self.max_line_length = sec.max_line_length
 
     def admit(self, ip: str | None) -> str | None:
         """None to admit, else the reply to greet with before closing (RFC 5321 §3.1: 554)."""
