@@ -61,10 +61,12 @@ class StampResult:
     anomalies: tuple[str, ...] = ()  # tolerated oddities worth a log line (bare CR/LF, long lines)
 
 
-def already_processed(raw: bytes, header_name: str) -> bool:
+def already_processed(raw: bytes, header_name: str, top: dict[str, list[str]] | None = None) -> bool:
     """True when the top-level header already carries the marker (pattern ``true``, any case),
-    mirroring the transport rule's exception. One inside an attached message does not count."""
-    return any("true" in v.lower() for v in headers.get_all(raw, header_name))
+    mirroring the transport rule's exception. One inside an attached message does not count.
+    ``top`` is :func:`headers.index` of ``raw`` when the caller already has it."""
+    values = (top or headers.index(raw)).get(header_name.lower(), ())
+    return any("true" in v.lower() for v in values)
 
 
 def stamp(
@@ -74,7 +76,7 @@ def stamp(
     """``prefix`` (complete header fields, e.g. our Received:) goes first; the output is built
     with a single copy of the message, which matters for 25 MB attachments."""
     top = headers.index(raw)
-    if any("true" in v.lower() for v in top.get(processed_header.lower(), ())):  # see already_processed()
+    if already_processed(raw, processed_header, top):
         return StampResult(_join(raw, prefix, []), Decision("pass-through", "already-processed"))
     marker = trace.marker(processed_header)
     s = scan(raw, limits)
