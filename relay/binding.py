@@ -18,6 +18,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from relay import addresses
 from relay.config import Config, Tenant
 from relay.errors import PermanentError
 from relay.mime import headers
@@ -49,11 +50,19 @@ class Binding:
 
 
 def sender_domain(mail_from: str) -> str | None:
-    """Domain of an envelope sender; None for the null sender ``<>``."""
+    """Domain of an envelope sender in A-label form (UTS #46); None for the null sender ``<>``.
+
+    Raises :class:`Unbound` for a domain that is not a valid IDN or that normalisation would
+    silently turn into another one (U+212A KELVIN SIGN folding into "k": issue #10, finding 9)."""
     if not mail_from:
         return None
     _, at, dom = mail_from.rpartition("@")
-    return dom.strip().lower().rstrip(".") if at else ""
+    if not at:
+        return ""
+    try:
+        return addresses.normalise_domain(dom)
+    except addresses.BadDomain as e:
+        raise Unbound(f"sender domain refused: {e}") from e
 
 
 def check_sender(cfg: Config, mail_from: str) -> None:
@@ -66,22 +75,40 @@ def check_sender(cfg: Config, mail_from: str) -> None:
         raise Unbound(f"sender domain {dom!r} belongs to no configured tenant")
 
 
-def bind(cfg: Config, mail_from: str, raw: bytes, peer: Peer | None = None) -> Binding:
+def bind(cfg: Config, mail_from: str, raw: bytes, peer: Peer | None = None,
+         top: dict[str, list[str]] | None = None) -> Binding:
     """Bind the message (after DATA) to its tenant, or raise :class:`Unbound`: the tenant by its
-    id (or dev sender-domain), then every layer that tenant requires must agree."""
-    b = _tenant_of(cfg, mail_from, raw)
-    _check_layers(cfg, b.tenant, raw, peer or Peer())
+    id (or dev sender-domain), then every layer that tenant requires must agree. ``top`` is the
+    header index :mod:`relay.ingress` parsed once (the same one stamping reads)."""
+    top = headers.index(raw) if top is None else top
+    b = _tenant_of(cfg, mail_from, top)
+    _check_layers(cfg, b.tenant, top, peer or Peer())
     return b
 
 
-def _from_domains(raw: bytes) -> list[str]:
-    values = headers.get_all(raw, "From")
-    return [a.rpartition("@")[2].lower().rstrip(".") for _, a in email.utils.getaddresses(values)]
+def _from_domains(top: dict[str, list[str]]) -> list[str]:
+    # RFC 6532: header values are UTF-8 (the index holds them as latin-1 text, losslessly).
+    values = [_utf8(v) for v in top.get("from", [])]
+    out = []
+    for _, a in email.utils.getaddresses(values):
+        dom = a.rpartition("@")[2]
+        try:
+            out.append(addresses.normalise_domain(dom))
+        except addresses.BadDomain:
+            out.append(f"(invalid) {dom}")
+    return out
 
 
-def _check_layers(cfg: Config, t: Tenant, raw: bytes, peer: Peer) -> None:
+def _utf8(value: str) -> str:
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
+def _check_layers(cfg: Config, t: Tenant, top: dict[str, list[str]], peer: Peer) -> None:
     if t.require_from_domain:
-        doms = _from_domains(raw)
+        doms = _from_domains(top)
         if len(doms) != 1 or doms[0] not in t.accepted_domains:
             raise Unbound(f"From: domain(s) {doms[:3]!r} not an accepted domain of tenant {t.name!r}")
     if t.networks:
@@ -100,8 +127,8 @@ def _check_layers(cfg: Config, t: Tenant, raw: bytes, peer: Peer) -> None:
             raise Unbound(f"SNI {peer.sni!r} names another tenant than {t.name!r}")
 
 
-def _tenant_of(cfg: Config, mail_from: str, raw: bytes) -> Binding:
-    ids = headers.get_all(raw, CROSS_TENANT_HEADER)
+def _tenant_of(cfg: Config, mail_from: str, top: dict[str, list[str]]) -> Binding:
+    ids = top.get(CROSS_TENANT_HEADER.lower(), [])
     dom = sender_domain(mail_from)
     if len(ids) > 1:
         # More than one is either a misrouted message or an attempt to confuse us.

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from relay import addresses
 from relay.errors import ConfigError, ConfigErrors
 from relay.mime.scanner import Limits
 from relay.policy import Policy, PolicyError
@@ -147,6 +148,9 @@ class SecurityConfig:
     min_data_rate: float  # bytes/s averaged over DATA, after the idle-timeout grace
     max_errors: int  # error replies in one session before 421 and close
     greeting_delay: float  # seconds; a client talking before the banner is refused (pregreet)
+    tls_handshake_timeout: float = 10.0  # seconds an admitted implicit-TLS peer has to finish TLS
+    max_header_bytes: int = 262_144  # top-level header section; Exchange Online's own limit is 256 KB
+    max_header_fields: int = 2000  # top-level header fields (552 5.3.4 beyond)
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,7 @@ class Config:
         return self._by_id.get(tenant_id.strip().lower())
 
     def tenant_by_domain(self, domain: str) -> Tenant | None:
+        """``domain`` must already be normalised (:func:`relay.addresses.normalise_domain`)."""
         return self._by_domain.get(domain.strip().lower().rstrip("."))
 
     def tenant_by_name(self, name: str) -> Tenant | None:
@@ -329,6 +334,9 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         min_data_rate=sec.number("min_data_rate", 500.0, 0.0, 1e9),
         max_errors=sec.integer("max_errors", 20, 1, 10_000),
         greeting_delay=sec.number("greeting_delay", 0.0, 0.0, 30.0),
+        tls_handshake_timeout=sec.number("tls_handshake_timeout", 10.0, 0.5, 300.0),
+        max_header_bytes=sec.integer("max_header_bytes", 262_144, 4096, 64 * 1024 * 1024),
+        max_header_fields=sec.integer("max_header_fields", 2000, 50, 1_000_000),
     )
     if security.require_client_cert and security.client_ca is None:
         raise ConfigError(name, sec.key("client_ca"), "required when require_client_cert = true")
@@ -403,10 +411,16 @@ def _load_tenants(
         initial = t.domain("initial_domain")
         if not initial.endswith(".onmicrosoft.com"):
             raise ConfigError(str(f), t.key("initial_domain"), "must be the tenant's *.onmicrosoft.com domain")
-        accepted = {d.lower().rstrip(".") for d in t.str_list("accepted_domains", _REQUIRED)}
-        for d in accepted:
-            if not _DOMAIN_RE.match(d):
+        accepted = set()
+        for d in t.str_list("accepted_domains", _REQUIRED):
+            try:
+                # Unicode domains are kept as A-labels: binding compares what the wire carries.
+                a = addresses.normalise_domain(d)
+            except addresses.BadDomain as e:
+                raise ConfigError(str(f), t.key("accepted_domains"), str(e)) from e
+            if not _DOMAIN_RE.match(a):
                 raise ConfigError(str(f), t.key("accepted_domains"), f"not a domain name: {d!r}")
+            accepted.add(a)
         accepted.add(initial)
         region = t.choice("region", ("global", "de"), "global")
         sub = t.string("subdomain", _REQUIRED)

@@ -1,4 +1,11 @@
-"""Logging setup and the one log line every message gets (logfmt: key=value, greppable)."""
+"""Logging setup and the one log line every message gets (logfmt: key=value, greppable).
+
+Every log line is escaped: peers choose envelope addresses, HELO names, header values and the
+text of downstream replies, and a CR, LF or ANSI escape in any of them could forge log lines or
+rewrite an operator's terminal (issue #10, finding 7). :class:`SafeFormatter` does it in one place
+for every logger of the relay, whatever the call site passes; :func:`safe` is the same escaping
+for values built into other strings.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +14,34 @@ import sys
 from collections.abc import Mapping
 
 
+def safe(value: object) -> str:
+    """``value`` as text with every non-printable character escaped (``\\r``, ``\\x1b``...)."""
+    s = str(value)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] if c in "\r\n\t" else f"\\x{ord(c):02x}"
+                   if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in s)
+
+
+class SafeFormatter(logging.Formatter):
+    """Escapes the message part of every record (the traceback of ``exc_info`` stays multi-line:
+    it is ours, not the peer's)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = safe(record.message)
+        return super().formatMessage(record)
+
+
 def setup(level: str = "info") -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     # aiosmtpd logs every command line at INFO; that is per-line noise in a hot loop.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def _quote(v: object) -> str:
-    s = str(v)
-    s = "".join(c if c.isprintable() else "?" for c in s)
+    s = safe(v)
     if not s or any(c in s for c in ' ="'):
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return s

@@ -11,6 +11,7 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from relay.mime import headers
 from relay.mime.scanner import Limits
 from relay.mime.stamper import DEFAULT_LIMITS, Decision, Signature, already_processed, stamp
 from relay.policy import Policy, RenderError, message_of
@@ -51,14 +52,17 @@ class Copy:
 def plan_copies(
     raw: bytes, *, policy: Policy | None, mail_from: str, recipients: Sequence[str], at: dt.datetime,
     processed_header: str, received_for: Callable[[Sequence[str]], bytes], limits: Limits = DEFAULT_LIMITS,
+    top: dict[str, list[str]] | None = None,
 ) -> list[Copy]:
     """Rules → render → stamp for every distinct outcome. Pure (runs in a worker thread for big
-    messages). To/Cc headers are never touched: copies differ only in body and envelope."""
+    messages). To/Cc headers are never touched: copies differ only in body and envelope.
+    ``top`` is the message's header index, parsed once by :mod:`relay.ingress`."""
+    top = headers.index(raw) if top is None else top
     if policy is None or not policy.has_rules:
         groups: list[tuple[Outcome, list[str]]] = [((), list(recipients))]
         msg = None
     else:
-        msg = message_of(raw, mail_from, at)
+        msg = message_of(raw, mail_from, at, top)
         groups = policy.plan(msg, recipients)
     copies = []
     for outcome, group in groups:
@@ -69,7 +73,7 @@ def plan_copies(
             except RenderError as e:
                 error = str(e)  # never a crash, never a 5xx: the copy goes out unstamped (marked)
         result = stamp(raw, sig, processed_header=processed_header, mail_from=mail_from, bottom=bottom,
-                       prefix=received_for(group), limits=limits)
+                       prefix=received_for(group), limits=limits, top=top)
         copies.append(Copy(tuple(group), Processed(result.data, result.decision, result.placement, result.anomalies),
                            ",".join(f"{x.section}:{x.rule}" for x in outcome), error))
     return copies

@@ -12,10 +12,11 @@ import datetime as dt
 import email.errors
 import email.header
 import email.utils
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from relay import directory as directory_mod
 from relay import rules as rules_mod
@@ -41,25 +42,39 @@ class SenderIdentity:
     how: str  # "from", "send-on-behalf (Sender:)", "envelope"
 
 
-def sender_identity(raw: bytes, mail_from: str) -> SenderIdentity:
+def sender_identity(raw: bytes, mail_from: str, top: dict[str, list[str]] | None = None) -> SenderIdentity:
     """Whose rules apply. Send As: From: is the mailbox (no Sender:) → the mailbox owner's rules.
-    Send on Behalf: From: is the principal and Sender: the delegate → the delegate's rules."""
-    top = headers.index(raw)
-    frm = [a.lower() for _, a in email.utils.getaddresses(top.get("from", [])) if a]
-    snd = [a.lower() for _, a in email.utils.getaddresses(top.get("sender", [])) if a]
-    if snd and frm and snd[0] != frm[0]:
+    Send on Behalf: From: is the principal and Sender: the delegate → the delegate's rules, but
+    only when Sender: is the envelope sender, as Exchange Online sets it for a delegate: a
+    Sender: the user typed themselves must not earn them someone else's (the CEO's) signature
+    (issue #10, finding 6)."""
+    top = headers.index(raw) if top is None else top
+    frm = [_clean(a.lower()) for _, a in email.utils.getaddresses(top.get("from", [])) if a]
+    snd = [_clean(a.lower()) for _, a in email.utils.getaddresses(top.get("sender", [])) if a]
+    if snd and frm and snd[0] != frm[0] and snd[0] == mail_from.lower():
         return SenderIdentity(snd[0], "send-on-behalf (Sender:)")
     if frm:
         return SenderIdentity(frm[0], "from")
-    return SenderIdentity(mail_from.lower(), "envelope")
+    return SenderIdentity(_clean(mail_from.lower()), "envelope")
 
 
-def _subject(raw: bytes) -> str:
-    value = (headers.get_all(raw, "Subject") or [""])[0]
+# C0 and C1 controls and DEL. Values taken from the message reach templates; after RFC 2047
+# decoding a Subject can carry CR/LF, and HTML autoescaping keeps them, so a subject could open
+# a new MIME part inside the signature (issue #10, finding 3).
+_CONTROLS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _clean(value: str) -> str:
+    return _CONTROLS.sub(" ", value)
+
+
+def _subject(top: dict[str, list[str]]) -> str:
+    value = (top.get("subject") or [""])[0]
     try:
-        return str(email.header.make_header(email.header.decode_header(value)))
+        decoded = str(email.header.make_header(email.header.decode_header(value)))
     except (UnicodeError, LookupError, email.errors.HeaderParseError):
-        return value
+        decoded = value
+    return _clean(decoded)
 
 
 def _body_text(raw: bytes) -> str:
@@ -77,10 +92,12 @@ def _body_text(raw: bytes) -> str:
     return signatures_mod.html_to_text(text) if part.ctype == "text/html" else text
 
 
-def message_of(raw: bytes, mail_from: str, at: dt.datetime) -> Message:
-    subject = _subject(raw)
-    reply = rules_mod.is_reply(subject, bool(headers.get_all(raw, "In-Reply-To") or headers.get_all(raw, "References")))
-    return Message(sender=sender_identity(raw, mail_from).address, subject=subject, body=_body_text(raw),
+def message_of(raw: bytes, mail_from: str, at: dt.datetime, top: dict[str, list[str]] | None = None) -> Message:
+    """What rules and templates may read of a message; every value free of control characters."""
+    top = headers.index(raw) if top is None else top
+    subject = _subject(top)
+    reply = rules_mod.is_reply(subject, bool(top.get("in-reply-to") or top.get("references")))
+    return Message(sender=sender_identity(raw, mail_from, top).address, subject=subject, body=_body_text(raw),
                    kind="reply" if reply else "new", at=at)
 
 

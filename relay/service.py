@@ -14,12 +14,12 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay import binding, metrics, pipeline
+from relay import binding, ingress, metrics, pipeline
 from relay import log as msglog
 from relay.config import Config
 from relay.delivery import dsn
@@ -28,9 +28,9 @@ from relay.delivery.queue import QueueRunner
 from relay.delivery.spool import Entry, Spool
 from relay.delivery.spool import now as spool_now
 from relay.errors import PermanentError, RelayError, Reply, TransientError
-from relay.mime import headers, trace
+from relay.mime import trace
 from relay.smtp import replies, tls
-from relay.smtp.server import EhloWithoutAuth, Guard, RelaySMTP, start_listener
+from relay.smtp.server import EhloWithoutAuth, Guard, RelaySMTP, Slot, start_listener
 
 log = logging.getLogger("relay")
 # Above this size the pure pipeline runs in a worker thread so one big message cannot stall
@@ -48,6 +48,32 @@ def envelope_sender(env: Envelope) -> str:
     return "" if s == "<>" else s
 
 
+def _prepare(
+    cfg: Config, raw: bytes, mail_from: str, rcpts: list[str], peer: binding.Peer, when: dt.datetime,
+    received_for: Callable[[Sequence[str]], bytes], fields: dict[str, Any],
+) -> tuple[bytes, binding.Binding, list[pipeline.Copy]]:
+    """Ingress → loop check → binding → pipeline, on the one normalised message and its one header
+    parse (DESIGN: what we check is what the tenant gets). Pure apart from filling ``fields``."""
+    sec = cfg.security
+    inbound = ingress.accept(raw, ingress.IngressLimits(sec.max_header_bytes, sec.max_header_fields))
+    raw, top = inbound.raw, inbound.top
+    mids = top.get("message-id")
+    fields["message_id"] = mids[0][:200] if mids else "-"
+    if inbound.normalised:
+        fields["normalised"] = "line-endings"
+    hops = len(top.get("received", ()))
+    if hops >= sec.max_received:
+        # RFC 5321 §6.3: a loop is detected by counting Received: fields.
+        raise PermanentError(replies.LOOP_DETECTED, f"{hops} Received: fields")
+    b = binding.bind(cfg, mail_from, raw, peer, top=top)
+    fields["tenant"] = b.tenant.name
+    fields["bound_by"] = b.how
+    copies = pipeline.plan_copies(
+        raw, policy=b.tenant.policy, mail_from=mail_from, recipients=rcpts, at=when,
+        processed_header=cfg.processed_header, received_for=received_for, limits=cfg.mime_limits, top=top)
+    return raw, b, copies
+
+
 class RelayHandler(EhloWithoutAuth):
     """aiosmtpd hook object. Replies come from :mod:`relay.smtp.replies` only."""
 
@@ -58,6 +84,10 @@ class RelayHandler(EhloWithoutAuth):
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
     ) -> str:
         sec = self.relay.cfg.security
+        if not address.isascii() and not envelope.smtp_utf8:
+            # RFC 6531 §3.4: without the SMTPUTF8 parameter the transaction is ASCII; refuse now,
+            # not with a 451 after DATA that Exchange Online would retry for a day.
+            return str(replies.NEEDS_SMTPUTF8)
         if sec.require_client_cert:
             names = tls.peer_names((session.ssl or {}).get("peercert"))
             if not names:
@@ -68,7 +98,7 @@ class RelayHandler(EhloWithoutAuth):
         try:
             binding.check_sender(self.relay.cfg, "" if address == "<>" else address)
         except RelayError as e:
-            log.info("refused at MAIL peer=%s from=<%s>: %s", session.peer, address, e.detail)
+            log.info("refused at MAIL peer=%s from=<%s>: %s", session.peer, msglog.safe(address), msglog.safe(e.detail))
             return replies.reply_for(e)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
@@ -77,6 +107,8 @@ class RelayHandler(EhloWithoutAuth):
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
     ) -> str:
+        if not address.isascii() and not envelope.smtp_utf8:
+            return str(replies.NEEDS_SMTPUTF8)  # RFC 6531 §3.4
         if len(envelope.rcpt_tos) >= self.relay.cfg.security.max_recipients:
             return str(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 §4.5.3.1.10: the earlier ones stand
         envelope.rcpt_tos.append(address)
@@ -109,12 +141,12 @@ class Relay:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def smtp_factory(self, implicit_tls: bool = False) -> SMTP:
+    def smtp_factory(self, implicit_tls: bool = False, slot: Slot | None = None) -> SMTP:
         # On an implicit-TLS listener TLS is already up: no STARTTLS to offer or require.
         return RelaySMTP(
             self.handler, hostname=self.cfg.hostname, idle_timeout=self.cfg.idle_timeout,
             data_size_limit=self.cfg.max_message_size, tls_context=None if implicit_tls else self.tls_context,
-            require_starttls=self.cfg.require_starttls and not implicit_tls, guard=self.guard,
+            require_starttls=self.cfg.require_starttls and not implicit_tls, guard=self.guard, slot=slot,
         )
 
     async def start(self) -> None:
@@ -124,7 +156,7 @@ class Relay:
             factory = functools.partial(self.smtp_factory, lst.implicit_tls)
             # Implicit-TLS listeners keep the context they started with (asyncio binds it to the
             # server); STARTTLS ones pick up a reloaded certificate for each new session.
-            self.servers.append(await start_listener(factory, lst, self.tls_context))
+            self.servers.append(await start_listener(factory, lst, self.tls_context, self.guard))
             log.info("listening on %s:%s (%s)", lst.host, lst.port, "implicit TLS" if lst.implicit_tls else "STARTTLS")
         if self.cfg.metrics_listen:
             host, port = self.cfg.metrics_listen
@@ -176,10 +208,9 @@ class Relay:
         raw = envelope.original_content or b""
         mail_from = envelope_sender(envelope)
         rcpts = list(envelope.rcpt_tos)
-        mids = headers.get_all(raw, "Message-ID")
         fields: dict[str, Any] = {
             "qid": qid, "peer": session.peer[0] if session.peer else None, "from": f"<{mail_from}>",
-            "rcpts": len(rcpts), "message_id": mids[0][:200] if mids else "-", "size_in": len(raw),
+            "rcpts": len(rcpts), "message_id": "-", "size_in": len(raw),
         }
         try:
             reply = await self._process_and_deliver(session, envelope, qid, raw, mail_from, rcpts, fields)
@@ -206,19 +237,11 @@ class Relay:
         rcpts: list[str], fields: dict[str, Any],
     ) -> str:
         cfg = self.cfg
-        hops = len(headers.get_all(raw, "Received"))
-        if hops >= cfg.security.max_received:
-            # RFC 5321 §6.3: a loop is detected by counting Received: fields.
-            raise PermanentError(replies.LOOP_DETECTED, f"{hops} Received: fields")
         peer = binding.Peer(
             ip=session.peer[0] if session.peer else None,
             cert_names=tuple(tls.peer_names((session.ssl or {}).get("peercert"))),
             sni=tls.sni_of(session.ssl),
         )
-        b = binding.bind(cfg, mail_from, raw, peer)
-        fields["tenant"] = b.tenant.name
-        fields["bound_by"] = b.how
-        t = b.tenant
         tls_info, when = tls.describe(session.ssl), dt.datetime.now(dt.UTC)
 
         def received_for(group: Sequence[str]) -> bytes:
@@ -226,10 +249,11 @@ class Relay:
                 helo=session.host_name, peer_ip=session.peer[0] if session.peer else None, by=cfg.hostname,
                 queue_id=qid, recipients=group, tls=tls_info, smtputf8=envelope.smtp_utf8, when=when.astimezone())
 
-        work = functools.partial(
-            pipeline.plan_copies, raw, policy=t.policy, mail_from=mail_from, recipients=rcpts, at=when,
-            processed_header=cfg.processed_header, received_for=received_for, limits=cfg.mime_limits)
-        copies = await asyncio.to_thread(work) if len(raw) > _OFFLOAD_BYTES else work()
+        work = functools.partial(_prepare, cfg, raw, mail_from, rcpts, peer, when, received_for, fields)
+        # Everything proportional to the message's size (normalisation, header parse, MIME work)
+        # runs in a worker thread for big messages, so one cannot stall other sessions (aiosmtpd #293).
+        raw, b, copies = await asyncio.to_thread(work) if len(raw) > _OFFLOAD_BYTES else work()
+        t = b.tenant
         fields["copies"] = len(copies) if len(copies) > 1 else None
         fields["decision"] = ";".join(str(c.processed.decision) for c in copies)
         fields["rules"] = ";".join(c.sections or "-" for c in copies) if any(c.sections for c in copies) else None
@@ -307,7 +331,7 @@ class Relay:
         try:
             await self.delivery.deliver(tenant, "", [mail_from], msg)
         except RelayError as e:
-            log.error("DSN for %s to <%s> NOT delivered: %s", qid, mail_from, e.detail)
+            log.error("DSN for %s to <%s> NOT delivered: %s", qid, msglog.safe(mail_from), msglog.safe(e.detail))
             return "failed"
         return "sent"
 

@@ -37,6 +37,23 @@ class RenderError(Exception):
     """A template misbehaved at render time (sandbox violation...): pass the message through."""
 
 
+# A signature is a few KB; these bounds keep a template (or a message value it repeats) from
+# growing a message without limit. Rendering stops as soon as the output passes the bound.
+MAX_RENDERED_CHARS: Final = 256 * 1024
+_MAX_REPEAT: Final = 64 * 1024  # longest string or list a "*" or "**" in a template may build
+
+
+def _bounded(template: jinja2.Template, ctx: Mapping[str, Any], where: Path) -> str:
+    out: list[str] = []
+    size = 0
+    for chunk in template.generate(ctx):
+        size += len(chunk)
+        if size > MAX_RENDERED_CHARS:
+            raise RenderError(f"{where}: rendered output over {MAX_RENDERED_CHARS} characters")
+        out.append(chunk)
+    return "".join(out)
+
+
 def _finalize(value: Any) -> Any:
     if value is None or isinstance(value, jinja2.Undefined) or (isinstance(value, str) and not value.strip()):
         return _EMPTY
@@ -53,8 +70,21 @@ class _StrictSandbox(SandboxedEnvironment):
     undefined value that renders as nothing; we make it an error, so an escape attempt is seen,
     logged and the message passed through instead of silently stamped."""
 
+    # "*" and "**" are checked before they run ("a" * 10**8 would allocate 100 MB first); this
+    # also stops Jinja from constant-folding them at compile time.
+    intercepted_binops = frozenset({"*", "**"})
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__} is unsafe")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(n, int) and hasattr(seq, "__len__") and len(seq) * n > _MAX_REPEAT:
+                raise jinja2.exceptions.SecurityError(f"'*' would build {len(seq) * n} items (max {_MAX_REPEAT})")
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+            raise jinja2.exceptions.SecurityError(f"'**' exponent {right} too large (max 64)")
+        return super().call_binop(context, operator, left, right)
 
 
 def _env(autoescape: bool) -> SandboxedEnvironment:
@@ -223,13 +253,20 @@ class Templates:
             return f"cid:{file}"
 
         ctx = {**context, "image": image}
+        where = self.dir / f"{name}.html.j2"
         try:
-            html = _drop_empty_lines(t.html.render(ctx))
-            text = _drop_empty_lines(t.text.render(ctx)) if t.text is not None else html_to_text(html)
+            html = _drop_empty_lines(_bounded(t.html, ctx, where))
+            text = _drop_empty_lines(_bounded(t.text, ctx, self.dir / f"{name}.txt.j2")) if t.text is not None \
+                else html_to_text(html)
+        except RenderError:
+            raise
         except jinja2.exceptions.SecurityError as e:
-            raise RenderError(f"template {name}: sandbox violation: {e}") from e
-        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as e:
-            raise RenderError(f"template {name}: {type(e).__name__}: {e}") from e
+            raise RenderError(f"{where}: template {name}: sandbox violation: {e}") from e
+        except Exception as e:
+            # Any failure — RecursionError from a recursive macro, TypeError, a bug in a filter —
+            # is a render failure: the message passes through unstamped, never a 451 that would
+            # repeat on every retry (issue #10, finding 8).
+            raise RenderError(f"{where}: template {name}: {type(e).__name__}: {e}") from e
         images = tuple(Image(f, mimetypes.guess_type(f)[0] or "application/octet-stream", self.image_data[f])
                        for f in sorted(used) if f in self.image_data)
         return Signature(html=html.strip("\n") + "\n", text=text, images=images)

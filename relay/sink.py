@@ -153,7 +153,7 @@ class Sink:
         self.handler.allowed = {t.certificate_name.lower(): t.name for t in cfg.tenants}
 
     async def start(self) -> None:
-        self.server = await start_listener(self.smtp_factory, self.listener, self.tls_context)
+        self.server = await start_listener(self.smtp_factory, self.listener, self.tls_context, Guard())
         log.info("tenant-inbound sink listening on %s:%s, Maildir %s",
                  self.listener.host, self.listener.port, self.cfg.sink.maildir)
 

@@ -72,10 +72,12 @@ def already_processed(raw: bytes, header_name: str, top: dict[str, list[str]] | 
 def stamp(
     raw: bytes, signature: Signature | None, *, processed_header: str = "X-CodeTwoProcessed",
     mail_from: str | None = None, bottom: bool = False, limits: Limits = DEFAULT_LIMITS, prefix: bytes = b"",
+    top: dict[str, list[str]] | None = None,
 ) -> StampResult:
     """``prefix`` (complete header fields, e.g. our Received:) goes first; the output is built
-    with a single copy of the message, which matters for 25 MB attachments."""
-    top = headers.index(raw)
+    with a single copy of the message, which matters for 25 MB attachments. ``top`` is
+    :func:`headers.index` of ``raw`` when the caller parsed it already (the relay always has)."""
+    top = headers.index(raw) if top is None else top
     if already_processed(raw, processed_header, top):
         return StampResult(_join(raw, prefix, []), Decision("pass-through", "already-processed"))
     marker = trace.marker(processed_header)
@@ -87,6 +89,10 @@ def stamp(
     if reason is not None:
         return StampResult(_join(raw, fields, []), Decision("pass-through", reason), anomalies=tuple(s.anomalies))
     assert signature is not None
+    if _carries_boundary(signature, s):
+        # A rendered signature holding one of the message's boundary lines would end the leaf
+        # early and open a part of its own (MIME structure injection, issue #10 finding 3).
+        return StampResult(_join(raw, fields, []), Decision("pass-through", "signature-contains-boundary"))
     targets = find_targets(s)
     if not targets:
         return StampResult(_join(raw, fields, []), Decision("pass-through", "no-text-body"))
@@ -121,6 +127,14 @@ def stamp(
            for p in targets.values()):
         anomalies.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998
     return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules), tuple(anomalies))
+
+
+def _carries_boundary(sig: Signature, s: Scan) -> bool:
+    boundaries = [p.boundary for p in s.parts if p.boundary]
+    if not boundaries:
+        return False
+    text = (sig.html + "\n" + sig.text).encode("utf-8", "surrogatepass")
+    return any(b"--" + b in text for b in boundaries)
 
 
 def _join(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:

@@ -23,10 +23,21 @@ ENDPOINT_DNS_FAILED = Reply(451, "4.4.3", "Tenant endpoint lookup failed, try ag
 ENDPOINT_TIMEOUT = Reply(451, "4.4.2", "Tenant endpoint timed out, try again later")
 ENDPOINT_DEFERRED = Reply(451, "4.4.0", "Tenant endpoint deferred the message, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+# aiosmtpd would say "500 Line too long" (RFC 5321 §4.5.3.1.6) after DATA; Exchange Online may have
+# accepted the message already, so a bounce would lose it for a limit the operator can raise.
+DATA_LINE_TOO_LONG = Reply(451, "4.6.0", "Line too long for this relay, try again later")
 QUEUE_WRITE_FAILED = Reply(451, "4.3.0", "Cannot queue the message now, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 
 # --- permanent (5xx) ----------------------------------------------------------------------------
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")  # RFC 3207 §4.2
+# RFC 6531 §3.4: a non-ASCII address needs the SMTPUTF8 parameter on MAIL FROM.
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+BAD_ADDRESS = Reply(553, "5.1.7", "Address not accepted: invalid or suspicious domain")
+# Exchange Online's own header limit is 256 KB; beyond ours the header is hostile, not mail.
+HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header too large")
+# A NUL in the header section is read differently by different parsers (RFC 5322 §2.2).
+HEADER_NUL = Reply(554, "5.6.0", "Message header contains a NUL character")
 # Generic on purpose: why a message was not bound to a tenant is in the log, not the reply, so
 # an attacker probing the relay learns nothing about which tenants exist (issue #5).
 NOT_AUTHORIZED = Reply(550, "5.7.1", "Relaying denied: message not from a served organization")

@@ -8,11 +8,19 @@
   close the connection and cancel the handler (aiosmtpd #110).
 * Exceptions become 451 via :func:`relay.smtp.replies.reply_for`, never aiosmtpd's 500.
 
-And the connection-level protections of issue #5, enforced by a :class:`Guard` shared by all
-sessions of a listener: allowed networks (554 greeting), total and per-IP connection caps
+And the connection-level protections of issues #5 and #10, enforced by a :class:`Guard` shared by
+all sessions of a listener: allowed networks (554 greeting), total and per-IP connection caps
 (421), pregreet ("early talker") detection, an error budget, a minimum DATA rate against
 slowloris senders, and a DATA line length limit above RFC 5321's 1000 so that mail Exchange
-Online accepted is never refused for a long line.
+Online accepted is never refused for a long line (a longer one is a 4xx, never a bounce).
+
+Admission happens at TCP accept, before any TLS work: on implicit-TLS listeners a :class:`TlsGate`
+admits or closes the socket first and only then runs a handshake bounded in time, so a flood of
+half-open handshakes costs one slot each and no TLS memory for refused peers. A connection slot
+is a :class:`Slot`, released exactly once whichever way the session ends (QUIT, peer reset, idle
+timeout, abandoned handshake, handler crash).
+
+How it fails: every refusal is a reply line or a closed socket, never an exception to the loop.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from relay.config import Listener, Network, SecurityConfig
+from relay.smtp import replies
 
 log = logging.getLogger("relay.smtp")
 
@@ -45,6 +54,7 @@ class Guard:
     min_data_rate: float = 0.0
     greeting_delay: float = 0.0
     max_line_length: int = 1001
+    tls_handshake_timeout: float = 10.0
     active: int = 0
     per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
 
@@ -54,6 +64,7 @@ class Guard:
             sec.allowed_networks, sec.max_connections, sec.max_connections_per_ip)
         self.max_errors, self.min_data_rate, self.greeting_delay = sec.max_errors, sec.min_data_rate, sec.greeting_delay
         self.max_line_length = sec.max_line_length
+        self.tls_handshake_timeout = sec.tls_handshake_timeout
 
     def admit(self, ip: str | None) -> str | None:
         """None to admit, else the reply to greet with before closing (RFC 5321 §3.1: 554)."""
@@ -73,10 +84,35 @@ class Guard:
             return "421 4.7.0 Too many connections from your address, try again later"
         return None
 
+    def slot(self, ip: str | None) -> Slot | str:
+        """Admit ``ip`` and take a connection slot, or return the refusal reply."""
+        refusal = self.admit(ip)
+        return refusal if refusal is not None else Slot(self, ip or "")
+
+
+class Slot:
+    """One admitted connection's share of the guard's counters; :meth:`release` is idempotent,
+    so every path that ends a session may call it (issue #10: slots leaked when a nested or
+    abandoned TLS handshake ended a session without ``connection_lost``)."""
+
+    def __init__(self, guard: Guard, ip: str) -> None:
+        self.guard, self.ip, self.held = guard, ip, True
+        guard.active += 1
+        guard.per_ip[ip] += 1
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        self.guard.active -= 1
+        self.guard.per_ip[self.ip] -= 1
+        if self.guard.per_ip[self.ip] <= 0:
+            del self.guard.per_ip[self.ip]
+
 
 class RelaySMTP(SMTP):
     def __init__(self, handler: Any, *, hostname: str, idle_timeout: float, guard: Guard | None = None,
-                 **kwargs: Any) -> None:
+                 slot: Slot | None = None, **kwargs: Any) -> None:
         self.guard = guard or Guard()
         # aiosmtpd sizes its StreamReader from this attribute in __init__: set it first.
         self.line_length_limit = self.guard.max_line_length
@@ -91,19 +127,21 @@ class RelaySMTP(SMTP):
         self._data_bytes = 0
         self._errors = 0
         self._rejection: str | None = None
-        self._admitted_ip: str | None = None
+        self._slot = slot  # already admitted (implicit TLS: by the TlsGate, at TCP accept)
         self._idle = idle_timeout
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        ip = str(peer[0]) if peer else None
-        if self._admitted_ip is None and self._rejection is None:  # not again after STARTTLS
-            self._rejection = self.guard.admit(ip)
-            if self._rejection is None:
-                self._admitted_ip = ip or ""
-                self.guard.active += 1
-                self.guard.per_ip[self._admitted_ip] += 1
+        if self._slot is None and self._rejection is None:  # not again after STARTTLS
+            peer = transport.get_extra_info("peername")
+            got = self.guard.slot(str(peer[0]) if peer else None)
+            if isinstance(got, Slot):
+                self._slot = got
+            else:
+                self._rejection = got
         super().connection_made(transport)
+        if self._handler_coroutine is not None:
+            # However the session task ends (QUIT, error, cancellation), the slot comes free.
+            self._handler_coroutine.add_done_callback(lambda _t: self._release())
         # On an implicit-TLS listener the socket is TLS from the first byte; aiosmtpd only fills
         # session.ssl after STARTTLS, so record the TLS details the same way here.
         if self.session is not None and self.session.ssl is None:
@@ -112,13 +150,12 @@ class RelaySMTP(SMTP):
                 self.session.ssl = {"ssl_object": obj, "peercert": transport.get_extra_info("peercert"),
                                     "cipher": transport.get_extra_info("cipher")}
 
+    def _release(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
+
     def connection_lost(self, error: Exception | None) -> None:
-        if self._admitted_ip is not None:
-            self.guard.active -= 1
-            self.guard.per_ip[self._admitted_ip] -= 1
-            if self.guard.per_ip[self._admitted_ip] <= 0:
-                del self.guard.per_ip[self._admitted_ip]
-            self._admitted_ip = None
+        self._release()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -142,8 +179,17 @@ class RelaySMTP(SMTP):
             self.transport.close()
 
     async def push(self, status: Any) -> None:
-        await super().push(status)
         line = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if self._in_data and line.startswith("500 Line too long"):
+            # aiosmtpd answers an over-long DATA line with a permanent 500. Exchange Online may
+            # already have accepted that message from its sender, so a 5xx would bounce it: we
+            # answer 4xx (it stays queued at Exchange Online) and tell the operator which limit
+            # to raise (README "Security": long lines).
+            log.warning("%r DATA line over security.max_line_length (%d bytes): answered 451; raise the "
+                        "limit if this is legitimate mail", self.session.peer if self.session else None,
+                        self.guard.max_line_length)
+            line = status = str(replies.DATA_LINE_TOO_LONG)
+        await super().push(status)
         if line[:1] in ("4", "5") and not line.startswith("421"):
             self._errors += 1
             if self._errors >= self.guard.max_errors:
@@ -175,13 +221,23 @@ class RelaySMTP(SMTP):
                 return
         super().data_received(data)
 
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # RFC 3207 §4.2: once TLS is active the client MUST NOT issue STARTTLS again; a second
+        # handshake inside the first one was answered 220 by aiosmtpd and, abandoned, leaked
+        # its session (issue #10).
+        if self._tls_protocol is not None or (self.transport is not None
+                                              and self.transport.get_extra_info("ssl_object") is not None):
+            await self.push(str(replies.TLS_ALREADY_ACTIVE))
+            return
+        await super().smtp_STARTTLS(arg)
+
     def _timeout_cb(self) -> None:
         # A client that sends STARTTLS and then nothing (or never finishes the handshake) leaves
         # aiosmtpd's session task waiting forever: asyncio's SSLProtocol only reports
         # connection_lost to us once the handshake completed. Clean up ourselves.
         pending_tls = self._original_transport is not None and (self.session is None or self.session.ssl is None)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
-        if pending_tls and self._admitted_ip is not None:
+        if pending_tls:
             self.connection_lost(None)
 
     def hold_timeout(self, seconds: float) -> None:
@@ -200,13 +256,73 @@ class EhloWithoutAuth:
         return [r for r in responses if not r[4:].upper().startswith("AUTH")]
 
 
+class TlsGate(asyncio.Protocol):
+    """Implicit TLS, admission first: the guard decides at TCP accept; a refused peer is closed
+    before a single TLS byte is read or written (no 554 line: the port speaks TLS, so a refused
+    client could not read one anyway), and an admitted one gets a handshake bounded by
+    ``guard.tls_handshake_timeout``. Only then is the SMTP protocol attached to the TLS transport.
+
+    asyncio's ``create_server(ssl=...)`` would instead run the handshake (~330 KB each) before
+    any protocol code sees the connection, for allowed and refused peers alike (issue #10)."""
+
+    def __init__(self, factory: Callable[[Slot], SMTP], guard: Guard, tls_context: ssl.SSLContext) -> None:
+        self.factory, self.guard, self.tls_context = factory, guard, tls_context
+        self.slot: Slot | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.early: list[bytes] = []  # bytes that arrive between handshake and hand-over
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        peer = transport.get_extra_info("peername")
+        got = self.guard.slot(str(peer[0]) if peer else None)
+        if not isinstance(got, Slot):
+            log.info("closed connection from %s before TLS: %s", peer[0] if peer else None, got)
+            transport.abort()
+            return
+        self.slot = got
+        self.task = asyncio.get_running_loop().create_task(self._handshake(transport))
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        assert self.slot is not None
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(transport, self, self.tls_context, server_side=True,
+                                       ssl_handshake_timeout=self.guard.tls_handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
+            log.info("TLS handshake with %s failed: %s", transport.get_extra_info("peername"), e)
+            transport.abort()
+            self.slot.release()
+            return
+        if tls is None:  # the peer went away during the handshake
+            self.slot.release()
+            return
+        smtp = self.factory(self.slot)
+        tls.set_protocol(smtp)
+        smtp.connection_made(tls)
+        for chunk in self.early:
+            smtp.data_received(chunk)
+        self.early.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.early.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.slot is not None:
+            self.slot.release()
+
+
 async def start_listener(
-    factory: Callable[[], SMTP], listener: Listener, tls_context: ssl.SSLContext | None,
+    factory: Callable[..., SMTP], listener: Listener, tls_context: ssl.SSLContext | None, guard: Guard,
 ) -> asyncio.Server:
-    """Bind one listener. Implicit TLS wraps the socket; STARTTLS listeners get plain TCP."""
+    """Bind one listener. STARTTLS listeners get plain TCP (admission happens in the SMTP
+    protocol's ``connection_made``, at accept); implicit-TLS ones go through a :class:`TlsGate`."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        factory, host=listener.host, port=listener.port,
-        ssl=tls_context if listener.implicit_tls else None,
-        reuse_address=True,
-    )
+    if listener.implicit_tls:
+        if tls_context is None:
+            raise ValueError("an implicit-TLS listener needs a TLS context")
+        ctx = tls_context
+        return await loop.create_server(lambda: TlsGate(lambda slot: factory(slot=slot), guard, ctx),
+                                        host=listener.host, port=listener.port, reuse_address=True)
+    return await loop.create_server(factory, host=listener.host, port=listener.port, reuse_address=True)

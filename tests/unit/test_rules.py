@@ -250,10 +250,20 @@ def test_send_as_uses_the_mailbox_and_send_on_behalf_the_delegate() -> None:
     on_behalf = (b"From: Dave Chen <dave@contoso.com>\r\nSender: Emily Braun <emily@contoso.com>\r\n"
                  b"To: x@example.net\r\nSubject: s\r\n\r\nbody\r\n")
     assert policy.sender_identity(send_as, "emily@contoso.com").address == "info@contoso.com"
-    who = policy.sender_identity(on_behalf, "dave@contoso.com")
+    # Exchange Online sends on behalf with the delegate (Sender:) as the envelope sender.
+    who = policy.sender_identity(on_behalf, "emily@contoso.com")
     assert (who.address, who.how) == ("emily@contoso.com", "send-on-behalf (Sender:)")
-    m = message_of(on_behalf, "dave@contoso.com", dt.datetime.now(UTC))
+    m = message_of(on_behalf, "emily@contoso.com", dt.datetime.now(UTC))
     assert m.sender == "emily@contoso.com" and m.kind == "new" and m.body.strip() == "body"
+
+
+def test_a_sender_field_that_is_not_the_envelope_sender_is_ignored() -> None:
+    """Issue #10, finding 6: From: alice, Sender: dave (the CEO), envelope alice must not earn
+    alice dave's signature; the From: mailbox's rules apply."""
+    forged = (b"From: Alice <alice@contoso.com>\r\nSender: Dave Chen <dave@contoso.com>\r\n"
+              b"To: x@example.net\r\nSubject: s\r\n\r\nbody\r\n")
+    who = policy.sender_identity(forged, "alice@contoso.com")
+    assert (who.address, who.how) == ("alice@contoso.com", "from")
 
 
 # --- templates ---------------------------------------------------------------------------------------
@@ -305,7 +315,7 @@ def test_sandbox_escapes_are_refused_at_render_and_pass_through(tmp_path: Path, 
 
     p = tenant(tmp_path, '[[rule]]\nname = "R"\nnew = "t"\n', templates={"t.html.j2": evil + "\n"})
     m = msg()
-    with pytest.raises(policy.RenderError, match=r"^template t: "):
+    with pytest.raises(policy.RenderError, match=r"t.html.j2: template t: "):
         p.render(p.rules.outcome(p.directory, m, "x@e.net"), m, ["x@e.net"])
     raw = b"From: Alice <alice@contoso.com>\r\nTo: x@e.net\r\nSubject: s\r\n\r\nbody\r\n"
     copies = pipeline.plan_copies(raw, policy=p, mail_from="alice@contoso.com", recipients=["x@e.net"],

@@ -1,0 +1,82 @@
+"""Ingress: turn the DATA bytes into the one message every later step reads. Pure; no I/O.
+
+DESIGN, "what we check is what the tenant gets": binding, policy, stamping and delivery must all
+see the same header. Delivery (aiosmtplib) rewrites every bare CR and bare LF into CRLF, so a
+header we parsed with a bare CR inside a field value (``X-A: a<CR>From: ceo@bank.example``) or a
+``<CR><CR><LF>`` "end of header" would reach the tenant as a different header than the one we
+bound (issue #10, finding 1). So the line endings are normalised here, first, with exactly
+aiosmtplib's rule, and the header section is parsed once from the result and shared.
+
+    >>> msg = accept(b"From: a@contoso.com\\nSubject: x\\n\\nhi\\n", IngressLimits())
+    >>> msg.raw, msg.top["from"]
+    (b'From: a@contoso.com\\r\\nSubject: x\\r\\n\\r\\nhi\\r\\n', ['a@contoso.com'])
+
+How it fails: :class:`relay.errors.PermanentError` with its reply when the header section holds a
+NUL (554 5.6.0: parsers disagree on where such a field ends) or exceeds the configured size or
+field count (552 5.3.4: Exchange Online itself caps headers at 256 KB, so a larger one is hostile,
+and parsing a million fields would stall the event loop).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from relay.errors import PermanentError
+from relay.mime import headers
+from relay.smtp import replies
+
+# Identical to aiosmtplib.protocol.LINE_ENDINGS_REGEX (aiosmtplib 5.x): CRLF stays, a bare LF and a
+# CR not followed by LF each become CRLF. Using the same rule means delivery changes nothing more.
+_LINE_ENDINGS: Final = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+@dataclass(frozen=True)
+class IngressLimits:
+    max_header_bytes: int = 262_144
+    max_header_fields: int = 2000
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """The message as it will be delivered (CRLF only) and its top-level header, parsed once."""
+
+    raw: bytes
+    top: dict[str, list[str]]  # headers.index(raw): lower-cased name -> values in order
+    normalised: bool  # True when line endings had to be rewritten (logged as an anomaly)
+
+
+def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
+    """``raw`` with every line break as CRLF, and whether anything changed. Three C-speed counts
+    decide the common case (already CRLF) without copying the message."""
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf:
+        return raw, False
+    return _LINE_ENDINGS.sub(b"\r\n", raw), True
+
+
+def header_section_end(raw: bytes) -> int:
+    """Offset just after the empty line ending the header section of a CRLF-only message."""
+    if raw.startswith(b"\r\n"):
+        return 2
+    i = raw.find(b"\r\n\r\n")
+    return len(raw) if i < 0 else i + 4
+
+
+def accept(raw: bytes, limits: IngressLimits) -> Inbound:
+    """Normalise, check the header section against ``limits``, parse it once."""
+    raw, changed = normalise_line_endings(raw)
+    hend = header_section_end(raw)
+    if hend > limits.max_header_bytes:
+        raise PermanentError(replies.HEADER_TOO_LARGE, f"header section {hend} bytes > {limits.max_header_bytes}")
+    nul = raw.find(b"\x00", 0, hend)
+    if nul >= 0:
+        raise PermanentError(replies.HEADER_NUL, f"NUL at offset {nul} of the header")
+    # Fields = lines that do not continue the previous one (RFC 5322 §2.2.3), counted in C before
+    # any per-field work happens.
+    lines = raw.count(b"\r\n", 0, hend)
+    fields = lines - raw.count(b"\r\n ", 0, hend) - raw.count(b"\r\n\t", 0, hend)
+    if fields > limits.max_header_fields:
+        raise PermanentError(replies.HEADER_TOO_LARGE, f"about {fields} header fields > {limits.max_header_fields}")
+    return Inbound(raw, headers.index(raw), changed)

@@ -1,0 +1,71 @@
+"""Pure tests for the one normalisation and the domain comparison binding relies on (issue #10)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay import addresses, ingress
+from relay.errors import PermanentError
+
+AIOSMTPLIB_LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")  # aiosmtplib.protocol, as delivery applies it
+
+
+@given(st.binary(max_size=300))
+def test_normalisation_is_exactly_what_delivery_does(data: bytes) -> None:
+    out, changed = ingress.normalise_line_endings(data)
+    assert out == AIOSMTPLIB_LINE_ENDINGS.sub(b"\r\n", data)
+    assert changed == (out != data)
+    assert AIOSMTPLIB_LINE_ENDINGS.sub(b"\r\n", out) == out  # delivery then changes nothing
+
+
+def test_the_header_we_index_is_the_header_the_tenant_parses() -> None:
+    raw = (b"X-MS-Exchange-CrossTenant-Id: t\r\nX-A: a\rFrom: CEO <ceo@bank.example>\r\n\r\r\n"
+           b"From: alice@contoso.com\r\n\r\nbody\r\n")
+    msg = ingress.accept(raw, ingress.IngressLimits())
+    assert msg.top["from"] == ["CEO <ceo@bank.example>"] and msg.normalised
+    import email
+    import email.policy
+
+    assert email.message_from_bytes(msg.raw, policy=email.policy.compat32).get_all("From") == [
+        "CEO <ceo@bank.example>"]
+
+
+@pytest.mark.parametrize(("raw", "code"), [
+    (b"A: b\x00c\r\n\r\nbody", "554 5.6.0"),
+    (b"A: b\r\n" * 3000 + b"\r\nbody", "552 5.3.4"),
+    (b"A: " + b"x" * 300_000 + b"\r\n\r\nbody", "552 5.3.4"),
+])
+def test_header_limits(raw: bytes, code: str) -> None:
+    with pytest.raises(PermanentError) as e:
+        ingress.accept(raw, ingress.IngressLimits())
+    assert str(e.value.reply).startswith(code)
+
+
+def test_nul_in_the_body_is_not_a_header_problem() -> None:
+    assert ingress.accept(b"A: b\r\n\r\nbody\x00x\r\n", ingress.IngressLimits()).top == {"a": ["b"]}
+
+
+@pytest.mark.parametrize(("domain", "expected"), [
+    ("Contoso.COM.", "contoso.com"),
+    ("bücher.example", "xn--bcher-kva.example"),
+    ("BÜCHER.example", "xn--bcher-kva.example"),
+    ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+])
+def test_domains_compare_as_a_labels(domain: str, expected: str) -> None:
+    assert addresses.normalise_domain(domain) == expected
+
+
+@pytest.mark.parametrize("domain", [
+    "fabri\u212aam.com",  # KELVIN SIGN, lower() == "k"
+    "\uff46abrikam.com",  # FULLWIDTH LATIN SMALL LETTER F
+    "conto\u017fo.com",  # LATIN SMALL LETTER LONG S, maps to "s"
+    "a\u200bb.com",  # ZERO WIDTH SPACE
+    "exa mple.com\u0301",
+])
+def test_lookalike_domains_are_refused(domain: str) -> None:
+    with pytest.raises(addresses.BadDomain):
+        addresses.normalise_domain(domain)
