@@ -82,7 +82,6 @@ def encode_base64(data: bytes, eol: bytes = b"\r\n") -> bytes:
     return eol.join(b[i:i + 76] for i in range(0, len(b), 76)) + eol
 
 
-_EOL_B: Final = re.compile(rb"\r\n|\n|\r")
 _SAFE_LINE: Final = re.compile(rb"[\x21-\x3c\x3e-\x7e]([\x20\x21-\x3c\x3e-\x7e]{0,74}[\x21-\x3c\x3e-\x7e])?")
 _SINGLE_BYTE_PREFIXES: Final = ("ascii", "latin", "iso8859", "cp125", "cp437", "cp850", "cp852", "cp866", "koi8",
                                 "mac-", "tis-620", "cp874")
@@ -94,25 +93,50 @@ def _fast_qp_ok(codec: str) -> bool:
     return codec == "utf-8" or codec.startswith(_SINGLE_BYTE_PREFIXES)
 
 
+_BREAKS: Final = re.compile(r"(\r\n|\n|\r)")
+
+
 def encode_qp(text: str, codec: str, eol: str = "\r\n") -> bytes:
-    """Quoted-printable for ``text`` in ``codec`` (ASCII-compatible), hard line breaks as ``eol``."""
+    """Quoted-printable for ``text`` in ``codec`` (ASCII-compatible). ``eol`` is the message's
+    line ending on the wire: every encoded line ends with it, whatever ``text`` uses.
+
+    A line break of ``text`` equal to ``eol`` becomes a hard line break (RFC 2045 §6.7 rule 4);
+    any other one (a bare LF in CRLF mail, typical of web clients) is kept *as data*: escaped
+    (``=0A``) and followed by a soft break, so the decoded text keeps each line's own break and
+    the wire never carries a bare LF (issue #9: receivers refuse bare LF since the 2023
+    smuggling disclosures)."""
     if not ascii_compatible(codec):
         raise ValueError(f"{codec} is not ASCII-compatible")
-    if not _fast_qp_ok(codec):
-        return _encode_qp_by_char(text, codec, eol)
-    utf8 = codec == "utf-8"
+    fast, utf8 = _fast_qp_ok(codec), codec == "utf-8"
+    pieces = _BREAKS.split(text)
     out: list[bytes] = []
-    for line in _EOL_B.split(text.encode(codec)):
-        if len(line) <= 76 and _SAFE_LINE.fullmatch(line) and not line.startswith((b"From ", b".")):
-            out.append(line)  # the common case: nothing to encode, nothing to wrap
-            continue
-        # binascii does the byte escaping in C (including trailing white space); we undo its
-        # wrapping, which may split a UTF-8 sequence, and wrap again on character boundaries.
-        enc = binascii.b2a_qp(line, quotetabs=False, istext=False, header=False).replace(b"=\n", b"")
-        if enc.startswith((b"From ", b".")):
-            enc = b"=%02X" % enc[0] + enc[1:]
-        out.extend(_wrap(enc, utf8))
+    for i in range(0, len(pieces), 2):
+        phys = _qp_line(pieces[i], codec, fast, utf8)
+        sep = pieces[i + 1] if i + 1 < len(pieces) else None
+        if sep is not None and sep != eol:
+            esc = b"".join(b"=%02X" % c for c in sep.encode("ascii")) + b"="
+            if len(phys[-1]) + len(esc) > 76:
+                phys[-1] += b"="
+                phys.append(esc)
+            else:
+                phys[-1] += esc
+        out.extend(phys)
     return eol.encode("ascii").join(out)
+
+
+def _qp_line(line: str, codec: str, fast: bool, utf8: bool) -> list[bytes]:
+    """One line of text (no line break in it) as one or more encoded lines (soft breaks)."""
+    if not fast:
+        return _encode_qp_by_char(line, codec)
+    data = line.encode(codec)
+    if len(data) <= 76 and (not data or _SAFE_LINE.fullmatch(data)) and not data.startswith((b"From ", b".")):
+        return [data]  # the common case: nothing to encode, nothing to wrap
+    # binascii does the byte escaping in C (including trailing white space); we undo its
+    # wrapping, which may split a UTF-8 sequence, and wrap again on character boundaries.
+    enc = binascii.b2a_qp(data, quotetabs=False, istext=False, header=False).replace(b"=\n", b"")
+    if enc.startswith((b"From ", b".")):
+        enc = b"=%02X" % enc[0] + enc[1:]
+    return _wrap(enc, utf8)
 
 
 def _wrap(enc: bytes, utf8: bool) -> list[bytes]:
@@ -143,22 +167,21 @@ def _qp_char(ch: str, codec: str, eol_next: bool) -> str:
     return ch
 
 
-def _encode_qp_by_char(text: str, codec: str, eol: str) -> bytes:
+def _encode_qp_by_char(line: str, codec: str) -> list[bytes]:
     """Slow path for multi-byte charsets (Shift_JIS, GB18030, Big5, EUC-*): one character at a
     time, so a soft break can only fall between characters."""
+    tokens = [_qp_char(ch, codec, i == len(line) - 1) for i, ch in enumerate(line)]
+    if tokens and (line.startswith("From ") or line.startswith(".")):
+        tokens[0] = f"={ord(line[0]):02X}"
     out: list[str] = []
-    for line in _EOL.split(text):
-        tokens = [_qp_char(ch, codec, i == len(line) - 1) for i, ch in enumerate(line)]
-        if tokens and (line.startswith("From ") or line.startswith(".")):
-            tokens[0] = f"={ord(line[0]):02X}"
-        cur = ""
-        for tok in tokens:
-            if len(cur) + len(tok) > 75:
-                out.append(cur + "=")
-                cur = ""
-            cur += tok
-        out.append(cur)
-    return eol.join(out).encode("ascii")
+    cur = ""
+    for tok in tokens:
+        if len(cur) + len(tok) > 75:
+            out.append(cur + "=")
+            cur = ""
+        cur += tok
+    out.append(cur)
+    return [x.encode("ascii") for x in out]
 
 
 def max_line(data: bytes) -> int:

@@ -13,13 +13,14 @@ is returned unchanged, so ``stamp(stamp(x)) == stamp(x)``.
 from __future__ import annotations
 
 import hashlib
+import html as htmllib
 import re
 from dataclasses import dataclass
 from typing import Final
 
 from relay.mime import codec, headers, placement, trace
 from relay.mime.classify import PGP_ARMOUR, classify, find_targets
-from relay.mime.scanner import Limits, Part, Scan, line_anomalies, parse_params, scan
+from relay.mime.scanner import Limits, Part, Scan, line_anomalies, scan
 
 _META_CHARSET: Final = re.compile(
     r"""(<meta\b[^>]*?\bcharset\s*=\s*["']?)([A-Za-z0-9_:.+-]+)""", re.I)
@@ -89,6 +90,11 @@ def stamp(
     if reason is not None:
         return StampResult(_join(raw, fields, []), Decision("pass-through", reason), anomalies=tuple(s.anomalies))
     assert signature is not None
+    html_empty, text_empty = not _visible_html(signature.html), not signature.text.strip()
+    if html_empty and text_empty:
+        # Every placeholder rendered empty (a sender missing from the directory...): an empty
+        # block would only add blank lines; mark the message and say why (issue #9).
+        return StampResult(_join(raw, fields, []), Decision("marked", "no-signature:rendered-empty"))
     if _carries_boundary(signature, s):
         # A rendered signature holding one of the message's boundary lines would end the leaf
         # early and open a part of its own (MIME structure injection, issue #10 finding 3).
@@ -98,6 +104,12 @@ def stamp(
         return StampResult(_join(raw, fields, []), Decision("pass-through", "no-text-body"))
     edits: list[tuple[int, int, bytes]] = []
     rules: list[str] = []
+    if html_empty:
+        targets.pop("html", None)
+    if text_empty:
+        targets.pop("plain", None)
+    if not targets:
+        return StampResult(_join(raw, fields, []), Decision("marked", "no-signature:rendered-empty"))
     images = _embedded(signature, s) if "html" in targets else []
     if images:
         cids = {img.name: cid for img, cid in images}
@@ -127,6 +139,16 @@ def stamp(
            for p in targets.values()):
         anomalies.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998
     return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules), tuple(anomalies))
+
+
+_TAG: Final = re.compile(r"<[^>]*>")
+
+
+def _visible_html(html: str) -> bool:
+    """Would ``html`` show anything: text other than white space (``&nbsp;`` included), or an image?"""
+    if re.search(r"<img\b", html, re.I):
+        return True
+    return bool(htmllib.unescape(_TAG.sub("", html)).strip())
 
 
 def _carries_boundary(sig: Signature, s: Scan) -> bool:
@@ -234,7 +256,9 @@ def _attach_images(s: Scan, part: Part, new_leaf: bytes, images: list[tuple[Imag
     else:
         outer, inner, mime, body_sep = b"", leaf_header[: len(leaf_header) - len(eol)], b"", eol
     trailing = eol if part.parent is None else b""
-    wrapped = (outer + mime + related_ct + eol + b"--" + b + eol + inner + body_sep + leaf_body.rstrip(b"\r\n")
+    # The leaf's bytes are kept whole, its final line break included: the line break before our
+    # delimiter belongs to the delimiter (RFC 2046 §5.1.1), not to the leaf.
+    wrapped = (outer + mime + related_ct + eol + b"--" + b + eol + inner + body_sep + leaf_body
                + b"".join(eol + b"--" + b + eol + p.rstrip(b"\r\n") for p in parts)
                + eol + b"--" + b + b"--" + trailing)
     return [(part.start, part.end, wrapped)]
@@ -248,14 +272,16 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
     if PGP_ARMOUR.search(data):
         raise _PassThrough("pgp-inline")
     text = codec.decode_text(data, part.charset)
-    eol = "\r\n" if "\r\n" in text or "\n" not in text else "\n"
+    wire_eol = headers.line_ending(raw).decode("ascii")  # every encoded line ends with it
     if html:
         utf8 = data if codec.python_charset(part.charset) == "utf-8" else None
         where = placement.find_html(text, bottom=bottom, utf8=utf8)
-        html_sig = _EOL.sub(eol, sig.html)  # canonical text: the leaf's own line breaks (RFC 2045 §2.10)
+        eol = _local_eol(text, where.offset, wire_eol)
+        html_sig = _EOL.sub(eol, sig.html)  # the line breaks of the text around it (RFC 2045 §2.10)
         block = f'<div class="signature-relay">{html_sig}</div>{eol}'
     else:
         where = placement.find_text(text, bottom=bottom)
+        eol = _local_eol(text, where.offset, wire_eol)
         block = _text_block(sig.text, eol, flowed=part.params.get("format", "").lower() == "flowed")
         before = text[:where.offset]
         if before and not before.endswith("\n"):
@@ -265,7 +291,7 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
         if where.offset < len(text):
             block += eol  # a blank line between signature and the quoted history
     new_text = text[:where.offset] + block + text[where.offset:]
-    spliced = _splice(body, part.cte, text, where.offset, block, part.charset)
+    spliced = _splice(body, part.cte, text, where.offset, block, part.charset, wire_eol)
     if spliced is not None:
         return header + spliced, where.rule
 
@@ -289,22 +315,22 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
     ):
         cte = "quoted-printable"  # RFC 2045 §2.7/2.8: 7bit is ASCII, no line over 998
     if cte == "quoted-printable":
-        new_body = codec.encode_qp(new_text, py, eol)
+        new_body = codec.encode_qp(new_text, py, wire_eol)
     elif cte == "base64":
-        new_body = codec.encode_base64(new_data, eol.encode())
+        new_body = codec.encode_base64(new_data, wire_eol.encode())
         if not body.endswith(b"\n"):
             new_body = new_body.rstrip(b"\r\n")
     else:
         new_body = new_data
     if charset != part.charset:
-        header = _set_field(header, "Content-Type", _with_param(header, "charset", charset or "utf-8"),
-                            top=part.parent is None)
+        header = _set_charset(header, charset or "utf-8", top=part.parent is None)
     if cte != part.cte:
         header = _set_field(header, "Content-Transfer-Encoding", cte, top=part.parent is None)
     return header + new_body, where.rule
 
 
-def _splice(body: bytes, cte: str, text: str, offset: int, block: str, charset: str | None) -> bytes | None:
+def _splice(body: bytes, cte: str, text: str, offset: int, block: str, charset: str | None,
+            wire_eol: str = "\r\n") -> bytes | None:
     """Insert ``block`` into the *encoded* body, re-encoding only the line it lands in, so every
     other byte of the leaf stays as received. None when that cannot be done faithfully."""
     py = codec.python_charset(charset)
@@ -337,19 +363,18 @@ def _splice(body: bytes, cte: str, text: str, offset: int, block: str, charset: 
     line_end = text.find("\n", offset)
     line_end = len(text) if line_end < 0 else line_end
     line = text[line_start:line_end]
-    eol = "\r\n" if line.endswith("\r") or "\r\n" in block else "\n"
     line = line[:-1] if line.endswith("\r") else line
     col = offset - line_start
     if col > len(line):
         return None
-    new_line = codec.encode_qp(line[:col] + block + line[col:], py, eol)
+    edited = line[:col] + block + line[col:]
+    new_line = codec.encode_qp(edited, py, wire_eol)
     # Verify on the one line we touch: the old encoded line must decode to exactly the text line
     # we edited (so the span is right), and the new one to exactly the edited line. Every other
     # byte of the body is kept, so the whole leaf then decodes to the text we meant.
     try:
         ok = (codec.decode_text(codec.decode_transfer(body[enc_start:enc_end], "quoted-printable"), charset) == line
-              and codec.decode_text(codec.decode_transfer(new_line, "quoted-printable"), charset)
-              == (line[:col] + block + line[col:]).replace("\r\n", "\n").replace("\n", eol))
+              and codec.decode_text(codec.decode_transfer(new_line, "quoted-printable"), charset) == edited)
     except codec.DecodeError:
         ok = False
     return body[:enc_start] + new_line + body[enc_end:] if ok else None
@@ -397,13 +422,50 @@ def _text_block(sig: str, eol: str, *, flowed: bool) -> str:
     return eol.join(lines) + eol
 
 
-def _with_param(header: bytes, name: str, value: str) -> str:
-    ct = next((f.value for f in headers.fields(header + b"\r\n")
-               if f.name.lower() == "content-type"), "text/plain")
-    main, params = parse_params(ct)
-    params[name] = value
-    return main + "".join(f'; {k}="{v}"' if re.search(r'[\s;()<>@,:\\"/\[\]?=]', v) else f"; {k}={v}"
-                          for k, v in params.items())
+def _local_eol(text: str, offset: int, default: str) -> str:
+    """The line break of the text around ``offset`` (the line above, else the line below), so an
+    inserted block matches its neighbours even in a leaf that mixes CRLF and LF (issue #9)."""
+    before = text.rfind("\n", 0, offset)
+    if before >= 0:
+        return "\r\n" if before and text[before - 1] == "\r" else "\n"
+    after = text.find("\n", offset)
+    if after >= 0:
+        return "\r\n" if after and text[after - 1] == "\r" else "\n"
+    return default
+
+
+# ``charset=...`` or the RFC 2231 form ``charset*=utf-8''...`` (group 2 = name suffix, 3 = value).
+_CHARSET_PARAM: Final = re.compile(
+    rb';([ \t]|\r?\n[ \t])*charset(\*?)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;\s]*)', re.I)
+
+
+def _set_charset(header: bytes, charset: str, *, top: bool) -> bytes:
+    """Set the ``charset`` parameter of the leaf's Content-Type in place: only the value's bytes
+    change; every other parameter, its quoting, the folding and the order stay as written
+    (issue #9). Without a Content-Type the leaf is text/plain (RFC 2045 §5.2)."""
+    eol = headers.line_ending(header) if header else b"\r\n"
+    field = next((f for f in headers.fields(header + eol) if f.name.lower() == "content-type"), None)
+    if field is None:
+        return _set_field(header, "Content-Type", f"text/plain; charset={charset}", top=top)
+    raw = header[field.start:field.end]
+    for m in _CHARSET_PARAM.finditer(raw):
+        colon = raw.find(b":")
+        if _quotes_before(raw[colon + 1:m.start()]) % 2 == 0:  # outside a quoted string
+            value = m.group(3)
+            new = b'"' + charset.encode("ascii") + b'"' if value.startswith(b'"') else charset.encode("ascii")
+            if m.group(2):  # RFC 2231 extended value: becomes a plain one, the name loses its "*"
+                raw = raw[:m.start(2)] + b"=" + new + raw[m.end(3):]
+            else:
+                raw = raw[:m.start(3)] + new + raw[m.end(3):]
+            return header[:field.start] + raw + header[field.end:]
+    end = len(raw) - (2 if raw.endswith(b"\r\n") else 1 if raw.endswith(b"\n") else 0)
+    raw = raw[:end] + b"; charset=" + charset.encode("ascii") + raw[end:]
+    return header[:field.start] + raw + header[field.end:]
+
+
+def _quotes_before(data: bytes) -> int:
+    """Unescaped double quotes in ``data``: odd means a position after it is inside a quoted string."""
+    return len(re.findall(rb'(?<!\\)"', data))
 
 
 def _set_field(header: bytes, name: str, value: str, *, top: bool) -> bytes:

@@ -70,8 +70,9 @@ def test_qp_roundtrips_and_never_splits_a_character(text: str, charset: str) -> 
         return
     enc = codec.encode_qp(text, charset)
     assert all(len(line) <= 76 for line in enc.split(b"\r\n"))
-    assert binascii.a2b_qp(enc).decode(charset) == text.replace("\r\n", "\n").replace("\r", "\n").replace(
-        "\n", "\r\n")
+    # every line break kept as written (issue #9), and only CRLF on the wire
+    assert binascii.a2b_qp(enc).decode(charset) == text
+    assert b"\n" not in enc.replace(b"\r\n", b"") and b"\r" not in enc.replace(b"\r\n", b"")
     if charset == "utf-8":
         # every soft-broken line ends on a character boundary: its bytes decode on their own
         for line in enc.split(b"\r\n"):
@@ -92,7 +93,9 @@ def test_non_ascii_compatible_leaf_becomes_utf8() -> None:
 
 
 def test_qp_protects_from_and_dot_and_trailing_space() -> None:
-    assert codec.encode_qp("From me\n.\nend  ", "utf-8") == b"=46rom me\r\n=2E\r\nend =20"
+    assert codec.encode_qp("From me\r\n.\r\nend  ", "utf-8") == b"=46rom me\r\n=2E\r\nend =20"
+    # after an escaped bare LF the next encoded line starts fresh: still protected
+    assert codec.encode_qp("a\nFrom me", "utf-8") == b"a=0A=\r\n=46rom me"
 
 
 def test_base64_lines_are_76() -> None:
@@ -155,7 +158,7 @@ def test_bottom_placement_ignores_reply_markers() -> None:
 def test_qp_line_span_matches_decoded_lines(lines: list[str]) -> None:
     from relay.mime import stamper
 
-    body = codec.encode_qp("\n".join(lines), "utf-8")
+    body = codec.encode_qp("\r\n".join(lines), "utf-8")
     hard = body.count(b"\n") - body.count(b"=\n") - body.count(b"=\r\n")
     assert hard == len(lines) - 1
     for k, line in enumerate(lines):
