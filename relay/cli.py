@@ -334,7 +334,7 @@ def _report(paths: list[str], sig: object, policy: object, mail_from: str | None
         files += sorted(p.rglob("*.eml")) if p.is_dir() else [p]
     decisions: collections.Counter[str] = collections.Counter()
     placements: collections.Counter[str] = collections.Counter()
-    errors = 0
+    errors = doubtful = 0
     progress = sys.stderr.isatty() and len(files) > 200
     for i, f in enumerate(files, 1):
         try:
@@ -351,13 +351,21 @@ def _report(paths: list[str], sig: object, policy: object, mail_from: str | None
         decisions[str(r.decision)] += 1
         for rule in r.placement.split():
             placements[rule] += 1
-        print(f"{r.decision}\t{r.placement or '-'}\t{f}" + (f"\t[{','.join(r.anomalies)}]" if r.anomalies else ""))
+        # "?" marks a placement that is a guess (interleaved quotes, history-like text without a
+        # marker...): the lines an admin replaying their own mail should look at first.
+        unsure = "?" if r.doubts else ""
+        doubtful += bool(unsure)
+        print(f"{r.decision}\t{unsure}{r.placement or '-'}\t{f}"
+              + (f"\t[{','.join(r.anomalies)}]" if r.anomalies else "")
+              + (f"\t(unsure: {'; '.join(r.doubts)})" if r.doubts else ""))
         if progress and i % 100 == 0:
             print(f"... {i}/{len(files)}", file=sys.stderr)
     print(f"\n{len(files)} file(s): " + ", ".join(f"{n} {d}" for d, n in decisions.most_common())
           + (f", {errors} error(s)" if errors else ""))
     if placements:
         print("placements: " + ", ".join(f"{n} {p}" for p, n in placements.most_common()))
+    if doubtful:
+        print(f"unsure placements (marked ?): {doubtful} — check where the signature landed in those")
     return 1 if errors else 0
 
 

@@ -26,6 +26,7 @@ class Processed:
     decision: Decision
     placement: str = ""
     anomalies: tuple[str, ...] = ()
+    doubts: tuple[str, ...] = ()  # placements that are guesses (logged as placement_unsure=)
 
 
 def process(
@@ -36,7 +37,7 @@ def process(
     (RFC 5321 §4.4: a relay MUST add one; it also lets us count hops to catch loops)."""
     result = stamp(raw, signature, processed_header=processed_header, mail_from=mail_from, prefix=received,
                    limits=limits)
-    return Processed(result.data, result.decision, result.placement, result.anomalies)
+    return Processed(result.data, result.decision, result.placement, result.anomalies, result.doubts)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def plan_copies(
                 error = str(e)  # never a crash, never a 5xx: the copy goes out unstamped (marked)
         result = stamp(raw, sig, processed_header=processed_header, mail_from=mail_from, bottom=bottom,
                        prefix=received_for(group), limits=limits, top=top)
-        copies.append(Copy(tuple(group), Processed(result.data, result.decision, result.placement, result.anomalies),
+        copies.append(Copy(tuple(group), Processed(result.data, result.decision, result.placement, result.anomalies,
+                                                   result.doubts),
                            ",".join(f"{x.section}:{x.rule}" for x in outcome), error))
     return copies

@@ -258,6 +258,7 @@ class Relay:
         fields["decision"] = ";".join(str(c.processed.decision) for c in copies)
         fields["rules"] = ";".join(c.sections or "-" for c in copies) if any(c.sections for c in copies) else None
         fields["placement"] = ";".join(c.processed.placement for c in copies if c.processed.placement) or None
+        fields["placement_unsure"] = ";".join(d for c in copies for d in c.processed.doubts) or None
         fields["anomalies"] = ",".join(sorted({a for c in copies for a in c.processed.anomalies})) or None
         fields["render_error"] = ";".join(c.render_error for c in copies if c.render_error) or None
         fields["size_out"] = ",".join(str(len(c.processed.data)) for c in copies)

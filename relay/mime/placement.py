@@ -1,12 +1,29 @@
 """Where the signature goes: under the newest reply, above the quoted history. Pure, on text.
 
-Each finder returns an offset into the *decoded* body and the rule of thumb that matched, so the
-decision is explainable ("html:outlook-desktop", "text:original-message", "html:body-end"...).
+Each finder returns an offset into the *decoded* body, the rule that matched, and — when the
+choice is a guess — a ``doubt`` an admin can grep for in ``stamp --report``. Decisions:
+
+* **Top-posted reply or forward** (the common case): above the *first* history marker in document
+  order — a client's quote container, an attribution ("On … wrote:" in 20-odd languages, wrapped
+  over up to three lines), an "Original Message" separator, a forwarded-message marker, or an
+  Outlook-style header block (From/Sent in any order and language). For HTML the textual markers
+  are found on the visible text of the region before the first structural marker, so an
+  attribution split by tags (``On <a>…</a> wrote:``) or sitting outside the ``<blockquote>``
+  (iOS Mail, Roundcube, Fastmail) still puts the signature above the attribution.
+* **Bottom-posted reply** (quote first, new text after it: Thunderbird, mailing lists): after the
+  author's text at the end (``…:bottom-posted``).
+* **Interleaved reply** (answers between quoted blocks): the documented rule is *end of message*,
+  reported as ``…:inline-reply`` so an admin sees why.
+* **No history**: before the real ``</body>`` (not one inside a comment), else ``</html>``, else the
+  end; plain text at the end.
+
 Reply markers are searched outside HTML comments (Outlook's ``<!--[if mso]>`` blocks included).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -16,39 +33,228 @@ from typing import Final
 class Placement:
     offset: int
     rule: str
+    doubt: str = ""  # why this placement may be wrong ("" when the markers were unambiguous)
 
 
-# "From:" in the reply header block of Outlook and friends: EN, DE, FR, ES, IT, NL, PL, PT.
-_FROM_WORDS: Final = r"(?:From|Von|De|Da|Van|Od|Från|Fra|Lähettäjä)"
-_SENT_WORDS: Final = (r"(?:Sent|Date|Gesendet|Datum|Envoy[ée]|Enviado|Fecha|Inviato|Data|Verzonden|Wys[łl]ano|"
-                      r"Enviada|Skickat|Sendt)")
+# --- words of the reply header block and separators, by language -------------------------------------
+# EN DE FR ES IT NL PL PT DA SV NO FI RU UK ZH JA CS TR
+_FROM_WORDS: Final = (r"(?:From|Von|De|Da|Van|Od|Från|Fra|Lähettäjä|От|Від|发件人|寄件者|差出人|Kimden|Feladó)")
+_SENT_WORDS: Final = (r"(?:Sent|Date|Gesendet|Datum|Envoy[ée](?:\sle)?|Enviado|Fecha|Inviato|Data|Verzonden|"
+                      r"Wys[łl]ano|Enviada|Skickat|Sendt|Lähetetty|Päivämäärä|Отправлено|Дата|Надіслано|"
+                      r"发送时间|發送時間|日期|送信日時|Odesláno|Gönderildi|Tarih|Elküldve)")
+_ORIGINAL: Final = (r"(?:original\s+message|ursprüngliche\s+nachricht|message\s+d'origine|mensaje\s+original|"
+                    r"messaggio\s+originale|oorspronkelijk\s+bericht|wiadomość\s+oryginalna|oryginalna\s+wiadomość|"
+                    r"mensagem\s+original|original\s+meddelelse|oprindelig\s+meddelelse|ursprungligt\s+meddelande|"
+                    r"opprinnelig\s+melding|alkuperäinen\s+viesti|исходное\s+сообщение|"
+                    r"вихідне\s+повідомлення|原始邮件|原始郵件|元のメッセージ|původní\s+zpráva|özgün\s+ileti|"
+                    r"orijinal\s+mesaj|eredeti\s+üzenet)")
+_FORWARDED: Final = (r"(?:forwarded\s+message|weitergeleitete\s+nachricht|message\s+transf[ée]r[ée]|"
+                     r"mensaje\s+reenviado|messaggio\s+inoltrato|doorgestuurd\s+bericht|"
+                     r"wiadomość\s+przekazana\s+dalej|mensagem\s+encaminhada|videresendt\s+meddelelse|"
+                     r"vidarebefordrat\s+meddelande|videresendt\s+melding|välitetty\s+viesti|"
+                     r"пересылаемое\s+сообщение|переслане\s+повідомлення|转发的邮件|轉寄的郵件|転送メッセージ|"
+                     r"přeposlaná\s+zpráva|iletilen\s+mesaj|továbbított\s+üzenet)")
+_BEGIN_FORWARDED: Final = (r"(?:begin\s+forwarded\s+message|anfang\s+der\s+weitergeleiteten\s+nachricht|"
+                           r"d[ée]but\s+du\s+message\s+r[ée]exp[ée]di[ée]|inicio\s+del\s+mensaje\s+reenviado|"
+                           r"inizio\s+messaggio\s+inoltrato|begin\s+doorgestuurd\s+bericht)")
 
-# HTML markers: (rule, literal that must occur for the regex to be worth running, regex on the
-# ASCII-lower-cased document).
-_CLASS: Final = rb"""<div[^>]*\bclass\s*=\s*["']?[^"'>]*\b"""
+# An attribution may wrap over up to three lines (Gmail and Android wrap at ~76 columns), with
+# at most one blank line inside it.
+_SPAN: Final = r"[^\n]{0,200}?(?:\r?\n[ \t]*(?:\r?\n)?[^\n]{0,200}?){0,2}?"
+# Attributions that open with a fixed word may wrap over up to three lines (Gmail and Android
+# wrap at ~76 columns); those that are only recognisable by their verb start on the verb's line
+# (the colon may follow on the next one).
+_LEAD_ATTRIBUTIONS: Final = "|".join([
+    r"On\s" + _SPAN + r"\s(?:wrote|writes)\s?:",  # EN (Gmail, Apple, Thunderbird...)
+    r"-{2,}\s*On\s" + _SPAN + r"\swrote\s*(?:-{2,}|:)",  # Zoho "---- On … wrote ----", Yahoo "--- On … wrote:"
+    r"Am\s" + _SPAN + r"\sschrieb[^\n]{0,100}?:",  # DE
+    r"Le\s" + _SPAN + r"\sa\s[ée]crit\s?:",  # FR
+    r"El\s" + _SPAN + r"\sescribi[óo]\s?:",  # ES
+    r"Il\s" + _SPAN + r"\sha\sscritto\s?:",  # IT
+    r"Op\s" + _SPAN + r"\sschreef[^\n]{0,100}?:",  # NL
+    r"(?:W\sdniu|Dnia)\s" + _SPAN + r"\s(?:pisze|napisał(?:\(a\)|a)?)\s?:",  # PL
+    r"(?:Em|Às)\s" + _SPAN + r"\sescreveu\s?:",  # PT
+    r"(?:Den|På)\s" + _SPAN + r"\sskrev" + r"[^\n]{0,200}?:",  # DA, SV
+    r"\d{4}年\d{1,2}月\d{1,2}日" + _SPAN + r"[:：]",  # JA (Gmail: "2017年11月24日(金) 16:32 Name <a>:")
+    r"\d{4}-\d{2}-\d{2}\s\d{1,2}:\d{2}\sGMT[+-]\d{2}:\d{2}\s" + _SPAN + r":",  # old Gmail
+])
+_LINE: Final = r"[^\n]{0,200}?"
+_NEXT: Final = r"(?:\r?\n[^\n]{0,120}?)?"  # the colon may end the following line
+_VERB_ATTRIBUTIONS: Final = "|".join([
+    _LINE + r"\sskrev" + _LINE + _NEXT + r":",  # NO ("tor. 24. nov. 2017 kl. 16:32 skrev …:"), DA, SV
+    _LINE + r"\skirjoitti" + _NEXT + r"\s?:",  # FI
+    _LINE + r"\s(?:написал(?:\(а\)|а)?|пишет)" + _NEXT + r"\s?:",  # RU ("… пользователь … написал:")
+    _LINE + r"\s(?:пише|написав(?:\(ла\))?|написала)" + _NEXT + r"\s?:",  # UK
+    _LINE + r"(?:写道|寫道)\s?[:：]",  # ZH (Gmail: "… 于2017年11月24日周五 下午4:32写道：")
+    _LINE + r"(?:書きました|のメッセージ)\s?[:：]",  # JA (Apple, Outlook)
+    _LINE + r"\s(?:napsal(?:\(a\)|a)?)" + _NEXT + r"\s?:",  # CS
+    _LINE + r"\s(?:şunu\s+yazdı|yazdı)" + _NEXT + r"\s?:",  # TR
+    _LINE + r"\s(?:ezt\s)?írta[^\n]{0,100}?:",  # HU (Gmail: "… ezt írta (időpont: …):")
+    _LINE + r"\s(?:wrote|schrieb|a\s[ée]crit|escribi[óo]|ha\sscritto|schreef|escreveu)" + _NEXT + r"\s?:",  # "X wrote:"
+])
+
+# (rule, regex) on plain text (or on the visible text of HTML), anchored at a line start.
+_TEXT_RULES: Final = [
+    ("original-message", re.compile(r"^[ \t]*-{2,}\s*" + _ORIGINAL + r"\s*-{2,}[ \t]*\r?$", re.M | re.I)),
+    ("outlook-separator", re.compile(r"^_{10,}[ \t]*\r?\n(?:[ \t]*\r?\n)?\*?" + _FROM_WORDS + r"\*?\s?:", re.M | re.I)),
+    ("header-block", re.compile(
+        r"^[ \t]*\*?" + _FROM_WORDS + r"\*?[ \t]?:[^\n]*\r?\n(?:[^\n]*\r?\n){0,3}?[ \t]*\*?" + _SENT_WORDS
+        + r"\*?[ \t]?:|^[ \t]*\*?" + _SENT_WORDS + r"\*?[ \t]?:[^\n]*\r?\n(?:[^\n]*\r?\n){0,3}?[ \t]*\*?"
+        + _FROM_WORDS + r"\*?[ \t]?:", re.M | re.I)),
+    ("forwarded", re.compile(r"^[ \t]*(?:" + _BEGIN_FORWARDED + r"\s*:?|-{3,}\s*" + _FORWARDED
+                             + r"\s*-{3,})[ \t]*\r?$", re.M | re.I)),
+]
+_QUOTE_LINE: Final = re.compile(r"^[ \t]*>", re.M)
+# Attributions are found from their keyword: a regex that could start on any line with a lazy
+# multi-line span backtracks for seconds on a 50 KB body. The keyword is found in C, then the
+# anchored attribution is tried on the (at most three) lines that end there.
+_LEAD: Final = re.compile(r"[ \t]*(?:" + _LEAD_ATTRIBUTIONS + r")[ \t]*\r?$", re.M | re.I)
+_VERB: Final = re.compile(r"(?![ \t]*>)[ \t]*(?:" + _VERB_ATTRIBUTIONS + r")[ \t]*\r?$", re.M | re.I)  # ">": a quote
+_ATTR_KEY: Final = re.compile(r"wrote|writes|schrieb|[ée]crit|escribi|scritto|schreef|pisze|napisa|escreveu|skrev|"
+                              r"kirjoitti|написал|пишет|пише|написав|写道|寫道|書きました|のメッセージ|年|napsal|yazdı|"
+                              r"írta|gmt[+-]", re.I)
+
+
+def _line_start(text: str, pos: int) -> int:
+    return text.rfind("\n", 0, pos) + 1
+
+
+def _find_attribution(text: str, end: int) -> int | None:
+    """Offset of the line that starts the earliest attribution before ``end``, or None."""
+    for k in _ATTR_KEY.finditer(text, 0, end):
+        line = _line_start(text, k.start())
+        nl = text.find("\n", k.end())
+        stop = len(text) if nl < 0 else nl
+        nl2 = text.find("\n", stop + 1) if nl >= 0 else -1
+        # the colon may sit on the next line ("… skrev Name\n<addr>:")
+        stops = (stop, len(text) if nl2 < 0 else nl2) if nl >= 0 else (stop,)
+        starts = [line]
+        for _ in range(2):  # up to two lines above, across at most one blank line
+            if starts[-1] == 0:
+                break
+            starts.append(_line_start(text, starts[-1] - 1))
+        for st in reversed(starts):  # the earliest start with a leading word owns the attribution
+            for sp in stops:
+                if _LEAD.match(text, st, sp):
+                    return st
+        for sp in stops:
+            if _VERB.match(text, line, sp):
+                return line
+    return None
+
+
+def _earliest(text: str, prefix: str) -> Placement | None:
+    best: Placement | None = None
+    for rule, rx in _TEXT_RULES:
+        m = rx.search(text, 0, best.offset if best else len(text))
+        if m and (best is None or m.start() < best.offset):
+            best = Placement(m.start(), f"{prefix}:{rule}")
+    attr = _find_attribution(text, best.offset if best else len(text))
+    if attr is not None and (best is None or attr < best.offset):
+        best = Placement(attr, f"{prefix}:attribution")
+    return best
+
+
+# --- plain text ------------------------------------------------------------------------------------
+
+
+def find_text(text: str, *, bottom: bool = False) -> Placement:
+    """Insertion offset in a plain-text body: at the start of the line that opens the quoted
+    history (the earliest marker wins), after the author's text when the reply is bottom-posted
+    or interleaved, else the end."""
+    end = Placement(len(text), "text:end")
+    if bottom:
+        return end
+    best = _earliest(text, "text")
+    q = _QUOTE_LINE.search(text, 0, best.offset if best else len(text))
+    if q is not None:
+        quote = Placement(q.start(), "text:quote")
+        # An attribution we did not recognise still belongs to the quote: take the non-empty
+        # line right above a ">" block if it ends with ":".
+        prev_end = text.rfind("\n", 0, max(q.start() - 1, 0))
+        prev = text[prev_end + 1:q.start()].strip()
+        if prev.endswith(":") and prev_end + 1 < q.start():
+            quote = Placement(prev_end + 1, "text:quote")
+        best = quote
+    if best is None:
+        return end if not _history_hint(text) else Placement(len(text), "text:end", "history-like text, no marker")
+    if best.rule in ("text:quote", "text:attribution"):
+        shape = _quote_shape(text, best.offset)
+        if shape is not None:
+            return Placement(len(text), f"text:{shape}", "" if shape == "bottom-posted" else "interleaved quotes")
+    return best
+
+
+def _quote_shape(text: str, start: int) -> str | None:
+    """"bottom-posted" when nothing but the attribution precedes the quote and the author wrote
+    after it; "inline-reply" when the author's text sits between quoted blocks; else None."""
+    new_before = bool(text[:start].strip())
+    lines = text[start:].split("\n")
+    seen_quote, text_after, between = False, False, False
+    for ln in lines:
+        s = ln.strip()
+        if not s:
+            continue
+        if s.startswith(">"):
+            if text_after:
+                between = True
+            seen_quote = True
+        elif seen_quote:
+            text_after = True
+    if between and (text_after or new_before):
+        return "inline-reply"
+    if not new_before and text_after:
+        return "bottom-posted"
+    return None
+
+
+_HINT: Final = re.compile(r"wrote:|schrieb|a écrit|^(?:from|von|de)\s?:|-----|^>", re.I | re.M)
+
+
+def _history_hint(text: str) -> bool:
+    return _HINT.search(text) is not None
+
+
+# --- HTML ------------------------------------------------------------------------------------------
+
+# Structural markers: (rule, literal that must occur for the regex to be worth running, regex on
+# the ASCII-lower-cased document).
+_CLASS: Final = rb"""<(?:div|blockquote|span)[^>]*\bclass\s*=\s*["']?[^"'>]*\b"""
 _HTML_MARKERS: Final = [
     ("html:outlook-web-appendonsend", b"appendonsend",
      re.compile(rb"""<div[^>]*\bid\s*=\s*["']?appendonsend\b""")),
     ("html:outlook-web-hr", b"tabindex", re.compile(rb"""<hr\b[^>]*\btabindex\s*=\s*["']?-1\b[^>]*>""")),
     ("html:outlook-web-divrplyfwdmsg", b"divrplyfwdmsg",
      re.compile(rb"""<div[^>]*\bid\s*=\s*["']?divrplyfwdmsg\b""")),
-    ("html:outlook-desktop", b"border-top",
-     re.compile(rb"(?:<div>\s*)?<div[^>]*border-top\s*:\s*solid\s+#(?:e1e1e1|b5c4df)[^>]*>")),
+    ("html:outlook-desktop", b"border-top", re.compile(
+        rb"(?:<div>\s*)?<div[^>]*border-top\s*:\s*(?:solid\s+#(?:e1e1e1|b5c4df)|#(?:e1e1e1|b5c4df)\s+[\d.]+pt\s+solid)"
+        rb"[^>]*>")),
+    ("html:outlook-mac", b"olk_src_body_section",
+     re.compile(rb"""<span[^>]*\bid\s*=\s*["']?olk_src_body_section\b""")),
     ("html:gmail", b"gmail_quote", re.compile(_CLASS + rb"gmail_quote(?:_container)?\b")),
     ("html:thunderbird-cite", b"moz-cite-prefix", re.compile(_CLASS + rb"moz-cite-prefix\b")),
     ("html:thunderbird-forward", b"moz-forward-container", re.compile(_CLASS + rb"moz-forward-container\b")),
-    ("html:yahoo", b"yahoo_quoted", re.compile(rb"""<div[^>]*\b(?:class|id)\s*=\s*["']?[^"'>]*\byahoo_quoted""")),
+    ("html:yahoo", b"yahoo_quoted", re.compile(rb"""<div[^>]*\b(?:class|id)\s*=\s*["']?[^"'>]*yahoo_quoted""")),
+    ("html:gmx-quote", b"quote", re.compile(rb"""<div[^>]*\bname\s*=\s*["']?quote\b""")),
     ("html:apple-forward", b"begin forwarded message",
      re.compile(rb"(?:<div[^>]*>\s*)(?:<br[^>]*>\s*)*(?=<div[^>]*>\s*begin forwarded message:)")),
     ("html:apple-cite", b"cite",
      re.compile(rb"""(?:<div[^>]*>\s*(?:<br[^>]*>\s*)*)?<blockquote[^>]*\btype\s*=\s*["']?cite\b""")),
+    ("html:blockquote-border", b"blockquote",
+     re.compile(rb"""<blockquote[^>]*\bstyle\s*=\s*["'][^"']*border""")),
 ]
-# A localized Outlook header block without the styled div (Outlook for Mac, pasted replies).
-_HTML_FROM_BLOCK: Final = re.compile(
-    rb"<b>\s*(?:<span[^>]*>\s*)?(?:from|von|de|da|van|od|fr\xc3\xa5n|fra)\s?:\s*(?:</span>\s*)?</b>.{0,600}?"
-    rb"<b>\s*(?:<span[^>]*>\s*)?(?:sent|date|gesendet|datum|envoy(?:e|\xc3\xa9)|enviado|fecha|inviato|data|verzonden|"
-    rb"wys(?:l|\xc5\x82)ano|enviada|skickat|sendt)\s?:", re.S)
+_QUOTING_RULES: Final = frozenset({"html:apple-cite", "html:thunderbird-cite", "html:gmail", "html:blockquote-border",
+                                   "html:attribution", "html:yahoo"})
 _COMMENT: Final = re.compile(rb"<!--.*?-->", re.S)
+# Visible-text projection: tags and comments vanish (block-level ones become a line break),
+# style/script/head contents are skipped, a few entities become their character.
+_TOKEN: Final = re.compile(rb"<!--.*?-->|<(?:style|script|head|title)\b.*?</(?:style|script|head|title)\s*>|<[^>]*>"
+                           rb"|&(?:nbsp|#160|amp|lt|gt|quot|#39);|[^<&]+|&", re.S)
+_BLOCK_TAG: Final = re.compile(rb"</?(?:div|p|br|tr|li|ul|ol|table|blockquote|hr|h[1-6]|pre|center|dl|dt|dd)\b")
+_ENTITIES: Final = {b"&nbsp;": b" ", b"&#160;": b" ", b"&amp;": b"&", b"&lt;": b"<", b"&gt;": b">",
+                    b"&quot;": b'"', b"&#39;": b"'"}
+_OPEN_TAG: Final = re.compile(
+    rb"<(div|p|span|font|b|strong|i|em|u|o:p|table|tbody|tr|td|center|blockquote|a)\b[^>]*>\s*$")
 
 
 def _comment_spans(lower: bytes) -> list[tuple[int, int]]:
@@ -60,8 +266,7 @@ def _in_spans(pos: int, spans: list[tuple[int, int]]) -> bool:
 
 
 def find_html(html: str, *, bottom: bool = False, utf8: bytes | None = None) -> Placement:
-    """Insertion offset in an HTML body: above the first quoted-history marker, else before the
-    real ``</body>`` (not one inside a comment), else before ``</html>``, else the end.
+    """Insertion offset in an HTML body (see the module doc for the rules).
 
     Markup is ASCII, so the search runs on the UTF-8 bytes lower-cased with ``bytes.lower()``
     (fast, length-preserving); only the final offset is converted back to characters. ``utf8``
@@ -71,28 +276,96 @@ def find_html(html: str, *, bottom: bool = False, utf8: bytes | None = None) -> 
     spans = _comment_spans(lower) if b"<!--" in lower else []
     found = _find_html_bytes(lower, spans, bottom)
     offset = len(raw[:found.offset].decode("utf-8", "surrogatepass"))
-    return Placement(offset, found.rule)
+    return Placement(offset, found.rule, found.doubt)
+
+
+def _structural(lower: bytes, spans: list[tuple[int, int]]) -> Placement | None:
+    best: Placement | None = None
+    for rule, needle, rx in _HTML_MARKERS:
+        if needle not in lower:
+            continue
+        for m in rx.finditer(lower, 0, best.offset if best else len(lower)):
+            if not _in_spans(m.start(), spans):
+                if best is None or m.start() < best.offset:
+                    best = Placement(m.start(), rule)
+                break
+    return best
+
+
+def _body_start(lower: bytes) -> int:
+    i = lower.find(b"<body")
+    return lower.find(b">", i) + 1 if i >= 0 else 0
+
+
+def _project(lower: bytes, start: int, end: int) -> tuple[str, list[int], list[int]]:
+    """Visible text of ``lower[start:end]`` and a map back: text index → byte offset."""
+    chunks: list[bytes] = []
+    tpos: list[int] = []  # text offset (in bytes of the joined projection) where each chunk starts
+    bpos: list[int] = []  # byte offset in ``lower`` of that chunk
+    n = 0
+    for m in _TOKEN.finditer(lower, start, end):
+        tok = m.group()
+        if tok[:1] == b"<":
+            if _BLOCK_TAG.match(tok):
+                chunks.append(b"\n")
+                tpos.append(n)
+                bpos.append(m.start())
+                n += 1
+            continue
+        piece = _ENTITIES.get(tok, tok)
+        chunks.append(piece)
+        tpos.append(n)
+        bpos.append(m.start())
+        n += len(piece)
+    return b"".join(chunks).decode("utf-8", "replace"), tpos, bpos
+
+
+def _textual(lower: bytes, start: int, end: int) -> Placement | None:
+    """The earliest textual history marker in the visible text of ``lower[start:end]``."""
+    text, tpos, bpos = _project(lower, start, end)
+    found = _earliest(text, "html")
+    if found is None:
+        return None
+    # The text index counts characters of the decoded projection; map it back through bytes.
+    byte_index = len(text[:found.offset].encode("utf-8", "replace"))
+    k = bisect.bisect_right(tpos, byte_index) - 1
+    if k < 0:
+        return None
+    pos = bpos[k] + (byte_index - tpos[k] if lower[bpos[k]:bpos[k] + 1] not in (b"<", b"&") else 0)
+    return Placement(_back_over_open_tags(lower, pos), found.rule)
+
+
+def _back_over_open_tags(lower: bytes, pos: int) -> int:
+    """Move ``pos`` back over white space and the opening tags right before it, so the signature
+    goes in front of the element that holds the marker line, not inside it."""
+    while True:
+        m = _OPEN_TAG.search(lower, max(0, pos - 400), pos)
+        if m is None:
+            return pos
+        pos = m.start()
 
 
 def _find_html_bytes(lower: bytes, spans: list[tuple[int, int]], bottom: bool) -> Placement:
     if not bottom:
-        best: Placement | None = None
-        for rule, needle, rx in _HTML_MARKERS:
-            if needle not in lower:
-                continue
-            for m in rx.finditer(lower):
-                if not _in_spans(m.start(), spans):
-                    if best is None or m.start() < best.offset:
-                        best = Placement(m.start(), rule)
-                    break
-        m2 = next((m for m in _HTML_FROM_BLOCK.finditer(lower) if not _in_spans(m.start(), spans)), None) \
-            if b"</b>" in lower else None
-        if m2 is not None and (best is None or m2.start() < best.offset):
-            # back up to the start of the block element that holds the "From:" line
-            start = max(lower.rfind(tag, 0, m2.start()) for tag in (b"<div", b"<p", b"<hr"))
-            best = Placement(start if start >= 0 else m2.start(), "html:header-block")
+        best = _structural(lower, spans)
+        body = _body_start(lower)
+        limit = best.offset if best is not None else len(lower)
+        if limit > body:
+            textual = _textual(lower, body, limit)
+            if textual is not None and (best is None or textual.offset <= best.offset):
+                best = textual if best is None or textual.offset < best.offset else best
         if best is not None:
+            if best.rule in _QUOTING_RULES:
+                shape = _html_quote_shape(lower, body, best.offset)
+                if shape is not None:
+                    end = _document_end(lower, spans)
+                    return Placement(end.offset, f"html:{shape}", "" if shape == "bottom-posted" else
+                                     "interleaved quotes")
             return best
+    return _document_end(lower, spans)
+
+
+def _document_end(lower: bytes, spans: list[tuple[int, int]]) -> Placement:
     for rule, tag in (("html:body-end", b"</body"), ("html:html-end", b"</html")):
         pos = len(lower)
         while True:
@@ -104,42 +377,36 @@ def _find_html_bytes(lower: bytes, spans: list[tuple[int, int]], bottom: bool) -
     return Placement(len(lower), "html:end")
 
 
-_TEXT_RULES: Final = [
-    ("text:original-message", re.compile(
-        r"^-{3,}\s*(?:original message|ursprüngliche nachricht|message d'origine|mensaje original|"
-        r"messaggio originale|oorspronkelijk bericht|wiadomość oryginalna|oryginalna wiadomość|"
-        r"mensagem original|original meddelelse|ursprungligt meddelande)\s*-{3,}\s*$", re.M | re.I)),
-    ("text:outlook-separator", re.compile(
-        r"^_{10,}\s*\r?\n(?:\s*\r?\n)?" + _FROM_WORDS + r"\s?:", re.M | re.I)),
-    ("text:header-block", re.compile(
-        r"^" + _FROM_WORDS + r"\s?:[^\n]*\r?\n(?:[^\n]*\r?\n){0,2}?" + _SENT_WORDS + r"\s?:", re.M | re.I)),
-    ("text:attribution", re.compile(
-        r"^(?:On\s[^\n]{1,200}?\s(?:wrote|writes)|Am\s[^\n]{1,200}?\sschrieb[^\n]{0,100}|"
-        r"Le\s[^\n]{1,200}?\sa\s[ée]crit\s?|El\s[^\n]{1,200}?\sescribi[óo]|Il\s[^\n]{1,200}?\sha\sscritto|"
-        r"Op\s[^\n]{1,200}?\sschreef[^\n]{0,100}|W\sdniu\s[^\n]{1,200}?\spisze|Em\s[^\n]{1,200}?\sescreveu)"
-        r"\s?:\s*$", re.M | re.I)),
-    ("text:forwarded", re.compile(r"^(?:Begin forwarded message|-{3,}\s*Forwarded message\s*-{3,})\s*:?\s*$",
-                                  re.M | re.I)),
-    ("text:quote", re.compile(r"^>", re.M)),
-]
+_VISIBLE: Final = re.compile(
+    rb"<!--.*?-->|<(?:style|script)\b.*?</(?:style|script)\s*>|<[^>]*>|&nbsp;|&#160;|\s+", re.S)
+_BQ: Final = re.compile(rb"<(/?)blockquote\b[^>]*>")
 
 
-def find_text(text: str, *, bottom: bool = False) -> Placement:
-    """Insertion offset in a plain-text body: at the start of the line that opens the quoted
-    history (the earliest marker wins), else the end."""
-    if not bottom:
-        best: Placement | None = None
-        for rule, rx in _TEXT_RULES:
-            m = rx.search(text)
-            if m and (best is None or m.start() < best.offset):
-                best = Placement(m.start(), rule)
-        if best is not None:
-            if best.rule == "text:quote":
-                # "On ..., X wrote:" that we did not recognise still belongs to the quote: take the
-                # non-empty line right above a ">" block if it ends with ":".
-                prev_end = text.rfind("\n", 0, max(best.offset - 1, 0))
-                prev = text[prev_end + 1:best.offset].strip()
-                if prev.endswith(":"):
-                    best = Placement(prev_end + 1, best.rule)
-            return best
-    return Placement(len(text), "text:end")
+def _has_text(fragment: bytes) -> bool:
+    return bool(_VISIBLE.sub(b"", fragment))
+
+
+def _html_quote_shape(lower: bytes, body: int, first: int) -> str | None:
+    """Bottom-posted / interleaved detection for HTML quoting with ``<blockquote>``."""
+    spans: list[tuple[int, int]] = []  # top-level blockquote spans from the first marker on
+    depth, open_at = 0, 0
+    for m in _BQ.finditer(lower, first):
+        if not m.group(1):
+            if depth == 0:
+                open_at = m.start()
+            depth += 1
+        elif depth:
+            depth -= 1
+            if depth == 0:
+                spans.append((open_at, m.end()))
+    if not spans:
+        return None
+    end = _document_end(lower, []).offset
+    before = _has_text(lower[body:first])
+    after = _has_text(lower[spans[-1][1]:end])
+    between = any(_has_text(lower[a[1]:b[0]]) for a, b in itertools.pairwise(spans))
+    if between and (after or before):
+        return "inline-reply"
+    if not before and after:
+        return "bottom-posted"
+    return None

@@ -60,6 +60,7 @@ class StampResult:
     decision: Decision
     placement: str = ""
     anomalies: tuple[str, ...] = ()  # tolerated oddities worth a log line (bare CR/LF, long lines)
+    doubts: tuple[str, ...] = ()  # "html:...: why" when a placement is a guess (stamp --report flags it)
 
 
 def already_processed(raw: bytes, header_name: str, top: dict[str, list[str]] | None = None) -> bool:
@@ -104,6 +105,7 @@ def stamp(
         return StampResult(_join(raw, fields, []), Decision("pass-through", "no-text-body"))
     edits: list[tuple[int, int, bytes]] = []
     rules: list[str] = []
+    doubts: list[str] = []
     if html_empty:
         targets.pop("html", None)
     if text_empty:
@@ -120,7 +122,9 @@ def stamp(
         if part is None:
             continue
         try:
-            new, rule = _edit_leaf(s, part, signature, html=sub == "html", bottom=bottom)
+            new, rule, doubt = _edit_leaf(s, part, signature, html=sub == "html", bottom=bottom)
+            if doubt:
+                doubts.append(f"{rule}: {doubt}")
             if sub == "html" and images:
                 edits += _attach_images(s, part, new, images)
                 rules.append(rule)
@@ -138,7 +142,8 @@ def stamp(
     if any(p.cte in ("7bit", "8bit", "binary") and codec.max_line(s.body_bytes(p)) > _MAX_LINE
            for p in targets.values()):
         anomalies.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998
-    return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules), tuple(anomalies))
+    return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules), tuple(anomalies),
+                       tuple(doubts))
 
 
 _TAG: Final = re.compile(r"<[^>]*>")
@@ -264,7 +269,7 @@ def _attach_images(s: Scan, part: Part, new_leaf: bytes, images: list[tuple[Imag
     return [(part.start, part.end, wrapped)]
 
 
-def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool) -> tuple[bytes, str]:
+def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool) -> tuple[bytes, str, str]:
     raw = s.raw
     header = raw[part.start:part.header_end]
     body = raw[part.header_end:part.end]
@@ -293,7 +298,7 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
     new_text = text[:where.offset] + block + text[where.offset:]
     spliced = _splice(body, part.cte, text, where.offset, block, part.charset, wire_eol)
     if spliced is not None:
-        return header + spliced, where.rule
+        return header + spliced, where.rule, where.doubt
 
     # Full re-encode: the signature needs another charset or transfer encoding, or the leaf is
     # base64 (not splice-able) or its encoded lines do not map onto its decoded lines.
@@ -326,7 +331,7 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
         header = _set_charset(header, charset or "utf-8", top=part.parent is None)
     if cte != part.cte:
         header = _set_field(header, "Content-Transfer-Encoding", cte, top=part.parent is None)
-    return header + new_body, where.rule
+    return header + new_body, where.rule, where.doubt
 
 
 def _splice(body: bytes, cte: str, text: str, offset: int, block: str, charset: str | None,

@@ -1,0 +1,191 @@
+"""Issue #9 placement classes: one minimal synthetic example per class (the real samples are in
+tests/data/replies/, replayed by test_reply_corpus.py). Each case names the rule and the text the
+signature must land in front of; the newest text must stay above it."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.mime import placement
+
+NEW = "NEWEST"
+
+HTML_CASES = [
+    # (id, html, rule, the markup the signature must be inserted in front of)
+    ("aol-original-in-div",
+     f"<div>{NEW}</div><div><br></div><div>-----Original Message-----<br>From: Bob</div>",
+     "html:original-message", "<div>-----Original"),
+    ("samsung-original",
+     f"<div>{NEW}</div><div><br></div><div>-------- Original message --------</div><div>From: Bob</div>",
+     "html:original-message", "<div>-------- Original"),
+    ("outlook-express",
+     f'<DIV>{NEW}</DIV><BLOCKQUOTE style="PADDING-RIGHT: 0px; BORDER-LEFT: #000000 2px solid; MARGIN-RIGHT: 0px">'
+     '<DIV style="FONT: 10pt arial">----- Original Message ----- </DIV></BLOCKQUOTE>',
+     "html:blockquote-border", "<BLOCKQUOTE"),
+    ("outlook-express-no-quote",
+     f'<DIV>{NEW}</DIV><DIV style="FONT: 10pt arial">----- Original Message ----- </DIV><DIV>From: Bob</DIV>',
+     "html:original-message", '<DIV style="FONT: 10pt arial">-----'),
+    ("yahoo-classic",
+     f"<div>{NEW}</div><br><br>--- On <b>Mon, 1/3/25, Bob Kelly <i>&lt;bob@x&gt;</i></b> wrote:<br>"
+     '<blockquote style="border-left: 2px solid rgb(16, 16, 255); margin-left: 5px;">old</blockquote>',
+     "html:attribution", "--- On"),
+    ("yahoo-ydp-prefix",
+     f'<div>{NEW}</div><div id="ydp3a2yahoo_quoted_8921" class="ydp3a2yahoo_quoted"><div>On Friday, Bob wrote:</div>'
+     "</div>", "html:yahoo", '<div id="ydp3a2yahoo'),
+    ("attribution-bare-blockquote",
+     f"<div>{NEW}</div><div>On Mon, Jan 6, 2025 at 9:12 AM Bob Kelly &lt;bob@x&gt; wrote:</div>"
+     '<blockquote style="margin:0 0 0 .8ex;border-left:1px #ccc solid;padding-left:1ex">old</blockquote>',
+     "html:attribution", "<div>On Mon"),
+    ("gmail-blockquote-without-div",
+     f'<div>{NEW}</div><br>On Mon, Jan 6, 2025, Bob Kelly &lt;<a href="mailto:bob@x">bob@x</a>&gt; wrote:<br>'
+     '<blockquote class="gmail_quote" style="margin:0 0 0 .8ex">old</blockquote>',
+     "html:attribution", "On Mon"),
+    ("gmail-quote-on-blockquote-only",
+     f'<div>{NEW}</div><blockquote class="gmail_quote" style="margin:0 0 0 .8ex">old</blockquote>',
+     "html:gmail", "<blockquote"),
+    ("ios-attribution-outside-cite",
+     f'<div dir="ltr">{NEW}</div><div dir="ltr"><br><div dir="ltr">On 3 Jan 2025, at 16:01, Bob Kelly '
+     '&lt;bob@x&gt; wrote:</div><blockquote type="cite"><div dir="ltr">old</div></blockquote></div>',
+     "html:attribution", '<div dir="ltr">On 3 Jan'),
+    ("roundcube",
+     f'<p>{NEW}</p><p>On 2025-01-03 16:01, Bob Kelly wrote:</p><blockquote type="cite" style="padding: 0 0.4em; '
+     'border-left: #1010ff 2px solid; margin: 0">old</blockquote>', "html:attribution", "<p>On 2025"),
+    ("fastmail",
+     f'<div>{NEW}</div><div><br></div><div>On Fri, 3 Jan 2025, at 16:01, Bob Kelly wrote:</div>'
+     '<blockquote type="cite" id="qt">old</blockquote>', "html:attribution", "<div>On Fri"),
+    ("outlook-mac",
+     f'<div>{NEW}</div><div><br></div><span id="OLK_SRC_BODY_SECTION"><div style="font-family:Calibri; '
+     'BORDER-BOTTOM: medium none; BORDER-TOP: #b5c4df 1pt solid; PADDING-TOP: 3pt"><span style="font-weight:bold">'
+     'From: </span>Bob<br><span style="font-weight:bold">Date: </span>Friday</div>'
+     "<div>-----Original Message-----</div></span>", "html:outlook-mac", '<span id="OLK_SRC'),
+    ("outlook-mac-border-only",
+     f'<div>{NEW}</div><div style="BORDER-TOP: #b5c4df 1pt solid; PADDING-TOP: 3pt"><b>From: </b>Bob</div>',
+     "html:outlook-desktop", '<div style="BORDER-TOP'),
+    ("gmx-gesendet-before-von",
+     f'<div>{NEW}</div><div name="quote" style="margin:10px 5px 5px 10px; border-left:2px solid #C3D9E5;">'
+     '<div style="margin:0 0 10px 0;"><b>Gesendet:</b>&nbsp;Freitag, 03. Januar 2025<br/><b>Von:</b>&nbsp;Bob'
+     "</div></div>", "html:gmx-quote", '<div name="quote"'),
+    ("header-block-any-order",
+     f"<p>{NEW}</p><p><b>Sent:</b> Friday<br><b>From:</b> Bob<br><b>To:</b> Alice</p>",
+     "html:header-block", "<p><b>Sent"),
+    ("first-marker-in-document-order-wins",
+     f'<div>{NEW}</div><div class="gmail_quote"><div>On Mon, Bob wrote:</div><blockquote type="cite">'
+     '<div style="border-top:solid #E1E1E1 1.0pt">From: Carol</div></blockquote></div>',
+     "html:gmail", '<div class="gmail_quote"'),
+]
+
+
+@pytest.mark.parametrize(("html", "rule", "before"), [c[1:] for c in HTML_CASES], ids=[c[0] for c in HTML_CASES])
+def test_html_placement_classes(html: str, rule: str, before: str) -> None:
+    where = placement.find_html(f"<html><body>{html}</body></html>")
+    doc = f"<html><body>{html}</body></html>"
+    assert where.rule == rule, where
+    assert doc[where.offset:].startswith(before), doc[where.offset:where.offset + 60]
+    assert NEW in doc[:where.offset]
+
+
+TEXT_CASES = [
+    # (id, text, rule, the text the signature goes in front of)
+    ("gmail-wrapped-attribution",
+     f"{NEW}\n\nOn Fri, Jan 3, 2025 at 4:01 PM Bob Kelly <\nbob.kelly@fabrikam.example> wrote:\n\n> old\n",
+     "text:attribution", "On Fri"),
+    ("android-attribution-three-lines",
+     f"{NEW}\n\nOn Fri, 3 Jan 2025, 16:01 Bob Kelly Longname-Surname,\n<bob.kelly@fabrikam.example>\nwrote:\n> old\n",
+     "text:attribution", "On Fri"),
+    ("attribution-across-blank-line",
+     f"{NEW}\n\nOn Fri, Jan 3, 2025 at 4:01 PM Bob Kelly\n\n<bob@x> wrote:\n> old\n", "text:attribution", "On Fri"),
+    ("gmail-bold-header", f"{NEW}\n\n*From:* Bob Kelly <bob@x>\n*Sent:* Friday, January 3, 2025 4:01 PM\n*To:* A\n",
+     "text:header-block", "*From:*"),
+    ("old-gmail-iso-date", f"{NEW}\n\n2017-11-24 16:32 GMT+01:00 Bob Kelly <bob@x>:\n\n> old\n",
+     "text:attribution", "2017-11-24"),
+    ("hotmail-fr", f"{NEW}\n\nDe : Bob Kelly <bob@x>\nEnvoyé le : vendredi 3 janvier 2025 16:01\nÀ : Alice\n",
+     "text:header-block", "De :"),
+    ("gmx-sent-before-from", f"{NEW}\n\nGesendet: Freitag, 03. Januar 2025 um 16:01 Uhr\nVon: Bob\nAn: Alice\n",
+     "text:header-block", "Gesendet:"),
+    ("zoho", f"{NEW}\n\n---- On Fri, 03 Jan 2025 16:01:00 +0100 Bob Kelly <bob@x> wrote ----\n\nold\n",
+     "text:attribution", "---- On"),
+    ("samsung-plain", f"{NEW}\n\n-------- Original message --------\nFrom: Bob\nDate: 03/01/2025\n",
+     "text:original-message", "-------- Original"),
+    ("outlook-express-plain", f"{NEW}\n\n----- Original Message -----\nFrom: Bob\n",
+     "text:original-message", "----- Original"),
+    ("da", f"{NEW}\n\nDen 3. jan. 2025 kl. 16.01 skrev Bob Kelly <bob@x>:\n\n> gammel\n", "text:attribution", "Den 3."),
+    ("sv", f"{NEW}\n\nDen 3 jan. 2025 kl. 16:01 skrev Bob Kelly <bob@x>:\n> gammal\n", "text:attribution", "Den 3 jan"),
+    ("no", f"{NEW}\n\nfre. 3. jan. 2025 kl. 16:01 skrev Bob Kelly <bob@x>:\n> gammel\n", "text:attribution", "fre. 3."),
+    ("no-colon-next-line", f"{NEW}\n\nfre. 3. jan. 2025 kl. 16:01 skrev Bob Kelly\n<bob@x>:\n> gammel\n",
+     "text:attribution", "fre. 3."),
+    ("fi", f"{NEW}\n\npe 3.1.2025 klo 16.01 Bob Kelly <bob@x> kirjoitti:\n> vanha\n", "text:attribution", "pe 3.1."),
+    ("ru", f"{NEW}\n\n3 января 2025 г., 16:01 пользователь Bob Kelly <bob@x> написал:\n> старое\n",
+     "text:attribution", "3 января"),
+    ("ru-headers", f"{NEW}\n\nОт: Bob Kelly\nОтправлено: 3 января 2025 г. 16:01\nКому: Alice\n",
+     "text:header-block", "От:"),
+    ("uk", f"{NEW}\n\nпт, 3 січ. 2025 о 16:01 Bob Kelly <bob@x> пише:\n> старе\n", "text:attribution", "пт, 3 січ"),
+    ("zh-gmail", f"{NEW}\n\nBob Kelly <bob@x> 于2025年1月3日周五 16:01写道：\n> 旧\n", "text:attribution", "Bob Kelly <bob@x> 于"),
+    ("zh-headers", f"{NEW}\n\n发件人: Bob Kelly\n发送时间: 2025年1月3日 16:01\n收件人: Alice\n", "text:header-block", "发件人"),
+    ("ja-gmail", f"{NEW}\n\n2025年1月3日(金) 16:01 Bob Kelly <bob@x>:\n> 古い\n", "text:attribution", "2025年1月3日"),
+    ("ja-headers", f"{NEW}\n\n差出人: Bob Kelly\n送信日時: 2025年1月3日 16:01\n", "text:header-block", "差出人"),
+    ("cs", f"{NEW}\n\npá 3. 1. 2025 v 16:01 odesílatel Bob Kelly <bob@x> napsal:\n> staré\n", "text:attribution",
+     "pá 3."),
+    ("tr", f"{NEW}\n\nBob Kelly <bob@x>, 3 Oca 2025 Cum, 16:01 tarihinde şunu yazdı:\n> eski\n", "text:attribution",
+     "Bob Kelly <bob@x>, 3 Oca"),
+    ("pl-dnia", f"{NEW}\n\nDnia 3.01.2025 o 16:01 Bob Kelly <bob@x> napisał(a):\n> stare\n", "text:attribution",
+     "Dnia 3.01"),
+    ("hu", f"{NEW}\n\nBob Kelly <bob@x> ezt írta (időpont: 2025. jan. 3., P, 16:01):\n> régi\n",
+     "text:attribution", "Bob Kelly"),
+]
+FORWARDED = ["---------- Forwarded message ---------", "---------- Weitergeleitete Nachricht ----------",
+             "-------- Message transféré --------", "---------- Mensaje reenviado ---------",
+             "---------- Messaggio inoltrato ---------", "---------- Doorgestuurd bericht ---------",
+             "---------- Wiadomość przekazana dalej ---------", "---------- Mensagem encaminhada ---------",
+             "---------- Videresendt meddelelse ----------", "---------- Vidarebefordrat meddelande ----------",
+             "---------- Välitetty viesti ----------", "---------- Пересылаемое сообщение ---------",
+             "---------- Переслане повідомлення ---------", "---------- 转发的邮件 ---------",
+             "---------- 転送メッセージ ---------", "---------- Přeposlaná zpráva ---------",
+             "---------- İletilen mesaj ---------", "Begin forwarded message:",
+             "Anfang der weitergeleiteten Nachricht:", "Début du message réexpédié :"]
+TEXT_CASES += [(f"forwarded-{i}", f"{NEW}\n\n{m}\nFrom: Bob\n", "text:forwarded", m) for i, m in enumerate(FORWARDED)]
+
+
+@pytest.mark.parametrize(("text", "rule", "before"), [c[1:] for c in TEXT_CASES], ids=[c[0] for c in TEXT_CASES])
+def test_text_placement_classes(text: str, rule: str, before: str) -> None:
+    where = placement.find_text(text)
+    assert where.rule == rule, where
+    assert text[where.offset:].startswith(before), text[where.offset:where.offset + 40]
+    assert NEW in text[:where.offset]
+
+
+def test_bottom_posted_text_goes_after_the_authors_text() -> None:
+    text = f"On Fri, Jan 3, 2025 at 4:01 PM Bob wrote:\n> question?\n> more\n\n{NEW} answer here.\n"
+    where = placement.find_text(text)
+    assert (where.rule, where.offset, where.doubt) == ("text:bottom-posted", len(text), "")
+
+
+def test_bottom_posted_html_goes_before_body_end() -> None:
+    html = (f'<html><body><div class="moz-cite-prefix">On 03/01/2025 16:01, Bob wrote:<br></div>'
+            f'<blockquote type="cite">question?</blockquote><p>{NEW} answer</p></body></html>')
+    where = placement.find_html(html)
+    assert where.rule == "html:bottom-posted" and html[where.offset:].startswith("</body>")
+
+
+def test_interleaved_replies_go_at_the_end_and_say_so() -> None:
+    text = f"Hi Bob,\n\n> question one\n{NEW} answer one\n\n> question two\nanswer two\n"
+    where = placement.find_text(text)
+    assert (where.rule, where.offset) == ("text:inline-reply", len(text)) and where.doubt
+    html = ('<html><body><p>Hi</p><blockquote type="cite">q1</blockquote><p>a1</p>'
+            '<blockquote type="cite">q2</blockquote><p>a2</p></body></html>')
+    h = placement.find_html(html)
+    assert h.rule == "html:inline-reply" and html[h.offset:].startswith("</body>") and h.doubt
+
+
+def test_top_posted_reply_with_quoted_history_is_not_bottom_posted() -> None:
+    text = f"{NEW}\n\nOn Fri, Bob wrote:\n> q\n> > older\n> q2\n"
+    assert placement.find_text(text).rule == "text:attribution"
+
+
+def test_quoted_text_inside_outlook_history_is_not_an_inline_reply() -> None:
+    text = f"{NEW}\n\nFrom: Bob\nSent: Friday\n\nhi\n> earlier\nmiddle\n> earlier2\n"
+    assert placement.find_text(text).rule == "text:header-block"
+
+
+def test_a_history_hint_without_a_marker_is_flagged() -> None:
+    where = placement.find_text("Hello\nBob wrote something: see below\n-----\nstuff\n")
+    assert where.rule == "text:end" and where.doubt
