@@ -117,24 +117,39 @@ def stamp(
         cids = {img.name: cid for img, cid in images}
         signature = Signature(_CID_REF.sub(lambda m: f"cid:{cids.get(m.group(1), m.group(1))}", signature.html),
                               signature.text)
-    for sub in ("html", "plain"):
+    edited: dict[str, tuple[bytes, str]] = {}
+    plain_rule = None
+    for sub in ("plain", "html"):  # plain first: its placement tells whether the HTML needs a text search
         part = targets.get(sub)
         if part is None:
             continue
+        # In multipart/alternative the text part is the same message: no history marker there
+        # means none in its HTML rendering either, so the (costly) visible-text search of the
+        # HTML is skipped; structural markers are still looked for. HTML-only mail is searched.
+        plain = targets.get("plain")
+        textual = not (sub == "html" and plain is not None and plain_rule in ("text:end", "text:bottom-posted")
+                       and plain.parent == part.parent and part.parent is not None
+                       and s.parts[part.parent].ctype == "multipart/alternative")
         try:
-            new, rule, doubt = _edit_leaf(s, part, signature, html=sub == "html", bottom=bottom)
-            if doubt:
-                doubts.append(f"{rule}: {doubt}")
-            if sub == "html" and images:
-                edits += _attach_images(s, part, new, images)
-                rules.append(rule)
-                continue
+            new, rule, doubt = _edit_leaf(s, part, signature, html=sub == "html", bottom=bottom, textual=textual)
         except codec.DecodeError as e:
             return StampResult(_join(raw, fields, []), Decision("pass-through", f"undecodable:{e}"))
         except _PassThrough as e:
             return StampResult(_join(raw, fields, []), Decision("pass-through", str(e)))
-        edits.append((part.start, part.end, new))
+        if doubt:
+            doubts.append(f"{rule}: {doubt}")
+        plain_rule = rule if sub == "plain" else plain_rule
+        edited[sub] = (new, rule)
+    for sub in ("html", "plain"):
+        if sub not in edited:
+            continue
+        new, rule = edited[sub]
+        part = targets[sub]
         rules.append(rule)
+        if sub == "html" and images:
+            edits += _attach_images(s, part, new, images)
+        else:
+            edits.append((part.start, part.end, new))
     anomalies = list(s.anomalies)
     for p in targets.values():
         if p.cte in ("7bit", "8bit", "binary"):  # encoded bodies carry their text's line breaks escaped
@@ -269,7 +284,8 @@ def _attach_images(s: Scan, part: Part, new_leaf: bytes, images: list[tuple[Imag
     return [(part.start, part.end, wrapped)]
 
 
-def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool) -> tuple[bytes, str, str]:
+def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool, textual: bool = True
+               ) -> tuple[bytes, str, str]:
     raw = s.raw
     header = raw[part.start:part.header_end]
     body = raw[part.header_end:part.end]
@@ -280,7 +296,7 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool)
     wire_eol = headers.line_ending(raw).decode("ascii")  # every encoded line ends with it
     if html:
         utf8 = data if codec.python_charset(part.charset) == "utf-8" else None
-        where = placement.find_html(text, bottom=bottom, utf8=utf8)
+        where = placement.find_html(text, bottom=bottom, utf8=utf8, textual=textual)
         eol = _local_eol(text, where.offset, wire_eol)
         html_sig = _EOL.sub(eol, sig.html)  # the line breaks of the text around it (RFC 2045 §2.10)
         block = f'<div class="signature-relay">{html_sig}</div>{eol}'
