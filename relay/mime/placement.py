@@ -34,6 +34,7 @@ class Placement:
     offset: int
     rule: str
     doubt: str = ""  # why this placement may be wrong ("" when the markers were unambiguous)
+    marker_end: int = -1  # end of the marker's own text (an attribution's last line), when known
 
 
 # --- words of the reply header block and separators, by language -------------------------------------
@@ -42,6 +43,7 @@ _FROM_WORDS: Final = (r"(?:From|Von|De|Da|Van|Od|Från|Fra|Lähettäjä|От|В�
 _SENT_WORDS: Final = (r"(?:Sent|Date|Gesendet|Datum|Envoy[ée](?:\sle)?|Enviado|Fecha|Inviato|Data|Verzonden|"
                       r"Wys[łl]ano|Enviada|Skickat|Sendt|Lähetetty|Päivämäärä|Отправлено|Дата|Надіслано|"
                       r"发送时间|發送時間|日期|送信日時|Odesláno|Gönderildi|Tarih|Elküldve)")
+_TO_WORDS: Final = r"(?:To|An|À|A|Para|Aan|Do|Til|Till|Vastaanottaja|Кому|收件人|宛先|Komu|Kime|Címzett)"
 _ORIGINAL: Final = (r"(?:original\s+message|ursprüngliche\s+nachricht|message\s+d'origine|mensaje\s+original|"
                     r"messaggio\s+originale|oorspronkelijk\s+bericht|wiadomość\s+oryginalna|oryginalna\s+wiadomość|"
                     r"mensagem\s+original|original\s+meddelelse|oprindelig\s+meddelelse|ursprungligt\s+meddelande|"
@@ -58,20 +60,22 @@ _BEGIN_FORWARDED: Final = (r"(?:begin\s+forwarded\s+message|anfang\s+der\s+weite
                            r"d[ée]but\s+du\s+message\s+r[ée]exp[ée]di[ée]|inicio\s+del\s+mensaje\s+reenviado|"
                            r"inizio\s+messaggio\s+inoltrato|begin\s+doorgestuurd\s+bericht)")
 
-# An attribution may wrap over up to three lines (Gmail and Android wrap at ~76 columns), with
-# at most one blank line inside it.
-_SPAN: Final = r"[^\n]{0,200}?(?:\r?\n[ \t]*(?:\r?\n)?[^\n]{0,200}?){0,2}?"
+# An attribution may wrap over up to five lines (Gmail and Android wrap at ~76 columns; Polymail
+# puts "<", "mailto:…" and "> wrote:" on lines of their own), with blank lines between them.
+_SPAN: Final = r"[^\n]{0,200}?(?:\r?\n[ \t]*(?:\r?\n)?[^\n]{0,200}?){0,4}?"
 # Attributions that open with a fixed word may wrap over up to three lines (Gmail and Android
 # wrap at ~76 columns); those that are only recognisable by their verb start on the verb's line
 # (the colon may follow on the next one).
 _LEAD_ATTRIBUTIONS: Final = "|".join([
-    r"On\s" + _SPAN + r"\s(?:wrote|writes)\s?:",  # EN (Gmail, Apple, Thunderbird...)
+    r"On\s" + _SPAN + r"\s(?:wrote|writes|sent)\s?:",  # EN (Gmail, Apple, Thunderbird...)
     r"-{2,}\s*On\s" + _SPAN + r"\swrote\s*(?:-{2,}|:)",  # Zoho "---- On … wrote ----", Yahoo "--- On … wrote:"
     r"Am\s" + _SPAN + r"\sschrieb[^\n]{0,100}?:",  # DE
     r"Le\s" + _SPAN + r"\sa\s[ée]crit\s?:",  # FR
     r"El\s" + _SPAN + r"\sescribi[óo]\s?:",  # ES
     r"Il\s" + _SPAN + r"\sha\sscritto\s?:",  # IT
-    r"Op\s" + _SPAN + r"\sschreef[^\n]{0,100}?:",  # NL
+    # NL; Apple Mail: "Op … heeft X het volgende geschreven:"
+    r"Op\s" + _SPAN + r"\s(?:schreef|het\svolgende\sgeschreven)[^\n]{0,100}?:",
+    r"Vào\s" + _SPAN + r"\sđã\sviết\s?:",  # VI
     r"(?:W\sdniu|Dnia)\s" + _SPAN + r"\s(?:pisze|napisał(?:\(a\)|a)?)\s?:",  # PL
     r"(?:Em|Às)\s" + _SPAN + r"\sescreveu\s?:",  # PT
     r"(?:Den|På)\s" + _SPAN + r"\sskrev" + r"[^\n]{0,200}?:",  # DA, SV
@@ -91,6 +95,7 @@ _VERB_ATTRIBUTIONS: Final = "|".join([
     _LINE + r"\s(?:şunu\s+yazdı|yazdı)" + _NEXT + r"\s?:",  # TR
     _LINE + r"\s(?:ezt\s)?írta[^\n]{0,100}?:",  # HU (Gmail: "… ezt írta (időpont: …):")
     _LINE + r"\s(?:wrote|schrieb|a\s[ée]crit|escribi[óo]|ha\sscritto|schreef|escreveu)" + _NEXT + r"\s?:",  # "X wrote:"
+    r"-{2,}" + _LINE + r"\swrote\s*-{2,}",  # Android "---- John Smith wrote ----"
 ])
 
 # (rule, regex) on plain text (or on the visible text of HTML), anchored at a line start.
@@ -100,11 +105,13 @@ _TEXT_RULES: Final = [
     ("header-block", re.compile(
         r"^[ \t]*\*?" + _FROM_WORDS + r"\*?[ \t]?:[^\n]*\r?\n(?:[^\n]*\r?\n){0,3}?[ \t]*\*?" + _SENT_WORDS
         + r"\*?[ \t]?:|^[ \t]*\*?" + _SENT_WORDS + r"\*?[ \t]?:[^\n]*\r?\n(?:[^\n]*\r?\n){0,3}?[ \t]*\*?"
-        + _FROM_WORDS + r"\*?[ \t]?:", re.M | re.I)),
+        + _FROM_WORDS + r"\*?[ \t]?:|^[ \t]*\*?" + _SENT_WORDS + r"\*?[ \t]?:[^\n]*\r?\n[ \t]*\*?" + _TO_WORDS
+        + r"\*?[ \t]?:", re.M | re.I)),
     ("forwarded", re.compile(r"^[ \t]*(?:" + _BEGIN_FORWARDED + r"\s*:?|-{3,}\s*" + _FORWARDED
                              + r"\s*-{3,})[ \t]*\r?$", re.M | re.I)),
 ]
-_QUOTE_LINE: Final = re.compile(r"^[ \t]*>", re.M)
+# A quoted line; not ">>> http://… <<<", a banner some senders put in their own text.
+_QUOTE_LINE: Final = re.compile(r"^[ \t]*>(?![^\n]*<<[ \t]*\r?$)", re.M)
 # Attributions are found from their keyword: a regex that could start on any line with a lazy
 # multi-line span backtracks for seconds on a 50 KB body. The keyword is found in C, then the
 # anchored attribution is tried on the (at most three) lines that end there.
@@ -114,15 +121,19 @@ _VERB: Final = re.compile(r"(?![ \t]*>)[ \t]*(?:" + _VERB_ATTRIBUTIONS + r")[ \t
 # written in lower case by every client seen; "GMT" is the one upper-case key.
 _ATTR_KEY: Final = re.compile(r"wrote|writes|schrieb|[ée]crit|escribi|scritto|schreef|pisze|napisa|escreveu|skrev|"
                               r"kirjoitti|написал|пишет|пише|написав|写道|寫道|書きました|のメッセージ|年|napsal|yazdı|"
-                              r"írta|GMT[+-]|gmt[+-]")
+                              r"írta|GMT[+-]|gmt[+-]|sent|geschreven|viết")
+
+
+# "2011/4/7 Name <addr>" right above a quote: an attribution in a form we do not know by name.
+_ADDRESS_LINE: Final = re.compile(r"^\S.{0,150}<[^<>\s@]+@[^<>\s]+>\s*:?$")
 
 
 def _line_start(text: str, pos: int) -> int:
     return text.rfind("\n", 0, pos) + 1
 
 
-def _find_attribution(text: str, end: int) -> int | None:
-    """Offset of the line that starts the earliest attribution before ``end``, or None."""
+def _find_attribution(text: str, end: int) -> tuple[int, int] | None:
+    """(start of its first line, end) of the earliest attribution before ``end``, or None."""
     for k in _ATTR_KEY.finditer(text, 0, end):
         line = _line_start(text, k.start())
         nl = text.find("\n", k.end())
@@ -131,17 +142,19 @@ def _find_attribution(text: str, end: int) -> int | None:
         # the colon may sit on the next line ("… skrev Name\n<addr>:")
         stops = (stop, len(text) if nl2 < 0 else nl2) if nl >= 0 else (stop,)
         starts = [line]
-        for _ in range(2):  # up to two lines above, across at most one blank line
+        for _ in range(4):  # up to four lines above (blank ones included)
             if starts[-1] == 0:
                 break
             starts.append(_line_start(text, starts[-1] - 1))
         for st in reversed(starts):  # the earliest start with a leading word owns the attribution
             for sp in stops:
-                if _LEAD.match(text, st, sp):
-                    return st
+                m = _LEAD.match(text, st, sp)
+                if m:
+                    return st, m.end()
         for sp in stops:
-            if _VERB.match(text, line, sp):
-                return line
+            m = _VERB.match(text, line, sp)
+            if m:
+                return line, m.end()
     return None
 
 
@@ -152,8 +165,8 @@ def _earliest(text: str, prefix: str) -> Placement | None:
         if m and (best is None or m.start() < best.offset):
             best = Placement(m.start(), f"{prefix}:{rule}")
     attr = _find_attribution(text, best.offset if best else len(text))
-    if attr is not None and (best is None or attr < best.offset):
-        best = Placement(attr, f"{prefix}:attribution")
+    if attr is not None and (best is None or attr[0] < best.offset):
+        best = Placement(attr[0], f"{prefix}:attribution", marker_end=attr[1])
     return best
 
 
@@ -175,35 +188,43 @@ def find_text(text: str, *, bottom: bool = False) -> Placement:
         # line right above a ">" block if it ends with ":".
         prev_end = text.rfind("\n", 0, max(q.start() - 1, 0))
         prev = text[prev_end + 1:q.start()].strip()
-        if prev.endswith(":") and prev_end + 1 < q.start():
+        if not prev and prev_end > 0:  # one blank line between the attribution and the quote
+            blank_end = prev_end
+            prev_end = text.rfind("\n", 0, max(blank_end - 1, 0))
+            prev = text[prev_end + 1:blank_end].strip()
+        if (prev.endswith(":") or _ADDRESS_LINE.search(prev)) and prev_end + 1 < q.start():
             quote = Placement(prev_end + 1, "text:quote")
         best = quote
     if best is None:
         return end if not _history_hint(text) else Placement(len(text), "text:end", "history-like text, no marker")
     if best.rule in ("text:quote", "text:attribution"):
-        shape = _quote_shape(text, best.offset)
+        shape = _quote_shape(text, best.offset, max(best.offset, best.marker_end))
         if shape is not None:
             return Placement(len(text), f"text:{shape}", "" if shape == "bottom-posted" else "interleaved quotes")
     return best
 
 
-def _quote_shape(text: str, start: int) -> str | None:
+def _quote_shape(text: str, start: int, after: int) -> str | None:
     """"bottom-posted" when nothing but the attribution precedes the quote and the author wrote
-    after it; "inline-reply" when the author's text sits between quoted blocks; else None."""
+    after it; "inline-reply" when the author's text sits between quoted blocks, or both above and
+    below the quote; else None (top-posted). A single unquoted line squeezed between two quoted
+    lines with no blank line around it is a quoted line that wrapped (a long link), not an answer."""
     new_before = bool(text[:start].strip())
-    lines = text[start:].split("\n")
+    lines = [ln.strip() for ln in text[after:].split("\n")]  # below the attribution itself
+    quoted = [ln.startswith(">") for ln in lines]
     seen_quote, text_after, between = False, False, False
-    for ln in lines:
-        s = ln.strip()
-        if not s:
+    for i, ln in enumerate(lines):
+        if not ln:
             continue
-        if s.startswith(">"):
+        if quoted[i]:
             if text_after:
                 between = True
             seen_quote = True
         elif seen_quote:
-            text_after = True
-    if between and (text_after or new_before):
+            wrapped = 0 < i < len(lines) - 1 and quoted[i - 1] and quoted[i + 1]
+            if not wrapped:
+                text_after = True
+    if between or (new_before and text_after):
         return "inline-reply"
     if not new_before and text_after:
         return "bottom-posted"
@@ -412,7 +433,7 @@ def _html_quote_shape(lower: bytes, body: int, first: int) -> str | None:
     before = _has_text(lower[body:first])
     after = _has_text(lower[spans[-1][1]:end])
     between = any(_has_text(lower[a[1]:b[0]]) for a, b in itertools.pairwise(spans))
-    if between and (after or before):
+    if between or (before and after):
         return "inline-reply"
     if not before and after:
         return "bottom-posted"
