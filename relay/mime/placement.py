@@ -41,13 +41,13 @@ class Placement:
 # EN DE FR ES IT NL PL PT DA SV NO FI RU UK ZH JA CS TR
 _FROM_WORDS: Final = (r"(?:From|Von|De|Da|Van|Od|Från|Fra|Lähettäjä|От|Від|发件人|寄件者|差出人|Kimden|Feladó)")
 _SENT_WORDS: Final = (r"(?:Sent|Date|Gesendet|Datum|Envoy[ée](?:\sle)?|Enviado|Fecha|Inviato|Data|Verzonden|"
-                      r"Wys[łl]ano|Enviada|Skickat|Sendt|Lähetetty|Päivämäärä|Отправлено|Дата|Надіслано|"
+                      r"Wys[łl]ano|Enviada(?:\sem)?|Enviado\sem|Skickat|Sendt|Lähetetty|Päivämäärä|Отправлено|Дата|Надіслано|"
                       r"发送时间|發送時間|日期|送信日時|Odesláno|Gönderildi|Tarih|Elküldve)")
 _TO_WORDS: Final = r"(?:To|An|À|A|Para|Aan|Do|Til|Till|Vastaanottaja|Кому|收件人|宛先|Komu|Kime|Címzett)"
 _ORIGINAL: Final = (r"(?:original\s+message|ursprüngliche\s+nachricht|message\s+d'origine|mensaje\s+original|"
                     r"messaggio\s+originale|oorspronkelijk\s+bericht|wiadomość\s+oryginalna|oryginalna\s+wiadomość|"
                     r"mensagem\s+original|original\s+meddelelse|oprindelig\s+meddelelse|ursprungligt\s+meddelande|"
-                    r"opprinnelig\s+melding|alkuperäinen\s+viesti|исходное\s+сообщение|"
+                    r"opprinnelig\s+melding|oprindelig\s+besked|alkuperäinen\s+viesti|исходное\s+сообщение|"
                     r"вихідне\s+повідомлення|原始邮件|原始郵件|元のメッセージ|původní\s+zpráva|özgün\s+ileti|"
                     r"orijinal\s+mesaj|eredeti\s+üzenet)")
 _FORWARDED: Final = (r"(?:forwarded\s+message|weitergeleitete\s+nachricht|message\s+transf[ée]r[ée]|"
@@ -69,7 +69,7 @@ _SPAN: Final = r"[^\n]{0,200}?(?:\r?\n[ \t]*(?:\r?\n)?[^\n]{0,200}?){0,4}?"
 _LEAD_ATTRIBUTIONS: Final = "|".join([
     r"On\s" + _SPAN + r"\s(?:wrote|writes|sent)\s?:",  # EN (Gmail, Apple, Thunderbird...)
     r"-{2,}\s*On\s" + _SPAN + r"\swrote\s*(?:-{2,}|:)",  # Zoho "---- On … wrote ----", Yahoo "--- On … wrote:"
-    r"Am\s" + _SPAN + r"\sschrieb[^\n]{0,100}?:",  # DE
+    r"Am\s" + _SPAN + r"\sschrieb[^\n]{0,100}?(?:\r?\n[^\n]{0,100}?)?:",  # DE (Gmail splits "<\naddr>:")
     r"Le\s" + _SPAN + r"\sa\s[ée]crit\s?:",  # FR
     r"El\s" + _SPAN + r"\sescribi[óo]\s?:",  # ES
     r"Il\s" + _SPAN + r"\sha\sscritto\s?:",  # IT
@@ -96,6 +96,9 @@ _VERB_ATTRIBUTIONS: Final = "|".join([
     _LINE + r"\s(?:ezt\s)?írta[^\n]{0,100}?:",  # HU (Gmail: "… ezt írta (időpont: …):")
     _LINE + r"\s(?:wrote|schrieb|a\s[ée]crit|escribi[óo]|ha\sscritto|schreef|escreveu)" + _NEXT + r"\s?:",  # "X wrote:"
     r"-{2,}" + _LINE + r"\swrote\s*-{2,}",  # Android "---- John Smith wrote ----"
+    # Gmail in locales without a verb (RU "ср, 30 апр. 2025 г. в 15:19, Name <addr>:", KO, ...):
+    # a time, then an address closing the line with a colon.
+    _LINE + r"\d{1,2}[:.]\d{2}" + _LINE + r"<[^<>\s]+@[^<>\s]+>\s?:",
 ])
 
 # (rule, regex) on plain text (or on the visible text of HTML), anchored at a line start.
@@ -121,11 +124,14 @@ _VERB: Final = re.compile(r"(?![ \t]*>)[ \t]*(?:" + _VERB_ATTRIBUTIONS + r")[ \t
 # written in lower case by every client seen; "GMT" is the one upper-case key.
 _ATTR_KEY: Final = re.compile(r"wrote|writes|schrieb|[ée]crit|escribi|scritto|schreef|pisze|napisa|escreveu|skrev|"
                               r"kirjoitti|написал|пишет|пише|написав|写道|寫道|書きました|のメッセージ|年|napsal|yazdı|"
-                              r"írta|GMT[+-]|gmt[+-]|sent|geschreven|viết")
+                              r"írta|GMT[+-]|gmt[+-]|sent|geschreven|viết|>:|> :")
 
 
 # "2011/4/7 Name <addr>" right above a quote: an attribution in a form we do not know by name.
 _ADDRESS_LINE: Final = re.compile(r"^\S.{0,150}<[^<>\s@]+@[^<>\s]+>\s*:?$")
+
+
+_TIME: Final = re.compile(r"\d{1,2}[:.]\d{2}")
 
 
 def _line_start(text: str, pos: int) -> int:
@@ -154,6 +160,11 @@ def _find_attribution(text: str, end: int) -> tuple[int, int] | None:
         for sp in stops:
             m = _VERB.match(text, line, sp)
             if m:
+                # Gmail wraps a long attribution: "pe 20. lokakuuta 2017 klo 17.50 John Coe" above
+                # "<addr> kirjoitti:". A line right above (no blank line) with a time in it belongs.
+                above = _line_start(text, line - 1) if line else line
+                if line and _TIME.search(text, above, line - 1) and text[above:line].strip():
+                    return above, m.end()
                 return line, m.end()
     return None
 
