@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import cli
+from relay import cli, ingress
+from relay.errors import PermanentError
 from relay.mime.stamper import Signature, stamp
 from tests.unit import invariants
 
@@ -16,7 +17,7 @@ SIG = Signature(html="<p>Alice Wilber · Sales — ☎</p>", text="Alice Wilber 
 
 
 def test_corpus_present() -> None:
-    assert len(FILES) >= 60
+    assert len(FILES) >= 180
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -27,6 +28,16 @@ def test_real_world_message(path: Path) -> None:
         assert r.decision.reason  # every pass-through says why
     invariants.check(raw, r, "Alice Wilber · Sales", "Alice Wilber · Sales")
     assert stamp(r.data, SIG).data == r.data
+    # As the relay sees it: after ingress every line ends in CRLF, and stamping keeps it so.
+    try:
+        wire = ingress.accept(raw, ingress.IngressLimits(max_header_bytes=10**7, max_header_fields=10**6)).raw
+    except PermanentError as e:
+        assert str(e.reply).startswith("554 5.6.0")  # a NUL in the header (a UTF-16 file): refused, not relayed
+        return
+    out = stamp(wire, SIG, mail_from="alice@contoso.com").data
+    assert b"\n" not in out.replace(b"\r\n", b"") and b"\r" not in out.replace(b"\r\n", b"")
+    if max(map(len, wire.split(b"\r\n"))) <= 998:
+        assert max(map(len, out.split(b"\r\n"))) <= 998  # no over-long line unless the input had one
 
 
 def test_report_cli_summarises_the_corpus(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

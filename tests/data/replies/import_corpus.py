@@ -228,6 +228,37 @@ def import_quotequail(root: Path, w: Writer) -> None:
                       after=view(hist)[:50] if hist else "")
 
 
+def import_quotequail_unwrap(root: Path, w: Writer) -> None:
+    """tests/test_unwrap*.py: ``unwrap(body)`` gives text_top/html_top (the newest text), the type
+    (reply/forward) and the quoted header's From: value (the history starts there)."""
+    src, lic = "quotequail 0.5.4 (Close.io)", "MIT"
+    for fname, subtype, top in (("test_unwrap.py", "plain", "text_top"), ("test_unwrap_html.py", "html", "html_top")):
+        tree = ast.parse((root / "tests" / fname).read_text("utf-8"))
+        for dec in (d for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) for d in n.decorator_list):
+            if not (isinstance(dec, ast.Call) and getattr(dec.func, "attr", "") == "parametrize"):
+                continue
+            try:
+                cases = ast.literal_eval(dec.args[1])
+            except ValueError:
+                continue
+            for i, case in enumerate(cases):
+                if not (isinstance(case, tuple) and len(case) == 2 and isinstance(case[1], dict)):
+                    continue
+                text, exp = case
+                newest = exp.get(top) or ""
+                newest_view = visible_lines(newest) if subtype == "html" else lines_tail(newest)
+                if not isinstance(text, str) or not newest_view.strip() or ("\n" not in text and "<" not in text):
+                    continue  # (a bare file name: that fixture is not in the sdist)
+                bottom = exp.get("text_bottom") or exp.get("html_bottom")
+                sender = squash(html.unescape(str(exp.get("from", ""))))
+                after = "" if bottom else re.split(r"[<\[(]", sender)[0].strip(' "')[:40]
+                view = visible if subtype == "html" else squash
+                w.add(f"quotequail-unwrap-{subtype}", f"{fname[5:-3]}-{i:02d}", wrap(text, subtype),
+                      source=f"{src}: tests/{fname} case {i}", licence=lic, client=infer(CLIENTS, text, "unknown"),
+                      language=infer(LANGS, view(text), "en"), kind=str(exp.get("type", "reply")),
+                      before=newest_view, after=after)
+
+
 def main(argv: list[str]) -> None:
     w = Writer()
     for d in map(Path, argv):
@@ -235,6 +266,7 @@ def main(argv: list[str]) -> None:
             import_talon(d, w)
         elif d.name.startswith("quotequail"):
             import_quotequail(d, w)
+            import_quotequail_unwrap(d, w)
     (OUT / "manifest.toml").write_text(w.manifest(), "utf-8")
     print(f"{len(w.entries)} samples written")
 
