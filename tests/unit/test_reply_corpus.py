@@ -98,8 +98,11 @@ def test_reply_sample(sample: dict[str, str]) -> None:
 
 
 def test_corpus_size_and_spread() -> None:
-    """Issue #9 asks for >= 150 replies/forwards from >= 15 clients and >= 12 languages."""
+    """Guards what the corpus holds today: 115 replies/forwards from 26 named clients in 13 languages.
+    Issue #9 asks for >= 150 replies/forwards (and >= 400 messages with tests/data/corpus/): not
+    reached yet, see the issue note."""
     replies = [s for s in SAMPLES if s["kind"] in ("reply", "forward")]
     clients = {s["client"].lower() for s in replies if s["client"] != "unknown"}
     languages = {s["language"] for s in replies}
-    assert len(replies) >= 80 and len(clients) >= 15 and len(languages) >= 8, (len(replies), clients, languages)
+    assert len(replies) >= 115 and len(clients) >= 25 and len(languages) >= 13, (len(replies), clients, languages)
+    assert all(s["source"] and s["licence"] for s in SAMPLES)
