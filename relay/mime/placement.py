@@ -68,6 +68,7 @@ _SPAN: Final = r"[^\n]{0,200}?(?:\r?\n[ \t]*(?:\r?\n)?[^\n]{0,200}?){0,4}?"
 # (the colon may follow on the next one).
 _LEAD_ATTRIBUTIONS: Final = "|".join([
     r"On\s" + _SPAN + r"\s(?:wrote|writes|sent)\s?:",  # EN (Gmail, Apple, Thunderbird...)
+    r"On\s" + _SPAN + r"<[^<>\s]+@[^<>\s]+>\s(?:wrote|writes)",  # ... without the colon (some webmails)
     r"-{2,}\s*On\s" + _SPAN + r"\swrote\s*(?:-{2,}|:)",  # Zoho "---- On … wrote ----", Yahoo "--- On … wrote:"
     r"Am\s" + _SPAN + r"\sschrieb[^\n]{0,100}?(?:\r?\n[^\n]{0,100}?)?:",  # DE (Gmail splits "<\naddr>:")
     r"Le\s" + _SPAN + r"\sa\s[ée]crit\s?:",  # FR
@@ -94,7 +95,8 @@ _VERB_ATTRIBUTIONS: Final = "|".join([
     _LINE + r"\s(?:napsal(?:\(a\)|a)?)" + _NEXT + r"\s?:",  # CS
     _LINE + r"\s(?:şunu\s+yazdı|yazdı)" + _NEXT + r"\s?:",  # TR
     _LINE + r"\s(?:ezt\s)?írta[^\n]{0,100}?:",  # HU (Gmail: "… ezt írta (időpont: …):")
-    _LINE + r"\s(?:wrote|schrieb|a\s[ée]crit|escribi[óo]|ha\sscritto|schreef|escreveu)" + _NEXT + r"\s?:",  # "X wrote:"
+    # "X wrote:", Gmail DE "X schrieb am So., 23.\nJuni 2024, 21:08:"
+    _LINE + r"\s(?:wrote|schrieb|a\s[ée]crit|escribi[óo]|ha\sscritto|schreef|escreveu)[^\n]{0,100}?" + _NEXT + r"\s?:",
     r"-{2,}" + _LINE + r"\swrote\s*-{2,}",  # Android "---- John Smith wrote ----"
     # Gmail in locales without a verb (RU "ср, 30 апр. 2025 г. в 15:19, Name <addr>:", KO, ...):
     # a time, then an address closing the line with a colon.
@@ -132,6 +134,7 @@ _ADDRESS_LINE: Final = re.compile(r"^\S.{0,150}<[^<>\s@]+@[^<>\s]+>\s*:?$")
 
 
 _TIME: Final = re.compile(r"\d{1,2}[:.]\d{2}")
+_SENTENCE_END: Final = re.compile(r"[.!?][ \t]*\r?$", re.M)
 
 
 def _line_start(text: str, pos: int) -> int:
@@ -153,6 +156,8 @@ def _find_attribution(text: str, end: int) -> tuple[int, int] | None:
                 break
             starts.append(_line_start(text, starts[-1] - 1))
         for st in reversed(starts):  # the earliest start with a leading word owns the attribution
+            if st < line and _SENTENCE_END.search(text, st, line):
+                continue  # a finished sentence above the verb is prose ("On friday I tried it."), not a wrap
             for sp in stops:
                 m = _LEAD.match(text, st, sp)
                 if m:
