@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from relay import __version__, config
@@ -439,6 +442,21 @@ def cmd_connectors(args: argparse.Namespace) -> int:
         return e.exit_code
 
 
+def _write_tenant_atomically(tdir: Path, text: str) -> None:
+    """``tdir/tenant.toml`` appears complete or not at all: written and fsync'd in a temporary
+    sibling directory, which is then renamed into place (a rename is atomic on one filesystem)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{tdir.name}.", dir=tdir.parent))
+    try:
+        with open(tmp / "tenant.toml", "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, tdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def cmd_tenants_add(args: argparse.Namespace) -> int:
     import base64
     import secrets
@@ -458,15 +476,24 @@ def cmd_tenants_add(args: argparse.Namespace) -> int:
     if not initial.endswith(".onmicrosoft.com"):
         raise ConfigError("--initial-domain", "", "must be the tenant's *.onmicrosoft.com domain")
     sub = f"{name}-{base64.b32encode(secrets.token_bytes(5)).decode().lower()[:6]}"
-    domains = sorted({d.lower() for d in args.domain} | {initial})
-    tdir = cfg.tenants_dir / name
-    tdir.mkdir(parents=True)
+    # Validate everything first, with the loader's own rules (issue #11: a bad --domain used to
+    # leave a tenant.toml behind that broke every later command).
+    domains = sorted({config.check_domain(d, "--domain") for d in args.domain} | {initial})
     endpoint = args.endpoint or f"mx:{initial}"
-    (tdir / "tenant.toml").write_text(
-        f'[tenant]\nid = "{tid}"\ninitial_domain = "{initial}"\n'
-        f'accepted_domains = [{", ".join(chr(34) + d + chr(34) for d in domains)}]\n'
-        f'region = "{args.region}"\nsubdomain = "{sub}"\n\n[inbound]\nendpoint = "{endpoint}"\n', "utf-8")
-    cfg2 = config.load(cfg.source if cfg.source != config.DEFAULT_CONFIG_NAME else None)
+    try:
+        config.Endpoint.parse(endpoint)
+    except ValueError as e:
+        raise ConfigError("--endpoint", "", f"expected 'host:port' or 'mx:<domain>[:port]' ({e})") from e
+    text = (f'[tenant]\nid = "{tid}"\ninitial_domain = "{initial}"\n'
+            f'accepted_domains = [{", ".join(chr(34) + d + chr(34) for d in domains)}]\n'
+            f'region = "{args.region}"\nsubdomain = "{sub}"\n\n[inbound]\nendpoint = "{endpoint}"\n')
+    tdir = cfg.tenants_dir / name
+    _write_tenant_atomically(tdir, text)
+    try:
+        cfg2 = config.load(cfg.source if cfg.source != config.DEFAULT_CONFIG_NAME else None)
+    except ConfigError:
+        shutil.rmtree(tdir)  # never half-applied: the configuration stays as it was
+        raise
     t = cfg2.tenant_by_name(name)
     assert t is not None
     print(f"tenant {name} added: {tdir / 'tenant.toml'}")

@@ -381,6 +381,17 @@ def _load_text(text: str, name: str, base: Path) -> Config:
     )
 
 
+def check_domain(domain: str, where: str) -> str:
+    """``domain`` as the loader stores it (A-labels, lower case), or ConfigError naming ``where``."""
+    try:
+        a = addresses.normalise_domain(domain)
+    except addresses.BadDomain as e:
+        raise ConfigError(where, "", str(e)) from e
+    if not _DOMAIN_RE.match(a):
+        raise ConfigError(where, "accepted_domains", f"not a domain name: {domain!r}")
+    return a
+
+
 def certificate_name(subdomain: str, region: str, service_domain: str) -> str:
     """The per-tenant name the inbound connector checks (``TlsSenderCertificateName``)."""
     return f"{subdomain}.{'de-smtp' if region == 'de' else 'smtp'}.{service_domain}"

@@ -82,8 +82,16 @@ def load(tenant_dir: Path) -> Directory:
     users: dict[str, User] = {}
     csv_path = tenant_dir / "directory.csv"
     raw_users: list[tuple[str, dict[str, str], set[str]]] = []
+    text = None
     if csv_path.exists():
-        text = csv_path.read_text("utf-8-sig")
+        blob = csv_path.read_bytes()
+        try:
+            text = blob.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = blob.count(b"\n", 0, e.start) + 1
+            errors.append(f"{csv_path}:{line}: not UTF-8 (byte 0x{blob[e.start]:02x} at offset {e.start}; looks like "
+                          f"Latin-1/Windows-1252): save the file as UTF-8")
+    if text is not None:
         reader = csv.DictReader(io.StringIO(text))
         unknown = [h for h in reader.fieldnames or [] if h not in ATTRIBUTES]
         for h in unknown:
@@ -115,6 +123,8 @@ def load(tenant_dir: Path) -> Directory:
     if gpath.exists():
         try:
             data = tomllib.loads(gpath.read_text("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DirectoryError([f"{gpath}: not UTF-8 (byte at offset {e.start}): save the file as UTF-8"]) from e
         except tomllib.TOMLDecodeError as e:
             raise DirectoryError([f"{gpath}: invalid TOML: {e}"]) from e
         for i, g in enumerate(data.get("group", [])):

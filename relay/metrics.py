@@ -2,8 +2,11 @@
 
 One registry per relay (no process-global state, so tests and reloads stay independent):
 
-* ``signature_relay_messages_total{tenant, decision}`` — one per message copy
-  (``stamped``, ``marked``, ``pass-through:<reason>``, ``refused``, ``deferred``, ``error``)
+* ``signature_relay_messages_total{tenant, result}`` — one per message (DATA transaction), by the
+  reply it got: ``accepted`` (2xx), ``deferred`` (4xx) or ``refused`` (5xx); tenant ``-`` when the
+  message was not bound to one
+* ``signature_relay_copies_total{tenant, decision}`` — one per copy delivered or queued (a message
+  split by rules is several copies): ``stamped``, ``marked``, ``pass-through:<reason>``
 * ``signature_relay_replies_total{code}`` — the replies given to Exchange Online after DATA
 * ``signature_relay_message_seconds`` — DATA received to reply, including inline delivery
 * ``signature_relay_connections`` — sessions open now
@@ -27,8 +30,11 @@ log = logging.getLogger("relay.metrics")
 class Metrics:
     def __init__(self, connections: Callable[[], int], queued: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry()
-        self.messages = Counter("signature_relay_messages", "Message copies by tenant and decision",
-                                ["tenant", "decision"], registry=self.registry)
+        # Two counters, two units (issue #11: one counter mixed messages and copies).
+        self.messages = Counter("signature_relay_messages", "Messages (DATA transactions) by tenant and result",
+                                ["tenant", "result"], registry=self.registry)
+        self.copies = Counter("signature_relay_copies", "Message copies by tenant and stamping decision",
+                              ["tenant", "decision"], registry=self.registry)
         self.replies = Counter("signature_relay_replies", "Replies to DATA by code", ["code"],
                                registry=self.registry)
         self.latency = Histogram("signature_relay_message_seconds", "DATA received to reply (incl. delivery)",

@@ -1,13 +1,15 @@
 """A tenant's signature policy: directory + rules + templates, and what the pipeline asks of it.
 
-    policy.plan(raw, mail_from, recipients, now) -> [(Outcome, [recipients])]   # fewest copies
-    policy.render(outcome, message)               -> Signature | None
+    msg = message_of(raw, mail_from, at, top)      # what rules and templates may read (clean text)
+    policy.plan(msg, recipients)                   -> [(Outcome, [recipients])]   # fewest copies
+    policy.render(outcome, msg, recipients)        -> (Signature | None, at_bottom)
 
 Pure apart from loading the tenant's files once.
 """
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import email.errors
 import email.header
@@ -29,7 +31,7 @@ from relay.mime.stamper import Image, Signature
 from relay.rules import Message, Outcome, RuleSet
 from relay.signatures import RenderError, Templates
 
-_KEYWORD_BODY_LIMIT = 64 * 1024
+KEYWORD_BODY_CHARS: Final = 64 * 1024  # decoded characters of the body that keyword rules read
 
 
 class PolicyError(ErrorList):
@@ -78,18 +80,34 @@ def _subject(top: dict[str, list[str]]) -> str:
 
 
 def _body_text(raw: bytes) -> str:
-    """The message's own text (plain preferred), decoded, bounded: what keyword rules look at."""
+    """The message's own text (plain preferred), decoded, then bounded: what keyword rules look at.
+
+    Decode first, bound after (issue #11): cutting the *encoded* body could split a base64 quantum
+    or a UTF-8 character, the decode would fail and keyword rules would silently see nothing. Only
+    a prefix of the encoded body is decoded (enough for the bound), cut where the encoding allows."""
     s = scanner.scan(raw)
     t = find_targets(s)
     part = t.get("plain") or t.get("html")
     if part is None:
         return ""
+    body = s.body_bytes(part)
+    enough = KEYWORD_BODY_CHARS * 4 + 4096  # UTF-8 needs at most 4 bytes a character
+    if len(body) > enough:
+        body = body[:enough]
+        if part.cte == "base64":
+            body = re.sub(rb"\s+", b"", body)
+            body = body[:len(body) // 4 * 4]  # whole quanta only
+        elif part.cte == "quoted-printable":
+            body = body[:body.rfind(b"\n") + 1]  # whole encoded lines: never half an "=XX"
     try:
-        text = codec.decode_text(codec.decode_transfer(s.body_bytes(part)[:_KEYWORD_BODY_LIMIT], part.cte),
-                                 part.charset)
-    except codec.DecodeError:
+        data = codec.decode_transfer(body, part.cte)
+        # An incremental decoder keeps a character cut at the end of the prefix for later
+        # instead of failing on it.
+        text = codecs.getincrementaldecoder(codec.python_charset(part.charset))().decode(data, final=False)
+    except (codec.DecodeError, UnicodeDecodeError):
         return ""
-    return signatures_mod.html_to_text(text) if part.ctype == "text/html" else text
+    text = text[:KEYWORD_BODY_CHARS * 4] if part.ctype == "text/html" else text
+    return (signatures_mod.html_to_text(text) if part.ctype == "text/html" else text)[:KEYWORD_BODY_CHARS]
 
 
 def message_of(raw: bytes, mail_from: str, at: dt.datetime, top: dict[str, list[str]] | None = None) -> Message:

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from relay.directory import ATTRIBUTES, Directory, User
 from relay.errors import ErrorList
+from relay.memo import Memo
 
 SECTIONS: Final = ("signature", "banner", "disclaimer")
 _RULE_KEYS: Final = {"name", "enabled", "senders", "recipients", "keywords", "window", "new", "reply",
@@ -181,6 +182,7 @@ class _Index:
     keyword_re: re.Pattern[str] | None
     boundaries: tuple[dt.datetime, ...]
     mentioned: frozenset[str]  # addresses and domains named by any recipient condition
+    field_sets: tuple[tuple[str, ...], ...] = ()  # the distinct keyword_fields of rules with keywords
 
     @classmethod
     def build(cls, rules: Sequence[Rule]) -> _Index:
@@ -190,7 +192,8 @@ class _Index:
         bounds = sorted({b for r in rules for b in (r.start, r.end) if b is not None})
         mentioned = frozenset(x for r in rules for x in (*r.recipients.users, *r.recipients.except_users,
                                                           *r.recipients.domains, *r.recipients.except_domains))
-        return cls(kws, rx, tuple(bounds), mentioned)
+        fsets = tuple(sorted({r.keyword_fields for r in rules if r.trigger or r.suppress}))
+        return cls(kws, rx, tuple(bounds), mentioned, fsets)
 
     def keyword_hits(self, text: str) -> frozenset[str]:
         """Every keyword occurring in ``text``. The look-ahead finds the longest keyword at each
@@ -208,8 +211,10 @@ class _Index:
 class RuleSet:
     rules: tuple[Rule, ...] = ()
     accepted_domains: frozenset[str] = frozenset()
-    _sender_cache: dict[str, tuple[Rule, ...]] = field(default_factory=dict, compare=False, repr=False)
-    _outcome_cache: dict[tuple[object, ...], Outcome] = field(default_factory=dict, compare=False, repr=False)
+    _sender_cache: Memo[str, tuple[Rule, ...]] = field(default_factory=lambda: Memo(100_000), compare=False,
+                                                       repr=False)
+    _outcome_cache: Memo[tuple[object, ...], Outcome] = field(default_factory=lambda: Memo(200_000), compare=False,
+                                                              repr=False)
     _idx: dict[int, _Index] = field(default_factory=dict, compare=False, repr=False)
 
     # --- evaluation ------------------------------------------------------------------------------
@@ -217,14 +222,11 @@ class RuleSet:
     def candidates(self, directory: Directory, sender: str) -> tuple[Rule, ...]:
         """Rules whose sender conditions match ``sender``: cached per sender, so with 1,000 rules a
         message costs one dict lookup plus the few candidate rules (not a scan of all)."""
-        hit = self._sender_cache.get(sender)
-        if hit is None:
+        def compute() -> tuple[Rule, ...]:
             user = directory.user(sender)
-            hit = tuple(r for r in self.rules if r.enabled and r.senders.matches(sender, user, True))
-            if len(self._sender_cache) > 100_000:
-                self._sender_cache.clear()
-            self._sender_cache[sender] = hit
-        return hit
+            return tuple(r for r in self.rules if r.enabled and r.senders.matches(sender, user, True))
+
+        return self._sender_cache.get_or_compute(sender, compute)
 
     def internal(self, address: str, directory: Directory) -> bool:
         """Internal = an address in one of the tenant's accepted domains (a contact is not)."""
@@ -243,15 +245,11 @@ class RuleSet:
             rclass: tuple[str, ...] = ("anon", str(internal))
         else:
             rclass = ("addr", recipient)
-        key = (msg.sender, msg.kind, idx.keyword_hits(msg.subject), idx.keyword_hits(msg.body),
-               bisect.bisect_right(idx.boundaries, msg.at), rclass)
-        hit = self._outcome_cache.get(key)
-        if hit is None:
-            hit = self.outcome_uncached(directory, msg, recipient)
-            if len(self._outcome_cache) > 200_000:
-                self._outcome_cache.clear()
-            self._outcome_cache[key] = hit
-        return hit
+        # Keyword hits are keyed on exactly the haystacks the matcher reads: the fields a rule names,
+        # joined with a space (a keyword may span "subject body"; issue #11).
+        hits = tuple(idx.keyword_hits(_haystack(msg, fields)) for fields in idx.field_sets)
+        key = (msg.sender, msg.kind, hits, bisect.bisect_right(idx.boundaries, msg.at), rclass)
+        return self._outcome_cache.get_or_compute(key, lambda: self.outcome_uncached(directory, msg, recipient))
 
     def _index(self) -> _Index:
         idx = self._idx.get(0)
@@ -318,7 +316,7 @@ def _message_checks(rule: Rule, msg: Message, recipient: str, r_user: User | Non
     checks = [(f"recipient {c}", ok) for c, ok in rule.recipients.checks(recipient, r_user, internal)]
     if not rule.internal:
         checks.append(("recipient external (internal mail not stamped by this rule)", not internal))
-    hay = " ".join(getattr(msg, f) for f in rule.keyword_fields).casefold()
+    hay = _haystack(msg, rule.keyword_fields).casefold()
     if rule.trigger:
         checks.append((f"keywords {list(rule.trigger)} present", any(k.casefold() in hay for k in rule.trigger)))
     if rule.suppress:
@@ -329,6 +327,11 @@ def _message_checks(rule: Rule, msg: Message, recipient: str, r_user: User | Non
     return checks
 
 
+def _haystack(msg: Message, fields: tuple[str, ...]) -> str:
+    """The text a keyword condition searches: its fields joined with a space."""
+    return " ".join(getattr(msg, f) for f in fields)
+
+
 def _rule_matches(rule: Rule, msg: Message, recipient: str, r_user: User | None, internal: bool) -> bool:
     """Same answer as all(_message_checks(...)), cheaply (this runs per rule and recipient)."""
     if not rule.recipients.matches(recipient, r_user, internal) or (internal and not rule.internal):
@@ -336,7 +339,7 @@ def _rule_matches(rule: Rule, msg: Message, recipient: str, r_user: User | None,
     if (rule.start is not None and msg.at < rule.start) or (rule.end is not None and msg.at >= rule.end):
         return False
     if rule.trigger or rule.suppress:
-        hay = " ".join(getattr(msg, f) for f in rule.keyword_fields).casefold()
+        hay = _haystack(msg, rule.keyword_fields).casefold()
         if rule.trigger and not any(k.casefold() in hay for k in rule.trigger):
             return False
         if rule.suppress and any(k.casefold() in hay for k in rule.suppress):

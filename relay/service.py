@@ -226,9 +226,8 @@ class Relay:
         fields["latency_ms"] = round(elapsed * 1000, 1)
         self.metrics.latency.observe(elapsed)
         self.metrics.replies.labels(reply[:3]).inc()
-        if not reply.startswith("2"):
-            kind = "deferred" if reply.startswith("4") else "refused"
-            self.metrics.messages.labels(fields.get("tenant", "-"), kind).inc()
+        result = "accepted" if reply.startswith("2") else "deferred" if reply.startswith("4") else "refused"
+        self.metrics.messages.labels(fields.get("tenant", "-"), result).inc()
         log.info("message %s", msglog.fmt(fields))
         return reply
 
@@ -266,7 +265,7 @@ class Relay:
             d = copy.processed.decision
             # The reason's first word only ("undecodable", "malformed"...): labels must stay a small set.
             label = d.action if d.action != "pass-through" else f"pass-through:{d.reason.split(':')[0]}"
-            self.metrics.messages.labels(t.name, label).inc()
+            self.metrics.copies.labels(t.name, label).inc()
         if self.queue is not None:
             return await self._enqueue(t.name, qid, mail_from, copies, envelope.smtp_utf8, fields)
         refused: dict[str, dsn.Refusal] = {}

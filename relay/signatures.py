@@ -26,11 +26,25 @@ import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import SandboxedEnvironment
 
+from relay.memo import Memo
 from relay.mime.stamper import Image, Signature
 
 CONTEXT_NAMES: Final = frozenset({"user", "recipient", "message", "tenant", "image"})
 _EMPTY: Final = "\x00\x01e\x00"
 _FULL: Final = "\x00\x01f\x00"
+
+
+def read_utf8(f: Path, errors: list[str]) -> str | None:
+    """The file's text, or None with a named error: file, line, the byte found and what to do
+    (a template or directory saved in Windows-1252 must not crash ``check``; issue #11)."""
+    data = f.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        errors.append(f"{f}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}; looks like "
+                      f"Latin-1/Windows-1252): save the file as UTF-8")
+        return None
 
 
 class RenderError(Exception):
@@ -165,7 +179,7 @@ class Templates:
         self.base_url = images_base_url.rstrip("/")
         self.templates: dict[str, Template] = {}
         self.image_data: dict[str, bytes] = {}
-        self._cache: dict[tuple[str, ...], Signature] = {}
+        self._cache: Memo[tuple[str, ...], Signature] = Memo(50_000)  # shared by worker threads
         # Every template file present, compiled or not: rules are checked against these names, so
         # one broken template is one error, not one more per rule that uses it.
         self.names = frozenset(f.name.removesuffix(".html.j2") for f in sig_dir.glob("*.html.j2")) \
@@ -192,7 +206,9 @@ class Templates:
               ) -> tuple[jinja2.Template, frozenset[str], frozenset[str]] | None:
         """Read and parse one template once: (compiled, context names it reads, images it embeds),
         or None with its errors (file and line) appended."""
-        src = f.read_text("utf-8")
+        src = read_utf8(f, errors)
+        if src is None:
+            return None
         try:
             ast = env.parse(src, name=f.name, filename=str(f))
             # Unknown filters only show when the code is generated: compile inside the same try.
@@ -234,13 +250,7 @@ class Templates:
         t = self.templates[name]
         key = (name, *(repr(sorted(context[k].items())) if isinstance(context.get(k), dict) else repr(context.get(k))
                        for k in sorted(t.uses - {"image"})))
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._render(t, context)
-            if len(self._cache) > 50_000:
-                self._cache.clear()
-            self._cache[key] = hit
-        return hit
+        return self._cache.get_or_compute(key, lambda: self._render(t, context))
 
     def _render(self, t: Template, context: Mapping[str, Any]) -> Signature:
         name = t.name

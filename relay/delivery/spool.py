@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 
@@ -30,7 +30,9 @@ class Entry:
     next_attempt: float
     attempts: int = 0
     last_error: str = ""
-    refused: dict[str, list[object]] = field(default_factory=dict)  # rcpt -> [code, text] already bounced
+
+
+_ENTRY_FIELDS = frozenset(f.name for f in fields(Entry))
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -67,7 +69,10 @@ class Spool:
         entries = []
         for meta in sorted(self.root.glob("*.json")):
             try:
-                e = Entry(**json.loads(meta.read_text("utf-8")))
+                data = json.loads(meta.read_text("utf-8"))
+                # Keys this version does not know (e.g. "refused", written empty by 0.1.0 and
+                # never read) are ignored, so an upgrade never strands spooled mail.
+                e = Entry(**{k: v for k, v in data.items() if k in _ENTRY_FIELDS})
             except (ValueError, TypeError, OSError):
                 meta.rename(meta.with_suffix(".json.corrupt"))  # kept for an operator, never lost
                 continue

@@ -361,7 +361,8 @@ async def test_metrics_and_health_endpoint(make_stack: object, deployment: objec
     c.close()
     status, body = await get("/metrics")
     assert status == "HTTP/1.0 200 OK"
-    assert 'signature_relay_messages_total{decision="marked",tenant="contoso"} 1.0' in body
+    assert 'signature_relay_messages_total{result="accepted",tenant="contoso"} 1.0' in body
+    assert 'signature_relay_copies_total{decision="marked",tenant="contoso"} 1.0' in body
     assert 'signature_relay_replies_total{code="250"} 1.0' in body
     assert "signature_relay_message_seconds_count 1.0" in body
     assert "signature_relay_connections " in body
@@ -394,3 +395,23 @@ async def test_reload_applies_new_rules_and_refuses_bad_config(make_stack: objec
         st.relay.reload(config.load(deployment.config_path))  # type: ignore[attr-defined]
     assert (await send(st, message()))[0] == 250  # the previous configuration still serves
     assert b"RELOADED SIGNATURE" in st.deployment.delivered()[1]
+
+
+async def test_metrics_count_messages_and_copies_in_their_own_units(make_stack: object, deployment: object) -> None:
+    """Issue #11: a message split into two copies is one message and two copies; a refused one is
+    one refused message (before, refusals counted per message and stamps per copy, in one counter)."""
+    external_internal_rules(deployment)
+    st: Stack = await make_stack()  # type: ignore[operator]
+    c = await st.tls_client()
+    r = await c.sendmail("alice@contoso.com", ["x@example.net", "carol@contoso.com"], message())
+    assert r[0] == {}
+    c.close()
+    c = await st.tls_client()
+    raw = message(extra_headers="X-MS-Exchange-CrossTenant-Id: 99999999-9999-4999-8999-999999999999\r\n")
+    with pytest.raises(aiosmtplib.SMTPDataError):
+        await c.sendmail("alice@contoso.com", ["x@example.net"], raw)
+    c.close()
+    body = st.relay.metrics.render().decode()
+    assert 'signature_relay_messages_total{result="accepted",tenant="contoso"} 1.0' in body
+    assert 'signature_relay_copies_total{decision="stamped",tenant="contoso"} 2.0' in body
+    assert 'signature_relay_messages_total{result="refused",tenant="-"} 1.0' in body
