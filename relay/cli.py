@@ -17,7 +17,7 @@ from typing import Any
 
 from relay import __version__, config
 from relay import log as logsetup
-from relay.errors import ConfigError
+from relay.errors import ConfigError, RelayError
 
 EPILOG = """\
 Quick start (from a checkout):
@@ -196,14 +196,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    """Which rule applies to each recipient and why; writes the stamped .eml and an .html preview."""
-    import base64
+    """Which rule applies to each recipient and why; writes each copy's .eml and an .html preview,
+    produced by the same flow the relay runs (:func:`relay.pipeline.run`)."""
     import datetime as dt
-    from pathlib import Path
 
-    from relay.mime import codec, scanner
-    from relay.mime.classify import find_targets
-    from relay.mime.stamper import stamp
+    from relay import pipeline
     from relay.policy import message_of, sender_identity
 
     cfg = _config(args)
@@ -217,24 +214,10 @@ def cmd_preview(args: argparse.Namespace) -> int:
     rcpts = list(args.rcpt) + list(args.cc)
     if not rcpts:
         raise ConfigError("--to", "", "give at least one --to (or --cc) recipient")
-    if args.eml:
-        raw = Path(args.eml).read_bytes()
-    else:
-        subject = ("RE: " if args.reply else "") + (args.subject or "Preview")
-        extra = "In-Reply-To: <previous@example.net>\r\n" if args.reply else ""
-        quote = ("\r\n\r\nOn Mon, 6 Jan 2025, Someone <someone@example.net> wrote:\r\n> Earlier message\r\n"
-                 if args.reply else "\r\n")
-        raw = (f"From: {args.mail_from}\r\nTo: {', '.join(args.rcpt)}\r\n"
-               + (f"Cc: {', '.join(args.cc)}\r\n" if args.cc else "")
-               + f"Subject: {subject}\r\n{extra}MIME-Version: 1.0\r\n"
-               "Content-Type: multipart/alternative; boundary=\"preview\"\r\n\r\n"
-               "--preview\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello," + quote
-               + "--preview\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><body><p>Hello,</p>"
-               + ('<div class="gmail_quote">On Mon, 6 Jan 2025, Someone wrote:<blockquote>Earlier message'
-                  "</blockquote></div>" if args.reply else "")
-               + "</body></html>\r\n--preview--\r\n").encode("utf-8")
-    msg = message_of(raw, args.mail_from or "", at)
-    who = sender_identity(raw, args.mail_from or "")
+    settings = pipeline.Settings.of(cfg)
+    inbound = pipeline.accept(Path(args.eml).read_bytes() if args.eml else _preview_message(args), settings)
+    msg = message_of(inbound.raw, args.mail_from or "", at, inbound.top)
+    who = sender_identity(inbound.raw, args.mail_from or "", inbound.top)
     print(f"tenant {tenant.name}; sender {msg.sender} ({who.how}); {msg.kind} message; at {at.isoformat()}")
     for r in rcpts:
         outcome = policy.rules.outcome(policy.directory, msg, r.lower())
@@ -244,27 +227,60 @@ def cmd_preview(args: argparse.Namespace) -> int:
             print(line)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = policy.plan(msg, rcpts)
-    print(f"\n{len(groups)} cop{'y' if len(groups) == 1 else 'ies'} (one per distinct outcome):")
-    for n, (outcome, group) in enumerate(groups, 1):
-        sig, bottom = policy.render(outcome, msg, group)
-        result = stamp(raw, sig, mail_from=args.mail_from, bottom=bottom)
+    copies = pipeline.run(inbound, policy=policy, mail_from=args.mail_from or "", recipients=rcpts, at=at,
+                          settings=settings)
+    print(f"\n{len(copies)} cop{'y' if len(copies) == 1 else 'ies'} (one per distinct outcome):")
+    for n, copy in enumerate(copies, 1):
+        p = copy.processed
         eml = out_dir / f"preview-{n}.eml"
-        eml.write_bytes(result.data)
-        s = scanner.scan(result.data[result.data.index(b"\n") + 1:])
-        html_part = find_targets(s).get("html")
-        html = "<p>(no HTML body)</p>"
-        if html_part is not None:
-            html = codec.decode_text(codec.decode_transfer(s.body_bytes(html_part), html_part.cte), html_part.charset)
-        for img in (sig.images if sig else ()):
-            cid_ref = next((part for part in html.split('"') if part.startswith("cid:") and img.name in part), None)
-            if cid_ref:
-                html = html.replace(cid_ref, f"data:{img.content_type};base64,{base64.b64encode(img.data).decode()}")
+        eml.write_bytes(p.data)
         page = out_dir / f"preview-{n}.html"
-        page.write_text(html, "utf-8")
-        print(f"  copy {n} for {', '.join(group)}: {result.decision}"
-              + (f", {result.placement}" if result.placement else "") + f"\n    {eml}\n    {page}")
+        page.write_text(_preview_page(p.data), "utf-8")
+        print(f"  copy {n} for {', '.join(copy.recipients)}: {p.decision}"
+              + (f", {p.placement}" if p.placement else "")
+              + (f" (render error: {copy.render_error})" if copy.render_error else "") + f"\n    {eml}\n    {page}")
     return 0
+
+
+def _preview_message(args: argparse.Namespace) -> bytes:
+    """A small multipart/alternative message to preview on (a reply with history when --reply)."""
+    subject = ("RE: " if args.reply else "") + (args.subject or "Preview")
+    extra = "In-Reply-To: <previous@example.net>\r\n" if args.reply else ""
+    quote = ("\r\n\r\nOn Mon, 6 Jan 2025, Someone <someone@example.net> wrote:\r\n> Earlier message\r\n"
+             if args.reply else "\r\n")
+    return (f"From: {args.mail_from}\r\nTo: {', '.join(args.rcpt)}\r\n"
+            + (f"Cc: {', '.join(args.cc)}\r\n" if args.cc else "")
+            + f"Subject: {subject}\r\n{extra}MIME-Version: 1.0\r\n"
+            "Content-Type: multipart/alternative; boundary=\"preview\"\r\n\r\n"
+            "--preview\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello," + quote
+            + "--preview\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><body><p>Hello,</p>"
+            + ('<div class="gmail_quote">On Mon, 6 Jan 2025, Someone wrote:<blockquote>Earlier message'
+               "</blockquote></div>" if args.reply else "")
+            + "</body></html>\r\n--preview--\r\n").encode("utf-8")
+
+
+def _preview_page(data: bytes) -> str:
+    """The copy's HTML body with its cid: images inlined as data: URIs, so a browser shows exactly
+    what the recipient's client will."""
+    import base64
+    import email
+    import email.policy
+
+    from relay.mime import codec, scanner
+    from relay.mime.classify import find_targets
+
+    s = scanner.scan(data)
+    html_part = find_targets(s).get("html")
+    if html_part is None:
+        return "<p>(no HTML body)</p>"
+    html = codec.decode_text(codec.decode_transfer(s.body_bytes(html_part), html_part.cte), html_part.charset)
+    for part in email.message_from_bytes(data, policy=email.policy.compat32).walk():
+        cid = (part.get("Content-ID") or "").strip("<> ")
+        payload = part.get_payload(decode=True) if cid else None
+        if cid and isinstance(payload, bytes):
+            html = html.replace(f"cid:{cid}", f"data:{part.get_content_type()};base64,"
+                                              f"{base64.b64encode(payload).decode()}")
+    return html
 
 
 def _tenant_for(cfg: config.Config, name: str | None, mail_from: str | None) -> config.Tenant:
@@ -284,50 +300,59 @@ def _tenant_for(cfg: config.Config, name: str | None, mail_from: str | None) -> 
 def cmd_stamp(args: argparse.Namespace) -> int:
     from relay.mime.stamper import Signature
 
+    cfg = _config(args)
+    policy = None
     if args.html or args.text:
         if not (args.html and args.text):
             raise ConfigError("--html/--text", "", "give both --html FILE and --text FILE")
         with open(args.html, encoding="utf-8") as h, open(args.text, encoding="utf-8") as t:
             sig: Signature | None = Signature(h.read(), t.read())
-        source, policy = "files", None
+        source = "files"
     else:
-        cfg = _config(args)
         tenant = _tenant_for(cfg, args.tenant, args.mail_from)
         sig, source, policy = None, f"tenant {tenant.name} rules", tenant.policy
+    flow = _Flow(cfg, sig, policy, args.mail_from or "", list(args.rcpt) or ["recipient@example.net"], args.bottom)
     if args.report:
-        return _report(args.report, sig, policy, args.mail_from, args.rcpt, args.bottom)
+        return _report(args.report, flow)
     raw = sys.stdin.buffer.read()
-    result, sections = _stamp_one(raw, sig, policy, args.mail_from, args.rcpt, args.bottom)
-    sys.stdout.buffer.write(result.data)
+    try:
+        copies = flow.run(raw)
+    except RelayError as e:
+        print(f"refused: {e.reply} ({e.detail})", file=sys.stderr)  # what the relay would answer after DATA
+        return 1
+    p = copies[0].processed  # the copy that holds the first recipient
+    sys.stdout.buffer.write(p.data)
     sys.stdout.buffer.flush()
-    print(f"decision: {result.decision}" + (f"\nplacement: {result.placement}" if result.placement else "")
-          + (f"\nanomalies: {', '.join(result.anomalies)}" if result.anomalies else "")
-          + f"\nsignature: {source}" + (f" ({sections})" if sections else "")
-          + f"\nsize: {len(raw)} -> {len(result.data)} bytes", file=sys.stderr)
+    print(f"decision: {p.decision}" + (f"\nplacement: {p.placement}" if p.placement else "")
+          + (f"\nplacement unsure: {'; '.join(p.doubts)}" if p.doubts else "")
+          + (f"\nanomalies: {', '.join(p.anomalies)}" if p.anomalies else "")
+          + f"\nsignature: {source}" + (f" ({copies[0].sections})" if copies[0].sections not in ("", "files") else "")
+          + (f"\ncopies: {len(copies)} (stdout has the one for {copies[0].recipients[0]})" if len(copies) > 1 else "")
+          + f"\nsize: {len(raw)} -> {len(p.data)} bytes", file=sys.stderr)
     return 0
 
 
-def _stamp_one(raw: bytes, sig: object, policy: object, mail_from: str | None, rcpts: list[str],
-               bottom: bool) -> tuple[Any, str]:
-    """Stamp with fixed files, or with what the tenant's rules give the first recipient."""
-    import datetime as dt
+class _Flow:
+    """The relay's own flow (:mod:`relay.pipeline`) with the configuration's settings, for dry runs."""
 
-    from relay.mime.stamper import Signature, stamp
-    from relay.policy import Policy, message_of
+    def __init__(self, cfg: config.Config, sig: Any, policy: Any, mail_from: str, rcpts: list[str],
+                 bottom: bool) -> None:
+        from relay import pipeline
 
-    sections = ""
-    if sig is None and isinstance(policy, Policy) and policy.has_rules:
-        msg = message_of(raw, mail_from or "", dt.datetime.now(dt.UTC))
-        outcome, group = policy.plan(msg, rcpts or ["recipient@example.net"])[0]
-        sig, bottom_rule = policy.render(outcome, msg, group)
-        bottom = bottom or bottom_rule
-        sections = ",".join(f"{x.section}:{x.rule}" for x in outcome)
-    assert sig is None or isinstance(sig, Signature)
-    return stamp(raw, sig, mail_from=mail_from, bottom=bottom), sections
+        self.settings = pipeline.Settings.of(cfg)
+        self.sig, self.policy, self.mail_from, self.rcpts, self.bottom = sig, policy, mail_from, rcpts, bottom
+
+    def run(self, raw: bytes) -> list[Any]:
+        import datetime as dt
+
+        from relay import pipeline
+
+        return pipeline.run(pipeline.accept(raw, self.settings), policy=self.policy, mail_from=self.mail_from,
+                            recipients=self.rcpts, at=dt.datetime.now(dt.UTC), settings=self.settings,
+                            signature=self.sig, bottom=self.bottom)
 
 
-def _report(paths: list[str], sig: object, policy: object, mail_from: str | None, rcpts: list[str],
-            bottom: bool) -> int:
+def _report(paths: list[str], flow: _Flow) -> int:
     """Replay a corpus: one line per file, then a summary. Never stops at a bad file."""
     import collections
     from pathlib import Path
@@ -337,12 +362,15 @@ def _report(paths: list[str], sig: object, policy: object, mail_from: str | None
         files += sorted(p.rglob("*.eml")) if p.is_dir() else [p]
     decisions: collections.Counter[str] = collections.Counter()
     placements: collections.Counter[str] = collections.Counter()
-    errors = doubtful = 0
+    errors = doubtful = refused = 0
     progress = sys.stderr.isatty() and len(files) > 200
     for i, f in enumerate(files, 1):
         try:
-            raw = f.read_bytes()
-            r, _ = _stamp_one(raw, sig, policy, mail_from, rcpts, bottom)
+            r = flow.run(f.read_bytes())[0].processed
+        except RelayError as e:
+            refused += 1
+            print(f"refused({e.reply.code} {e.reply.enhanced})\t-\t{f}\t{e.detail}")
+            continue
         except OSError as e:
             errors += 1
             print(f"ERROR\t-\t{f}\t{e.strerror}")
@@ -364,7 +392,7 @@ def _report(paths: list[str], sig: object, policy: object, mail_from: str | None
         if progress and i % 100 == 0:
             print(f"... {i}/{len(files)}", file=sys.stderr)
     print(f"\n{len(files)} file(s): " + ", ".join(f"{n} {d}" for d, n in decisions.most_common())
-          + (f", {errors} error(s)" if errors else ""))
+          + (f", {refused} refused at ingress" if refused else "") + (f", {errors} error(s)" if errors else ""))
     if placements:
         print("placements: " + ", ".join(f"{n} {p}" for p, n in placements.most_common()))
     if doubtful:

@@ -1,23 +1,57 @@
-"""The message pipeline: classify → (match rules → render) → stamp → trace. Pure: bytes in, bytes out.
+"""The one message flow: ingress → rules → render → stamp → trace. Pure: bytes in, copies out.
 
-Each step is a small named function and the outcome is a :class:`Decision` value you can print
-and log. :func:`plan_copies` runs the tenant's rules (one copy per distinct outcome), renders each
-outcome's signature and stamps it; a tenant without rules is marked only.
+The relay, ``signature-relay stamp``, ``signature-relay preview`` and the tests all call
+:func:`run` with the same :class:`Settings` built from the configuration, so a dry run shows exactly
+what production delivers (issue #11: the CLI had copies of this flow that ignored the configured
+processed-header name and MIME limits). Binding to a tenant happens before (it needs the peer);
+delivery after (it needs the network).
+
+    settings = Settings.of(cfg)
+    inbound = accept(raw, settings)                       # one normalisation, one header parse
+    tenant = binding.bind(cfg, mail_from, ..., top=inbound.top).tenant   # the relay only
+    copies = run(inbound, policy=tenant.policy, mail_from=..., recipients=[...], at=now, settings=settings)
+
+Each step is a small named function and every outcome is a value you can print and log: the
+:class:`Decision` per copy (stamped / marked / pass-through and why), the placement, the rules.
+
+How it fails: :class:`relay.errors.PermanentError` from ingress for a header the relay refuses
+(NUL, over the limits); nothing else raises — a template that fails to render gives an unstamped,
+marked copy with ``render_error`` set.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from relay.mime import headers
+from relay import ingress
 from relay.mime.scanner import Limits
 from relay.mime.stamper import DEFAULT_LIMITS, Decision, Signature, already_processed, stamp
 from relay.policy import Policy, RenderError, message_of
-from relay.rules import Outcome
+from relay.rules import Message, Outcome
 
-__all__ = ["Copy", "Decision", "Processed", "already_processed", "plan_copies", "process"]
+if TYPE_CHECKING:
+    from relay.config import Config
+
+__all__ = ["Copy", "Decision", "Processed", "Settings", "accept", "already_processed", "plan_copies", "process",
+           "run"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The configuration the flow reads; build it with :meth:`of` from a loaded config."""
+
+    processed_header: str = "X-CodeTwoProcessed"
+    limits: Limits = DEFAULT_LIMITS
+    ingress: ingress.IngressLimits = field(default_factory=ingress.IngressLimits)
+
+    @classmethod
+    def of(cls, cfg: Config) -> Settings:
+        sec = cfg.security
+        return cls(processed_header=cfg.processed_header, limits=cfg.mime_limits,
+                   ingress=ingress.IngressLimits(sec.max_header_bytes, sec.max_header_fields))
 
 
 @dataclass(frozen=True)
@@ -33,7 +67,7 @@ def process(
     raw: bytes, *, processed_header: str, received: bytes, signature: Signature | None = None,
     mail_from: str | None = None, limits: Limits = DEFAULT_LIMITS,
 ) -> Processed:
-    """Run the pipeline on one message. ``received`` is our trace field, always prepended
+    """Stamp one message with a given signature. ``received`` is our trace field, always prepended
     (RFC 5321 §4.4: a relay MUST add one; it also lets us count hops to catch loops)."""
     result = stamp(raw, signature, processed_header=processed_header, mail_from=mail_from, prefix=received,
                    limits=limits)
@@ -50,32 +84,62 @@ class Copy:
     render_error: str | None = None
 
 
+def _no_trace(_group: Sequence[str]) -> bytes:
+    return b""
+
+
+def accept(raw: bytes, settings: Settings) -> ingress.Inbound:
+    """Step 1: the one normalisation and header parse (:mod:`relay.ingress`). The relay binds the
+    message to its tenant between this step and :func:`run`."""
+    return ingress.accept(raw, settings.ingress)
+
+
+def run(
+    inbound: ingress.Inbound, *, policy: Policy | None, mail_from: str, recipients: Sequence[str],
+    at: dt.datetime, settings: Settings, received_for: Callable[[Sequence[str]], bytes] = _no_trace,
+    signature: Signature | None = None, bottom: bool = False,
+) -> list[Copy]:
+    """Step 2: rules → render → stamp → trace for every copy. ``signature`` replaces the tenant's
+    rules with one fixed signature for every recipient (``stamp --html/--text``)."""
+    if signature is not None:
+        result = stamp(inbound.raw, signature, processed_header=settings.processed_header, mail_from=mail_from,
+                       bottom=bottom, prefix=received_for(recipients), limits=settings.limits, top=inbound.top)
+        return [Copy(tuple(recipients), Processed(result.data, result.decision, result.placement, result.anomalies,
+                                                  result.doubts), "files")]
+    return plan_copies(inbound.raw, policy=policy, mail_from=mail_from, recipients=recipients, at=at,
+                       processed_header=settings.processed_header, received_for=received_for,
+                       limits=settings.limits, top=inbound.top, bottom=bottom)
+
+
 def plan_copies(
     raw: bytes, *, policy: Policy | None, mail_from: str, recipients: Sequence[str], at: dt.datetime,
     processed_header: str, received_for: Callable[[Sequence[str]], bytes], limits: Limits = DEFAULT_LIMITS,
-    top: dict[str, list[str]] | None = None,
+    top: dict[str, list[str]] | None = None, bottom: bool = False,
 ) -> list[Copy]:
-    """Rules → render → stamp for every distinct outcome. Pure (runs in a worker thread for big
-    messages). To/Cc headers are never touched: copies differ only in body and envelope.
-    ``top`` is the message's header index, parsed once by :mod:`relay.ingress`."""
-    top = headers.index(raw) if top is None else top
+    """Rules → render → stamp for every distinct outcome, on a message that already went through
+    ingress (``raw`` CRLF only, ``top`` its header index). To/Cc are never touched: copies differ
+    only in body and envelope. ``bottom`` forces every signature to the end (a dry-run option)."""
     if policy is None or not policy.has_rules:
         groups: list[tuple[Outcome, list[str]]] = [((), list(recipients))]
         msg = None
     else:
         msg = message_of(raw, mail_from, at, top)
         groups = policy.plan(msg, recipients)
-    copies = []
-    for outcome, group in groups:
-        sig, bottom, error = None, False, None
-        if outcome and policy is not None and msg is not None:
-            try:
-                sig, bottom = policy.render(outcome, msg, group)
-            except RenderError as e:
-                error = str(e)  # never a crash, never a 5xx: the copy goes out unstamped (marked)
-        result = stamp(raw, sig, processed_header=processed_header, mail_from=mail_from, bottom=bottom,
-                       prefix=received_for(group), limits=limits, top=top)
-        copies.append(Copy(tuple(group), Processed(result.data, result.decision, result.placement, result.anomalies,
-                                                   result.doubts),
-                           ",".join(f"{x.section}:{x.rule}" for x in outcome), error))
-    return copies
+    return [_copy(raw, outcome, group, policy, msg, mail_from, processed_header, received_for, limits, top, bottom)
+            for outcome, group in groups]
+
+
+def _copy(raw: bytes, outcome: Outcome, group: list[str], policy: Policy | None, msg: Message | None, mail_from: str,
+          processed_header: str, received_for: Callable[[Sequence[str]], bytes], limits: Limits,
+          top: dict[str, list[str]] | None, force_bottom: bool) -> Copy:
+    sig, bottom, error = None, force_bottom, None
+    if outcome and policy is not None and msg is not None:
+        try:
+            sig, rule_bottom = policy.render(outcome, msg, group)
+            bottom = bottom or rule_bottom
+        except RenderError as e:
+            error = str(e)  # never a crash, never a 5xx: the copy goes out unstamped (marked)
+    result = stamp(raw, sig, processed_header=processed_header, mail_from=mail_from, bottom=bottom,
+                   prefix=received_for(group), limits=limits, top=top)
+    return Copy(tuple(group), Processed(result.data, result.decision, result.placement, result.anomalies,
+                                        result.doubts), ",".join(f"{x.section}:{x.rule}" for x in outcome), error)

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay import binding, ingress, metrics, pipeline
+from relay import binding, metrics, pipeline
 from relay import log as msglog
 from relay.config import Config
 from relay.delivery import dsn
@@ -54,23 +54,22 @@ def _prepare(
 ) -> tuple[bytes, binding.Binding, list[pipeline.Copy]]:
     """Ingress → loop check → binding → pipeline, on the one normalised message and its one header
     parse (DESIGN: what we check is what the tenant gets). Pure apart from filling ``fields``."""
-    sec = cfg.security
-    inbound = ingress.accept(raw, ingress.IngressLimits(sec.max_header_bytes, sec.max_header_fields))
+    settings = pipeline.Settings.of(cfg)
+    inbound = pipeline.accept(raw, settings)
     raw, top = inbound.raw, inbound.top
     mids = top.get("message-id")
     fields["message_id"] = mids[0][:200] if mids else "-"
     if inbound.normalised:
         fields["normalised"] = "line-endings"
     hops = len(top.get("received", ()))
-    if hops >= sec.max_received:
+    if hops >= cfg.security.max_received:
         # RFC 5321 §6.3: a loop is detected by counting Received: fields.
         raise PermanentError(replies.LOOP_DETECTED, f"{hops} Received: fields")
     b = binding.bind(cfg, mail_from, raw, peer, top=top)
     fields["tenant"] = b.tenant.name
     fields["bound_by"] = b.how
-    copies = pipeline.plan_copies(
-        raw, policy=b.tenant.policy, mail_from=mail_from, recipients=rcpts, at=when,
-        processed_header=cfg.processed_header, received_for=received_for, limits=cfg.mime_limits, top=top)
+    copies = pipeline.run(inbound, policy=b.tenant.policy, mail_from=mail_from, recipients=rcpts, at=when,
+                          settings=settings, received_for=received_for)
     return raw, b, copies
 
 
