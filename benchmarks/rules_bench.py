@@ -89,7 +89,7 @@ def main() -> list[str]:
         root = Path(d)
         build(root)
         t0 = time.perf_counter()
-        policy = Policy("t", root / "rules" / "t", root / "signatures" / "t", frozenset({"contoso.com"}))
+        policy = Policy.load("t", root / "rules" / "t", root / "signatures" / "t", frozenset({"contoso.com"}))
         load = time.perf_counter() - t0
         senders = [f"u{i}@contoso.com" for i in random.Random(1).sample(range(100_000), 200)]
         rcpts = ["a@example.net", "u5@contoso.com", "b@example.org"]

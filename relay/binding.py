@@ -18,11 +18,10 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from relay import addresses
+from relay import addresses, replies
 from relay.config import Config, Tenant
 from relay.errors import PermanentError
 from relay.mime import headers
-from relay.smtp import replies
 
 CROSS_TENANT_HEADER = "X-MS-Exchange-CrossTenant-Id"
 

@@ -29,9 +29,16 @@ Configuration: --config FILE, else $SIGNATURE_RELAY_CONFIG, else the embedded de
 """
 
 
-def _config(args: argparse.Namespace) -> config.Config:
+def _config(args: argparse.Namespace, policies: bool = True) -> config.Config:
+    """The configuration, with tenants' rules and templates loaded unless ``policies=False``
+    (commands that never stamp: certificates, the sink, tenants add)."""
     path = args.config or os.environ.get("SIGNATURE_RELAY_CONFIG") or None
-    return config.load(path)
+    cfg = config.load(path)
+    if not policies:
+        return cfg
+    from relay import policy
+
+    return policy.attach(cfg)
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -81,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = _config(args, policies=False)
     from relay.sink import Sink, SinkBehavior
 
     behavior = SinkBehavior(
@@ -108,7 +115,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
 def cmd_certs_init(args: argparse.Namespace) -> int:
     from relay import certs
 
-    cfg = _config(args)
+    cfg = _config(args, policies=False)
     try:
         issued = certs.init_dev_pki(cfg, force=args.force, missing_only=args.missing_only)
     except certs.CertsError as e:
@@ -126,7 +133,7 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 def cmd_certs_show(args: argparse.Namespace) -> int:
     from relay import certs
 
-    cfg = _config(args)
+    cfg = _config(args, policies=False)
     rc = 0
     for role, cert_path, key_path, _names, _s, _c in [("dev CA", cfg.certs.ca_cert, cfg.certs.ca_key, (), 0, 0),
                                                       *certs.dev_pki_plan(cfg)]:
@@ -490,7 +497,7 @@ def cmd_tenants_add(args: argparse.Namespace) -> int:
     import secrets
     import uuid
 
-    cfg = _config(args)
+    cfg = _config(args, policies=False)
     name = args.name.lower()
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,40}", name):
         raise ConfigError("NAME", "", "use lower-case letters, digits and '-'")
@@ -518,7 +525,7 @@ def cmd_tenants_add(args: argparse.Namespace) -> int:
     tdir = cfg.tenants_dir / name
     _write_tenant_atomically(tdir, text)
     try:
-        cfg2 = config.load(cfg.source if cfg.source != config.DEFAULT_CONFIG_NAME else None)
+        cfg2 = config.load(cfg.source if cfg.source != config.DEFAULT_CONFIG_NAME else None)  # data only
     except ConfigError:
         shutil.rmtree(tdir)  # never half-applied: the configuration stays as it was
         raise

@@ -11,21 +11,24 @@ checkout is a working deployment.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from relay import addresses
-from relay.errors import ConfigError, ConfigErrors
+from relay.errors import ConfigError
 from relay.mime.scanner import Limits
-from relay.policy import Policy, PolicyError
+
+if TYPE_CHECKING:  # data only: loading policies (Jinja2, rules) is a separate step, relay.policy.attach
+    from relay.policy import Policy
 
 DEFAULT_CONFIG_NAME: Final = "relay/defaults/relay.toml (embedded dev profile)"
 # Exchange Online advertises SIZE 157286400 (150 MiB); a smaller limit here would bounce mail
@@ -171,7 +174,9 @@ class Tenant:
     networks: tuple[Network, ...] = ()  # narrower than security.allowed_networks, if set
     require_from_domain: bool = True  # From: domain must be one of accepted_domains
     require_client_cert: bool = False
-    policy: Policy | None = None  # directory + rules + templates (rules/<name>/, signatures/<name>/)
+    signature_dir: Path | None = None  # signatures/<name>/
+    images_base_url: str = ""
+    policy: Policy | None = None  # directory + rules + templates, loaded by relay.policy.attach
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,12 @@ class Config:
 
     def tenant_by_name(self, name: str) -> Tenant | None:
         return next((t for t in self.tenants if t.name == name), None)
+
+    def with_tenants(self, tenants: Sequence[Tenant]) -> Config:
+        """A copy with ``tenants`` (e.g. with their policies attached) and lookups rebuilt."""
+        by_id, by_domain = _index_tenants(tenants)
+        return dataclasses.replace(self, tenants=tuple(tenants), _by_id=MappingProxyType(by_id),
+                                   _by_domain=MappingProxyType(by_domain))
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -357,19 +368,7 @@ def _load_text(text: str, name: str, base: Path) -> Config:
     root.done()
 
     tenants = _load_tenants(tenants_dir, signatures_dir, service_domain, certs.dir, bind_by_sender)
-    by_id: dict[str, Tenant] = {}
-    by_domain: dict[str, Tenant] = {}
-    for t in tenants:
-        if t.id in by_id:
-            raise ConfigError(str(t.source), "tenant.id", f"same id as {by_id[t.id].source}")
-        by_id[t.id] = t
-        for dom in t.accepted_domains:
-            if dom in by_domain:
-                raise ConfigError(
-                    str(t.source), "tenant.accepted_domains",
-                    f"{dom} is already an accepted domain of tenant {by_domain[dom].name!r}",
-                )
-            by_domain[dom] = t
+    by_id, by_domain = _index_tenants(tenants)
     return Config(
         source=name, hostname=hostname, service_domain=service_domain,
         processed_header=processed_header, listeners=tuple(listeners),
@@ -392,6 +391,24 @@ def check_domain(domain: str, where: str) -> str:
     return a
 
 
+def _index_tenants(tenants: Sequence[Tenant]) -> tuple[dict[str, Tenant], dict[str, Tenant]]:
+    """Lookups by tenant id and by accepted domain; a duplicate id or domain is a ConfigError."""
+    by_id: dict[str, Tenant] = {}
+    by_domain: dict[str, Tenant] = {}
+    for t in tenants:
+        if t.id in by_id:
+            raise ConfigError(str(t.source), "tenant.id", f"same id as {by_id[t.id].source}")
+        by_id[t.id] = t
+        for dom in t.accepted_domains:
+            if dom in by_domain:
+                raise ConfigError(
+                    str(t.source), "tenant.accepted_domains",
+                    f"{dom} is already an accepted domain of tenant {by_domain[dom].name!r}",
+                )
+            by_domain[dom] = t
+    return by_id, by_domain
+
+
 def certificate_name(subdomain: str, region: str, service_domain: str) -> str:
     """The per-tenant name the inbound connector checks (``TlsSenderCertificateName``)."""
     return f"{subdomain}.{'de-smtp' if region == 'de' else 'smtp'}.{service_domain}"
@@ -403,7 +420,6 @@ def _load_tenants(
     if not tdir.is_dir():
         raise ConfigError(str(tdir), "", "tenants directory does not exist (service.tenants_dir)")
     tenants = []
-    policy_errors: list[str] = []
     for f in sorted(tdir.glob("*/tenant.toml")):
         try:
             data = tomllib.loads(f.read_text("utf-8"))
@@ -458,20 +474,13 @@ def _load_tenants(
         t_mtls = bs.boolean("require_client_cert", False)
         bs.done()
         root.done()
-        try:
-            policy = Policy(name, f.parent, sigdir / name, frozenset(accepted), images_base_url)
-        except PolicyError as e:
-            policy_errors += e.errors
-            policy = None
         tenants.append(Tenant(
             name=name, id=tid, initial_domain=initial, accepted_domains=frozenset(accepted),
             region=region, subdomain=sub, certificate_name=certificate_name(sub, region, service_domain),
             endpoint=endpoint, tls_server_name=tls_name, client_cert=client_cert, client_key=client_key,
             bind_by_sender_domain=by_sender, source=f, networks=tnets, require_from_domain=from_dom,
-            require_client_cert=t_mtls, policy=policy,
+            require_client_cert=t_mtls, signature_dir=sigdir / name, images_base_url=images_base_url,
         ))
-    if policy_errors:
-        raise ConfigErrors(policy_errors)
     return tenants
 
 

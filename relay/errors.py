@@ -2,7 +2,7 @@
 
 Every failure that reaches an SMTP client is a :class:`RelayError` that knows its reply
 (``TransientError`` → 4xx so Exchange Online retries, ``PermanentError`` → 5xx so it bounces
-now). The mapping to the wire happens in exactly one place: :func:`relay.smtp.replies.reply_for`.
+now). The mapping to the wire happens in exactly one place: :func:`relay.replies.reply_for`.
 
 Like aiosmtplib's errors, some classes mix in builtins so callers can catch generically.
 """

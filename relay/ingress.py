@@ -23,9 +23,9 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from relay import replies
 from relay.errors import PermanentError
 from relay.mime import headers
-from relay.smtp import replies
 
 # Identical to aiosmtplib.protocol.LINE_ENDINGS_REGEX (aiosmtplib 5.x): CRLF stays, a bare LF and a
 # CR not followed by LF each become CRLF. Using the same rule means delivery changes nothing more.

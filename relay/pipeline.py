@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING
 
 from relay import ingress
 from relay.mime.scanner import Limits
-from relay.mime.stamper import DEFAULT_LIMITS, Decision, Signature, already_processed, stamp
+from relay.mime.stamper import DEFAULT_LIMITS, Decision, already_processed, stamp
 from relay.policy import Policy, RenderError, message_of
 from relay.rules import Message, Outcome
+from relay.values import Signature
 
 if TYPE_CHECKING:
     from relay.config import Config

@@ -10,6 +10,7 @@ Pure apart from loading the tenant's files once.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import datetime as dt
 import email.errors
 import email.header
@@ -23,13 +24,14 @@ from typing import Any, Final
 from relay import directory as directory_mod
 from relay import rules as rules_mod
 from relay import signatures as signatures_mod
+from relay.config import Config
 from relay.directory import Directory
-from relay.errors import ErrorList
+from relay.errors import ConfigErrors, ErrorList
 from relay.mime import codec, headers, scanner
 from relay.mime.classify import find_targets
-from relay.mime.stamper import Image, Signature
 from relay.rules import Message, Outcome, RuleSet
 from relay.signatures import RenderError, Templates
+from relay.values import Image, Signature
 
 KEYWORD_BODY_CHARS: Final = 64 * 1024  # decoded characters of the body that keyword rules read
 
@@ -120,27 +122,33 @@ def message_of(raw: bytes, mail_from: str, at: dt.datetime, top: dict[str, list[
 
 
 class Policy:
-    def __init__(self, name: str, tenant_dir: Path, sig_dir: Path, accepted_domains: frozenset[str],
-                 images_base_url: str = "") -> None:
-        self.name = name
-        self.accepted_domains = accepted_domains
+    """A tenant's loaded directory, rules and templates (data; :meth:`load` reads the files)."""
+
+    def __init__(self, name: str, directory: Directory, templates: Templates, rules: RuleSet,
+                 accepted_domains: frozenset[str], has_rules: bool) -> None:
+        self.name, self.directory, self.templates, self.rules = name, directory, templates, rules
+        self.accepted_domains, self.has_rules = accepted_domains, has_rules
+
+    @classmethod
+    def load(cls, name: str, tenant_dir: Path, sig_dir: Path, accepted_domains: frozenset[str],
+             images_base_url: str = "") -> Policy:
+        """Read ``rules/<tenant>/`` and ``signatures/<tenant>/``; every error at once (PolicyError)."""
         errors: list[str] = []
         try:
-            self.directory = directory_mod.load(tenant_dir)
+            directory = directory_mod.load(tenant_dir)
         except directory_mod.DirectoryError as e:
             errors += e.errors
-            self.directory = Directory()
-        self.templates = Templates(sig_dir, images_base_url)
-        errors += self.templates.errors
+            directory = Directory()
+        templates = Templates(sig_dir, images_base_url)
+        errors += templates.errors
         try:
-            self.rules = rules_mod.load(tenant_dir / "rules.toml", self.directory, self.templates.names,
-                                        accepted_domains)
+            rules = rules_mod.load(tenant_dir / "rules.toml", directory, templates.names, accepted_domains)
         except rules_mod.RulesError as e:
             errors += e.errors
-            self.rules = RuleSet((), accepted_domains)
+            rules = RuleSet((), accepted_domains)
         if errors:
             raise PolicyError(errors)
-        self.has_rules = (tenant_dir / "rules.toml").exists()
+        return cls(name, directory, templates, rules, accepted_domains, (tenant_dir / "rules.toml").exists())
 
     def plan(self, msg: Message, recipients: Sequence[str]) -> list[tuple[Outcome, list[str]]]:
         return self.rules.split(self.directory, msg, recipients)
@@ -172,4 +180,23 @@ class Policy:
         return sig, outcome[0].placement == "bottom"
 
 
-__all__ = ["Policy", "PolicyError", "RenderError", "SenderIdentity", "message_of", "sender_identity"]
+__all__ = ["Policy", "PolicyError", "RenderError", "SenderIdentity", "attach", "message_of", "sender_identity"]
+
+
+def attach(cfg: Config) -> Config:
+    """``cfg`` with every tenant's policy loaded: the step :func:`relay.config.load` leaves out, so
+    that loading configuration stays data-only (no Jinja2, no rules engine) for the commands that do
+    not stamp. Raises ConfigErrors with every tenant's errors at once; nothing is half-applied."""
+    errors: list[str] = []
+    tenants = []
+    for t in cfg.tenants:
+        try:
+            p: Policy | None = Policy.load(t.name, t.source.parent, t.signature_dir or cfg.signatures_dir / t.name,
+                                           t.accepted_domains, t.images_base_url)
+        except PolicyError as e:
+            errors += e.errors
+            p = None
+        tenants.append(dataclasses.replace(t, policy=p))
+    if errors:
+        raise ConfigErrors(errors)
+    return cfg.with_tenants(tenants)

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay import binding, metrics, pipeline
+from relay import binding, metrics, pipeline, replies
 from relay import log as msglog
 from relay.config import Config
 from relay.delivery import dsn
@@ -29,7 +29,7 @@ from relay.delivery.spool import Entry, Spool
 from relay.delivery.spool import now as spool_now
 from relay.errors import PermanentError, RelayError, Reply, TransientError
 from relay.mime import trace
-from relay.smtp import replies, tls
+from relay.smtp import tls
 from relay.smtp.server import EhloWithoutAuth, Guard, RelaySMTP, Slot, start_listener
 
 log = logging.getLogger("relay")
@@ -74,7 +74,7 @@ def _prepare(
 
 
 class RelayHandler(EhloWithoutAuth):
-    """aiosmtpd hook object. Replies come from :mod:`relay.smtp.replies` only."""
+    """aiosmtpd hook object. Replies come from :mod:`relay.replies` only."""
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay

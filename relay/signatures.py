@@ -27,7 +27,7 @@ import jinja2.nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from relay.memo import Memo
-from relay.mime.stamper import Image, Signature
+from relay.values import Image, Signature
 
 CONTEXT_NAMES: Final = frozenset({"user", "recipient", "message", "tenant", "image"})
 _EMPTY: Final = "\x00\x01e\x00"

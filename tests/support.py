@@ -7,7 +7,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay import certs, config
+from relay import certs, config, policy
 
 CONTOSO_ID = "3f6e1b2a-9c4d-4e8f-a1b2-5c7d9e0f1a2b"
 FABRIKAM_ID = "0b8d2c4e-6f1a-4b3c-9d5e-7a8b9c0d1e2f"
@@ -27,7 +27,7 @@ class Deployment:
     sink_port: int
 
     def load(self) -> config.Config:
-        return config.load(self.config_path)
+        return policy.attach(config.load(self.config_path))
 
     @property
     def maildir(self) -> Path:

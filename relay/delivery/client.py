@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
+from relay import replies
 from relay.config import DeliveryConfig, Tenant
 from relay.delivery.dsn import Refusal
 from relay.delivery.endpoints import Resolver, Target
 from relay.errors import ConfigError, PermanentError, RelayError, Reply, TransientError
-from relay.smtp import replies
 
 log = logging.getLogger("relay.delivery")
 

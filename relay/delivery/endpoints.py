@@ -18,9 +18,9 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
+from relay import replies
 from relay.config import Endpoint, parse_dns_server
 from relay.errors import PermanentError, TransientError
-from relay.smtp import replies
 
 _MIN_TTL = 5.0
 _MAX_TTL = 3600.0

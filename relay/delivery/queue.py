@@ -10,12 +10,12 @@ import heapq
 import logging
 from collections.abc import Callable
 
+from relay import replies
 from relay.config import Config
 from relay.delivery import dsn
 from relay.delivery.client import Delivery
 from relay.delivery.spool import Entry, Spool, backoff, now
 from relay.errors import PermanentError, TransientError
-from relay.smtp import replies
 
 log = logging.getLogger("relay.queue")
 

@@ -21,28 +21,15 @@ from typing import Final
 from relay.mime import codec, headers, placement, trace
 from relay.mime.classify import PGP_ARMOUR, classify, find_targets
 from relay.mime.scanner import Limits, Part, Scan, line_anomalies, scan
+from relay.values import Image, Signature
+
+__all__ = ["DEFAULT_LIMITS", "Decision", "Image", "Signature", "StampResult", "already_processed", "stamp"]
 
 _META_CHARSET: Final = re.compile(
     r"""(<meta\b[^>]*?\bcharset\s*=\s*["']?)([A-Za-z0-9_:.+-]+)""", re.I)
 _EOL: Final = re.compile(r"\r\n|\n|\r")
 _MAX_LINE: Final = 998  # RFC 5322 §2.1.1
 DEFAULT_LIMITS: Final = Limits()
-
-
-@dataclass(frozen=True)
-class Image:
-    """An image the HTML signature embeds: referenced in it as ``src="cid:<name>"``."""
-
-    name: str  # e.g. "logo.png"
-    content_type: str  # e.g. "image/png"
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Signature:
-    html: str
-    text: str
-    images: tuple[Image, ...] = ()
 
 
 @dataclass(frozen=True)

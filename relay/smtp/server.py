@@ -6,7 +6,7 @@
 * While the DATA handler works (inline delivery may legitimately wait 10 minutes for the
   tenant's final reply, RFC 5321 §4.5.3.2.6) the idle timer is held, otherwise aiosmtpd would
   close the connection and cancel the handler (aiosmtpd #110).
-* Exceptions become 451 via :func:`relay.smtp.replies.reply_for`, never aiosmtpd's 500.
+* Exceptions become 451 via :func:`relay.replies.reply_for`, never aiosmtpd's 500.
 
 And the connection-level protections of issues #5 and #10, enforced by a :class:`Guard` shared by
 all sessions of a listener: allowed networks (554 greeting), total and per-IP connection caps
@@ -37,8 +37,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
+from relay import replies
 from relay.config import Listener, Network, SecurityConfig
-from relay.smtp import replies
 
 log = logging.getLogger("relay.smtp")
 

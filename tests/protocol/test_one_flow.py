@@ -15,13 +15,13 @@ from tests.protocol.test_security import session, transaction
 from tests.support import Deployment
 
 CONFIG_EXTRA = 'processed_header = "X-Sig-Done"\n'
-RAW = ("From: Alice <alice@contoso.com>\nTo: <bob@example.net>\nSubject: RE: plan\nMIME-Version: 1.0\n"
-       "Content-Type: multipart/alternative; boundary=b1\n\n"
-       "--b1\nContent-Type: text/plain; charset=utf-8\n\nYes, Thursday works.\n\n"
-       "On Mon, 6 Jan 2025 at 09:12, Bob <bob@example.net> wrote:\n> Thursday?\n"
-       "--b1\nContent-Type: text/html; charset=utf-8\n\n<html><body><p>Yes, Thursday works.</p>"
-       '<div class="gmail_quote">On Mon, Bob wrote:<blockquote>Thursday?</blockquote></div></body></html>\n'
-       "--b1--\n").encode()  # bare LF on purpose: every path must normalise it the same way
+RAW = (b"From: Alice <alice@contoso.com>\nTo: <bob@example.net>\nSubject: RE: plan\nMIME-Version: 1.0\n"
+       b"Content-Type: multipart/alternative; boundary=b1\n\n"
+       b"--b1\nContent-Type: text/plain; charset=utf-8\n\nYes, Thursday works.\n\n"
+       b"On Mon, 6 Jan 2025 at 09:12, Bob <bob@example.net> wrote:\n> Thursday?\n"
+       b"--b1\nContent-Type: text/html; charset=utf-8\n\n<html><body><p>Yes, Thursday works.</p>"
+       b'<div class="gmail_quote">On Mon, Bob wrote:<blockquote>Thursday?</blockquote></div></body></html>\n'
+       b"--b1--\n")  # bare LF on purpose: every path must normalise it the same way
 
 
 def without_trace(data: bytes) -> bytes:

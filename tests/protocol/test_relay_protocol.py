@@ -373,7 +373,6 @@ async def test_metrics_and_health_endpoint(make_stack: object, deployment: objec
 
 
 async def test_reload_applies_new_rules_and_refuses_bad_config(make_stack: object, deployment: object) -> None:
-    from relay import config
     from relay.errors import ConfigError
 
     st = await make_stack()  # type: ignore[operator]
@@ -384,7 +383,7 @@ async def test_reload_applies_new_rules_and_refuses_bad_config(make_stack: objec
     (sig / "new.html.j2").write_text("<p>RELOADED SIGNATURE</p>\n")
     rules = root / "rules" / "contoso" / "rules.toml"
     rules.write_text('[[rule]]\nname = "New"\nnew = "new"\n')
-    st.relay.reload(config.load(deployment.config_path))  # type: ignore[attr-defined]
+    st.relay.reload(deployment.load())  # type: ignore[attr-defined]
     assert (await c.execute_command(b"MAIL", b"FROM:<alice@contoso.com>")).code == 250  # same session goes on
     await c.execute_command(b"RCPT", b"TO:<b@example.net>")
     assert (await c.data(message())).code == 250
@@ -392,7 +391,7 @@ async def test_reload_applies_new_rules_and_refuses_bad_config(make_stack: objec
     assert b"RELOADED SIGNATURE" in st.deployment.delivered()[0]
     rules.write_text('[[rule]]\nname = "Broken"\nnew = "missing"\n')
     with pytest.raises(ConfigError):
-        st.relay.reload(config.load(deployment.config_path))  # type: ignore[attr-defined]
+        st.relay.reload(deployment.load())  # type: ignore[attr-defined]
     assert (await send(st, message()))[0] == 250  # the previous configuration still serves
     assert b"RELOADED SIGNATURE" in st.deployment.delivered()[1]
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from relay import certs, config
+from relay import certs, config, replies
 from relay.delivery import dsn
 from relay.errors import PermanentError, Reply, TransientError
-from relay.smtp import replies
 from tests.support import make_deployment, message
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import cli, config
+from relay import cli, config, policy
 from relay.provisioning import plan as planmod
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def cfg(monkeypatch: pytest.MonkeyPatch) -> config.Config:
     monkeypatch.chdir(REPO)
-    return config.load()
+    return policy.attach(config.load())
 
 
 def test_connectors_match_the_reference(cfg: config.Config) -> None:

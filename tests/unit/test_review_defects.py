@@ -57,7 +57,7 @@ def test_non_utf8_template_and_directory_are_named_errors(tmp_path: Path) -> Non
     (tmp_path / "rules" / "contoso" / "directory.csv").write_bytes("mail,displayName\nalice@contoso.com,Zo\xeb\n"
                                                                     .encode("latin-1"))
     with pytest.raises(policy.PolicyError) as err:
-        policy.Policy("contoso", tmp_path / "rules" / "contoso", sdir, frozenset({"contoso.com"}))
+        policy.Policy.load("contoso", tmp_path / "rules" / "contoso", sdir, frozenset({"contoso.com"}))
     text = "\n".join(err.value.errors)
     assert "sig.html.j2:1: not UTF-8" in text and "0xe9" in text
     assert "directory.csv:2: not UTF-8" in text and "0xeb" in text

@@ -58,7 +58,7 @@ def tenant(tmp: Path, rules_toml: str, templates: dict[str, str] | None = None, 
     for name, src in (TEMPLATES if templates is None else templates).items():
         (sdir / name).write_text(src)
     (sdir / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    return Policy("contoso", tdir, sdir, frozenset({"contoso.com", "contoso.onmicrosoft.com"}),
+    return Policy.load("contoso", tdir, sdir, frozenset({"contoso.com", "contoso.onmicrosoft.com"}),
                   "https://img.contoso.com")
 
 
