@@ -1,0 +1,276 @@
+"""One message through the relay: the I/O shell around the one flow of :mod:`relay.pipeline`.
+
+    accept (ingress) → loop check → bind → run (rules, render, stamp, trace) → deliver or queue → reply
+
+Every step returns a value — :class:`Prepared` for the pure part, :class:`Delivered` for the
+network part — and the single log line is built from those values by :func:`log_fields`; nothing
+returns results through a mutated argument (issue #11). Big messages run their pure steps in a
+worker thread so one cannot stall every other session (aiosmtpd #293).
+
+How it fails: a :class:`relay.errors.RelayError` (or any exception) becomes the reply in exactly
+one place, :func:`relay.replies.reply_for`; a 250 is only given after the tenant's 250 (inline) or
+once every copy is fsync'd in the spool (queue mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay import binding, ingress, metrics, pipeline, replies
+from relay import log as msglog
+from relay.config import Config, Tenant
+from relay.delivery import dsn
+from relay.delivery.client import Delivery, Outcome
+from relay.delivery.queue import QueueRunner
+from relay.delivery.spool import Entry
+from relay.delivery.spool import now as spool_now
+from relay.errors import PermanentError, RelayError, Reply, TransientError
+from relay.mime import trace
+from relay.smtp import tls
+from relay.smtp.server import RelaySMTP
+
+log = logging.getLogger("relay")
+# Above this size the pure steps run in a worker thread (aiosmtpd #293).
+OFFLOAD_BYTES = 256 * 1024
+
+
+class Context(Protocol):
+    """What the flow needs from the running relay; read per message, so a reload takes effect."""
+
+    cfg: Config
+    delivery: Delivery
+    queue: QueueRunner | None
+    metrics: metrics.Metrics
+
+
+def new_queue_id() -> str:
+    return base64.b32encode(secrets.token_bytes(10)).decode("ascii").rstrip("=")
+
+
+def envelope_sender(env: Envelope) -> str:
+    """aiosmtpd keeps the null sender as "<>"; we use ""."""
+    s = env.mail_from or ""
+    return "" if s == "<>" else s
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The pure part's result: the tenant and the copies to hand back."""
+
+    binding: binding.Binding
+    copies: list[pipeline.Copy]
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """The network part's result, for the reply and the log line."""
+
+    reply: str
+    endpoint: str | None = None
+    downstream: str | None = None
+    refused: tuple[str, ...] = ()
+    dsn: str | None = None
+    queued: int | None = None
+
+
+def bind_and_plan(cfg: Config, inbound: ingress.Inbound, mail_from: str, rcpts: list[str], peer: binding.Peer,
+                  when: dt.datetime, received_for: Callable[[Sequence[str]], bytes]) -> Prepared:
+    """Loop check → binding → :func:`relay.pipeline.run`, on the message as ingress left it (DESIGN:
+    what we check is what the tenant gets). Pure."""
+    hops = len(inbound.top.get("received", ()))
+    if hops >= cfg.security.max_received:
+        # RFC 5321 §6.3: a loop is detected by counting Received: fields.
+        raise PermanentError(replies.LOOP_DETECTED, f"{hops} Received: fields")
+    b = binding.bind(cfg, mail_from, inbound.raw, peer, top=inbound.top)
+    copies = pipeline.run(inbound, policy=b.tenant.policy, mail_from=mail_from, recipients=rcpts, at=when,
+                          settings=pipeline.Settings.of(cfg), received_for=received_for)
+    return Prepared(b, copies)
+
+
+@dataclass
+class _Message:
+    """What one DATA transaction has gathered so far (for the log line, whatever fails)."""
+
+    qid: str
+    peer: str | None
+    mail_from: str
+    rcpts: list[str]
+    size_in: int
+    t0: float = field(default_factory=time.monotonic)
+    inbound: ingress.Inbound | None = None
+    prepared: Prepared | None = None
+    delivered: Delivered | None = None
+    error: str | None = None
+
+
+class MessageFlow:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def hold_time(self) -> float:
+        d = self.ctx.cfg.delivery
+        return d.connect_timeout + 3 * d.command_timeout + d.data_timeout + 60
+
+    async def handle(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """aiosmtpd's DATA hook: the reply for this message (the one place errors become replies)."""
+        self.in_flight += 1
+        self.idle.clear()
+        if isinstance(server, RelaySMTP):
+            server.hold_timeout(self.hold_time())
+        raw = envelope.original_content or b""
+        m = _Message(new_queue_id(), session.peer[0] if session.peer else None, envelope_sender(envelope),
+                     list(envelope.rcpt_tos), len(raw))
+        try:
+            reply = await self._process(m, raw, session, envelope)
+        except Exception as e:
+            reply = replies.reply_for(e)
+            m.error = e.detail if isinstance(e, RelayError) else f"{type(e).__name__}: {e}"
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+        self._account(m, reply)
+        return reply
+
+    async def _offload(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args) if size > OFFLOAD_BYTES else fn(*args)
+
+    async def _process(self, m: _Message, raw: bytes, session: Session, envelope: Envelope) -> str:
+        cfg = self.ctx.cfg
+        peer = binding.Peer(ip=m.peer, cert_names=tuple(tls.peer_names((session.ssl or {}).get("peercert"))),
+                            sni=tls.sni_of(session.ssl))
+        tls_info, when = tls.describe(session.ssl), dt.datetime.now(dt.UTC)
+
+        def received_for(group: Sequence[str]) -> bytes:
+            return trace.received(helo=session.host_name, peer_ip=m.peer, by=cfg.hostname, queue_id=m.qid,
+                                  recipients=group, tls=tls_info, smtputf8=envelope.smtp_utf8, when=when.astimezone())
+
+        m.inbound = await self._offload(len(raw), pipeline.accept, raw, pipeline.Settings.of(cfg))
+        m.prepared = await self._offload(len(raw), bind_and_plan, cfg, m.inbound, m.mail_from, m.rcpts, peer, when,
+                                         received_for)
+        tenant = m.prepared.binding.tenant
+        for copy in m.prepared.copies:
+            d = copy.processed.decision
+            # The reason's first word only ("undecodable", "malformed"...): labels must stay a small set.
+            label = d.action if d.action != "pass-through" else f"pass-through:{d.reason.split(':')[0]}"
+            self.ctx.metrics.copies.labels(tenant.name, label).inc()
+        if self.ctx.queue is not None:
+            m.delivered = await self._enqueue(tenant.name, m, envelope.smtp_utf8)
+        else:
+            m.delivered = await self._deliver(tenant, m, envelope.smtp_utf8)
+        return m.delivered.reply
+
+    async def _deliver(self, t: Tenant, m: _Message, smtputf8: bool) -> Delivered:
+        """Inline mode: each copy to the tenant's endpoint; 250 only after the tenant's 250."""
+        assert m.prepared is not None and m.inbound is not None
+        copies = m.prepared.copies
+        refused: dict[str, dsn.Refusal] = {}
+        delivered: list[Outcome] = []
+        first_refusal: PermanentError | None = None
+        for i, copy in enumerate(copies):
+            try:
+                outcome = await self.ctx.delivery.deliver(t, m.mail_from, list(copy.recipients), copy.processed.data,
+                                                          smtputf8=smtputf8)
+            except PermanentError as e:
+                # This copy's recipients are refused for good; the others still get theirs.
+                first_refusal = first_refusal or e
+                refused.update({r: dsn.Refusal(e.reply.code, f"{e.reply.enhanced} {e.reply.text}", "tenant endpoint")
+                                for r in copy.recipients})
+                continue
+            except TransientError:
+                if delivered:
+                    log.warning("%s: copy %d of %d deferred after earlier copies were delivered: a retry "
+                                "duplicates them (never loses any)", m.qid, i + 1, len(copies))
+                raise
+            delivered.append(outcome)
+            refused.update(outcome.refused)
+        if not delivered:
+            assert first_refusal is not None  # every copy either raised, was refused, or was delivered
+            raise first_refusal
+        sent = await self._send_dsn(t, m, refused) if refused else None
+        return Delivered(str(Reply(250, "2.0.0", f"Ok {m.qid} accepted by tenant endpoint")), delivered[0].endpoint,
+                         ";".join(o.reply[:120] for o in delivered), tuple(refused), sent)
+
+    async def _enqueue(self, tenant: str, m: _Message, smtputf8: bool) -> Delivered:
+        """Queue mode: 250 once every copy is fsync'd in the spool (RFC 5321 §6.1). A write error
+        (ENOSPC, EIO...) is a 451: nothing is half-accepted, the client keeps the message."""
+        queue = self.ctx.queue
+        assert queue is not None and m.prepared is not None
+        t = spool_now()
+        entries = [(Entry(id=f"{m.qid}-{i}", tenant=tenant, mail_from=m.mail_from, rcpts=list(c.recipients),
+                          smtputf8=smtputf8, created=t, next_attempt=t), c.processed.data)
+                   for i, c in enumerate(m.prepared.copies)]
+        try:
+            await queue.enqueue(entries)
+        except OSError as e:
+            raise TransientError(replies.QUEUE_WRITE_FAILED, f"spool {queue.spool.root}: {e}") from e
+        return Delivered(str(Reply(250, "2.0.0", f"Ok {m.qid} queued")), queued=len(entries))
+
+    async def _send_dsn(self, tenant: Tenant, m: _Message, refused: dict[str, dsn.Refusal]) -> str:
+        """Tell the sender about recipients the tenant refused for good (RFC 3464). The accepted
+        recipients already have the message, so the 250 stands whatever happens here; a DSN we
+        cannot deliver is logged at ERROR for an operator."""
+        if not m.mail_from:
+            return "none(null-sender)"  # RFC 3464 §2: never a DSN for a DSN
+        assert m.inbound is not None
+        cfg = self.ctx.cfg
+        msg = dsn.build(original=m.inbound.raw, mail_from=m.mail_from, refused=refused, reporting_mta=cfg.hostname,
+                        queue_id=m.qid, arrival=dt.datetime.now(dt.UTC), processed_header=cfg.processed_header)
+        try:
+            await self.ctx.delivery.deliver(tenant, "", [m.mail_from], msg)
+        except RelayError as e:
+            log.error("DSN for %s to <%s> NOT delivered: %s", m.qid, msglog.safe(m.mail_from), msglog.safe(e.detail))
+            return "failed"
+        return "sent"
+
+    def _account(self, m: _Message, reply: str) -> None:
+        elapsed = time.monotonic() - m.t0
+        metric = self.ctx.metrics
+        metric.latency.observe(elapsed)
+        metric.replies.labels(reply[:3]).inc()
+        result = "accepted" if reply.startswith("2") else "deferred" if reply.startswith("4") else "refused"
+        tenant = m.prepared.binding.tenant.name if m.prepared else "-"
+        metric.messages.labels(tenant, result).inc()
+        log.info("message %s", msglog.fmt(log_fields(m, reply, elapsed)))
+
+
+def log_fields(m: _Message, reply: str, elapsed: float) -> dict[str, Any]:
+    """The one log line of a message, from what each step returned."""
+    f: dict[str, Any] = {"qid": m.qid, "peer": m.peer, "from": f"<{m.mail_from}>", "rcpts": len(m.rcpts),
+                         "message_id": "-", "size_in": m.size_in}
+    if m.inbound is not None:
+        mids = m.inbound.top.get("message-id")
+        f["message_id"] = mids[0][:200] if mids else "-"
+        f["normalised"] = "line-endings" if m.inbound.normalised else None
+    if m.prepared is not None:
+        copies = m.prepared.copies
+        f.update({
+            "tenant": m.prepared.binding.tenant.name, "bound_by": m.prepared.binding.how,
+            "copies": len(copies) if len(copies) > 1 else None,
+            "decision": ";".join(str(c.processed.decision) for c in copies),
+            "rules": ";".join(c.sections or "-" for c in copies) if any(c.sections for c in copies) else None,
+            "placement": ";".join(c.processed.placement for c in copies if c.processed.placement) or None,
+            "placement_unsure": ";".join(d for c in copies for d in c.processed.doubts) or None,
+            "anomalies": ",".join(sorted({a for c in copies for a in c.processed.anomalies})) or None,
+            "render_error": ";".join(c.render_error for c in copies if c.render_error) or None,
+            "size_out": ",".join(str(len(c.processed.data)) for c in copies),
+        })
+    if m.delivered is not None:
+        d = m.delivered
+        f.update({"endpoint": d.endpoint, "downstream": d.downstream, "refused": ",".join(d.refused) or None,
+                  "dsn": d.dsn, "queued": d.queued})
+    f.update({"error": m.error, "reply": reply, "latency_ms": round(elapsed * 1000, 1)})
+    return f
