@@ -234,7 +234,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
             print(line)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    copies = pipeline.run(inbound, policy=policy, mail_from=args.mail_from or "", recipients=rcpts, at=at,
+    copies = pipeline.run(inbound, policy=policy, envelope=pipeline.Envelope(args.mail_from or "", tuple(rcpts), at),
                           settings=settings)
     print(f"\n{len(copies)} cop{'y' if len(copies) == 1 else 'ies'} (one per distinct outcome):")
     for n, copy in enumerate(copies, 1):
@@ -354,9 +354,9 @@ class _Flow:
 
         from relay import pipeline
 
-        return pipeline.run(pipeline.accept(raw, self.settings), policy=self.policy, mail_from=self.mail_from,
-                            recipients=self.rcpts, at=dt.datetime.now(dt.UTC), settings=self.settings,
-                            signature=self.sig, bottom=self.bottom)
+        envelope = pipeline.Envelope(self.mail_from, tuple(self.rcpts), dt.datetime.now(dt.UTC))
+        return pipeline.run(pipeline.accept(raw, self.settings), policy=self.policy, envelope=envelope,
+                            settings=self.settings, signature=self.sig, bottom=self.bottom)
 
 
 def _report(paths: list[str], flow: _Flow) -> int:

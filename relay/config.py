@@ -238,33 +238,44 @@ def load(path: str | Path | None = None) -> Config:
     return _load_text(text, str(p), p.resolve().parent)
 
 
-def _load_text(text: str, name: str, base: Path) -> Config:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(name, "", f"invalid TOML: {e}") from e
-    root = _Section(data, name, "", base)
+@dataclass(frozen=True)
+class _Service:
+    hostname: str
+    service_domain: str
+    processed_header: str
+    tenants_dir: Path
+    signatures_dir: Path
+    var_dir: Path
+
+
+def _service(root: _Section) -> _Service:
     svc = root.section("service")
     hostname = svc.domain("hostname")
     service_domain = svc.domain("service_domain")
     processed_header = svc.string("processed_header", "X-CodeTwoProcessed")
     if not _HEADER_NAME_RE.match(processed_header):
-        raise ConfigError(name, svc.key("processed_header"), "not a valid header field name")
+        raise ConfigError(root.file, svc.key("processed_header"), "not a valid header field name")
     tenants_dir = svc.path("tenants_dir", "rules")
     signatures_dir = svc.path("signatures_dir", "signatures")
     var_dir = svc.path("var_dir", "var")
     svc.done()
+    return _Service(hostname, service_domain, processed_header, tenants_dir, signatures_dir, var_dir)
 
+
+def _listen(root: _Section) -> tuple[list[Listener], bool, int, float]:
     lst = root.section("listen")
     listeners = [Listener(*_hp(lst, "smtp", s)) for s in lst.str_list("smtp", ["0.0.0.0:25"])]
     listeners += [Listener(*_hp(lst, "implicit_tls", s), True) for s in lst.str_list("implicit_tls", [])]
     if not listeners:
-        raise ConfigError(name, lst.key("smtp"), "at least one listener is required")
+        raise ConfigError(root.file, lst.key("smtp"), "at least one listener is required")
     require_starttls = lst.boolean("require_starttls", True)
     max_size = lst.integer("max_message_size", EXO_MAX_SIZE, 1024, 2**31)
     idle_timeout = lst.number("idle_timeout", 300.0, 1.0, 3600.0)
     lst.done()
+    return listeners, require_starttls, max_size, idle_timeout
 
+
+def _tls(root: _Section) -> TlsConfig:
     tls_s = root.section("tls")
     tls = TlsConfig(
         cert=tls_s.path("cert", _REQUIRED),
@@ -273,7 +284,10 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         min_version=tls_s.choice("min_version", ("TLSv1.2", "TLSv1.3"), "TLSv1.2"),
     )
     tls_s.done()
+    return tls
 
+
+def _delivery(root: _Section, var_dir: Path) -> DeliveryConfig:
     d = root.section("delivery")
     ca = d.string("ca_bundle", "system")
     delivery = DeliveryConfig(
@@ -295,9 +309,12 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         try:
             parse_dns_server(s)
         except ValueError as e:
-            raise ConfigError(name, f"{d.key('dns_servers')}[{i}]", f"{e}: {s!r}") from e
+            raise ConfigError(root.file, f"{d.key('dns_servers')}[{i}]", f"{e}: {s!r}") from e
     d.done()
+    return delivery
 
+
+def _certs(root: _Section, hostname: str, service_domain: str) -> CertsConfig:
     c = root.section("certs")
     cdir = c.path("dir", "certs")
     default_names = [
@@ -313,7 +330,11 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         days=c.integer("days", 825, 1, 3650),
     )
     c.done()
+    return certs
 
+
+def _sink(root: _Section, certs: CertsConfig, var_dir: Path) -> SinkConfig:
+    cdir = certs.dir
     sk = root.section("sink")
     shost, sport = _hp(sk, "listen", sk.string("listen", "127.0.0.1:2526"))
     sink = SinkConfig(
@@ -326,11 +347,10 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         maildir=sk.path("maildir", str(var_dir / "sink" / "Maildir")),
     )
     sk.done()
+    return sink
 
-    b = root.section("binding")
-    bind_by_sender = b.boolean("sender_domain", False)
-    b.done()
 
+def _security(root: _Section) -> SecurityConfig:
     sec = root.section("security")
     security = SecurityConfig(
         allowed_networks=_networks(sec, "allowed_networks", list(EXO_NETWORKS)),
@@ -350,14 +370,20 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         max_header_fields=sec.integer("max_header_fields", 2000, 50, 1_000_000),
     )
     if security.require_client_cert and security.client_ca is None:
-        raise ConfigError(name, sec.key("client_ca"), "required when require_client_cert = true")
+        raise ConfigError(root.file, sec.key("client_ca"), "required when require_client_cert = true")
     sec.done()
+    return security
 
+
+def _metrics(root: _Section) -> tuple[str, int] | None:
     mt = root.section("metrics")
     metrics_spec = mt.string("listen", "")
     metrics_listen = _hp(mt, "listen", metrics_spec) if metrics_spec else None
     mt.done()
+    return metrics_listen
 
+
+def _mime(root: _Section) -> Limits:
     mm = root.section("mime")
     mime_limits = Limits(
         max_depth=mm.integer("max_depth", 100, 1, 10_000),
@@ -365,16 +391,37 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         max_header_bytes=mm.integer("max_header_bytes", 102_400, 1024, 64 * 1024 * 1024),
     )
     mm.done()
-    root.done()
+    return mime_limits
 
-    tenants = _load_tenants(tenants_dir, signatures_dir, service_domain, certs.dir, bind_by_sender)
+
+def _load_text(text: str, name: str, base: Path) -> Config:
+    """Parse and validate one configuration file, a section at a time; errors name file and key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(name, "", f"invalid TOML: {e}") from e
+    root = _Section(data, name, "", base)
+    svc = _service(root)
+    listeners, require_starttls, max_size, idle_timeout = _listen(root)
+    tls = _tls(root)
+    delivery = _delivery(root, svc.var_dir)
+    certs = _certs(root, svc.hostname, svc.service_domain)
+    sink = _sink(root, certs, svc.var_dir)
+    b = root.section("binding")
+    bind_by_sender = b.boolean("sender_domain", False)
+    b.done()
+    security = _security(root)
+    metrics_listen = _metrics(root)
+    mime_limits = _mime(root)
+    root.done()
+    tenants = _load_tenants(svc.tenants_dir, svc.signatures_dir, svc.service_domain, certs.dir, bind_by_sender)
     by_id, by_domain = _index_tenants(tenants)
     return Config(
-        source=name, hostname=hostname, service_domain=service_domain,
-        processed_header=processed_header, listeners=tuple(listeners),
+        source=name, hostname=svc.hostname, service_domain=svc.service_domain,
+        processed_header=svc.processed_header, listeners=tuple(listeners),
         require_starttls=require_starttls, max_message_size=max_size, idle_timeout=idle_timeout,
-        tls=tls, delivery=delivery, sink=sink, certs=certs, tenants_dir=tenants_dir,
-        signatures_dir=signatures_dir, var_dir=var_dir, tenants=tuple(tenants), security=security,
+        tls=tls, delivery=delivery, sink=sink, certs=certs, tenants_dir=svc.tenants_dir,
+        signatures_dir=svc.signatures_dir, var_dir=svc.var_dir, tenants=tuple(tenants), security=security,
         mime_limits=mime_limits, metrics_listen=metrics_listen,
         _by_id=MappingProxyType(by_id), _by_domain=MappingProxyType(by_domain),
     )

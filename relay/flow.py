@@ -92,7 +92,7 @@ def bind_and_plan(cfg: Config, inbound: ingress.Inbound, mail_from: str, rcpts: 
         # RFC 5321 §6.3: a loop is detected by counting Received: fields.
         raise PermanentError(replies.LOOP_DETECTED, f"{hops} Received: fields")
     b = binding.bind(cfg, mail_from, inbound.raw, peer, top=inbound.top)
-    copies = pipeline.run(inbound, policy=b.tenant.policy, mail_from=mail_from, recipients=rcpts, at=when,
+    copies = pipeline.run(inbound, policy=b.tenant.policy, envelope=pipeline.Envelope(mail_from, tuple(rcpts), when),
                           settings=pipeline.Settings.of(cfg), received_for=received_for)
     return Prepared(b, copies)
 

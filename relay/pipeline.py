@@ -9,7 +9,7 @@ delivery after (it needs the network).
     settings = Settings.of(cfg)
     inbound = accept(raw, settings)                       # one normalisation, one header parse
     tenant = binding.bind(cfg, mail_from, ..., top=inbound.top).tenant   # the relay only
-    copies = run(inbound, policy=tenant.policy, mail_from=..., recipients=[...], at=now, settings=settings)
+    copies = run(inbound, policy=tenant.policy, envelope=Envelope(mail_from, rcpts, now), settings=settings)
 
 Each step is a small named function and every outcome is a value you can print and log: the
 :class:`Decision` per copy (stamped / marked / pass-through and why), the placement, the rules.
@@ -36,8 +36,8 @@ from relay.values import Signature
 if TYPE_CHECKING:
     from relay.config import Config
 
-__all__ = ["Copy", "Decision", "Processed", "Settings", "accept", "already_processed", "plan_copies", "process",
-           "run"]
+__all__ = ["Copy", "Decision", "Envelope", "Processed", "Settings", "accept", "already_processed", "plan_copies",
+           "process", "run"]
 
 
 @dataclass(frozen=True)
@@ -95,52 +95,74 @@ def accept(raw: bytes, settings: Settings) -> ingress.Inbound:
     return ingress.accept(raw, settings.ingress)
 
 
+@dataclass(frozen=True)
+class Envelope:
+    """Who sent the message to whom, and when (the instant time-window rules look at)."""
+
+    mail_from: str
+    recipients: tuple[str, ...]
+    at: dt.datetime
+
+
 def run(
-    inbound: ingress.Inbound, *, policy: Policy | None, mail_from: str, recipients: Sequence[str],
-    at: dt.datetime, settings: Settings, received_for: Callable[[Sequence[str]], bytes] = _no_trace,
-    signature: Signature | None = None, bottom: bool = False,
+    inbound: ingress.Inbound, *, policy: Policy | None, envelope: Envelope, settings: Settings,
+    received_for: Callable[[Sequence[str]], bytes] = _no_trace, signature: Signature | None = None,
+    bottom: bool = False,
 ) -> list[Copy]:
     """Step 2: rules → render → stamp → trace for every copy. ``signature`` replaces the tenant's
-    rules with one fixed signature for every recipient (``stamp --html/--text``)."""
+    rules with one fixed signature for every recipient (``stamp --html/--text``); ``bottom`` forces
+    every signature to the end (a dry-run option)."""
     if signature is not None:
-        result = stamp(inbound.raw, signature, processed_header=settings.processed_header, mail_from=mail_from,
-                       bottom=bottom, prefix=received_for(recipients), limits=settings.limits, top=inbound.top)
-        return [Copy(tuple(recipients), Processed(result.data, result.decision, result.placement, result.anomalies,
-                                                  result.doubts), "files")]
-    return plan_copies(inbound.raw, policy=policy, mail_from=mail_from, recipients=recipients, at=at,
-                       processed_header=settings.processed_header, received_for=received_for,
-                       limits=settings.limits, top=inbound.top, bottom=bottom)
+        result = stamp(inbound.raw, signature, processed_header=settings.processed_header,
+                       mail_from=envelope.mail_from, bottom=bottom, prefix=received_for(envelope.recipients),
+                       limits=settings.limits, top=inbound.top)
+        return [Copy(envelope.recipients, Processed(result.data, result.decision, result.placement,
+                                                    result.anomalies, result.doubts), "files")]
+    return plan_copies(inbound.raw, inbound.top, policy=policy, envelope=envelope, settings=settings,
+                       received_for=received_for, bottom=bottom)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything one message's copies share."""
+
+    raw: bytes
+    top: dict[str, list[str]] | None
+    policy: Policy | None
+    msg: Message | None
+    envelope: Envelope
+    settings: Settings
+    received_for: Callable[[Sequence[str]], bytes]
+    bottom: bool
 
 
 def plan_copies(
-    raw: bytes, *, policy: Policy | None, mail_from: str, recipients: Sequence[str], at: dt.datetime,
-    processed_header: str, received_for: Callable[[Sequence[str]], bytes], limits: Limits = DEFAULT_LIMITS,
-    top: dict[str, list[str]] | None = None, bottom: bool = False,
+    raw: bytes, top: dict[str, list[str]] | None, *, policy: Policy | None, envelope: Envelope, settings: Settings,
+    received_for: Callable[[Sequence[str]], bytes] = _no_trace, bottom: bool = False,
 ) -> list[Copy]:
     """Rules → render → stamp for every distinct outcome, on a message that already went through
     ingress (``raw`` CRLF only, ``top`` its header index). To/Cc are never touched: copies differ
-    only in body and envelope. ``bottom`` forces every signature to the end (a dry-run option)."""
+    only in body and envelope."""
+    recipients = list(envelope.recipients)
     if policy is None or not policy.has_rules:
-        groups: list[tuple[Outcome, list[str]]] = [((), list(recipients))]
+        groups: list[tuple[Outcome, list[str]]] = [((), recipients)]
         msg = None
     else:
-        msg = message_of(raw, mail_from, at, top)
+        msg = message_of(raw, envelope.mail_from, envelope.at, top)
         groups = policy.plan(msg, recipients)
-    return [_copy(raw, outcome, group, policy, msg, mail_from, processed_header, received_for, limits, top, bottom)
-            for outcome, group in groups]
+    job = _Job(raw, top, policy, msg, envelope, settings, received_for, bottom)
+    return [_copy(job, outcome, group) for outcome, group in groups]
 
 
-def _copy(raw: bytes, outcome: Outcome, group: list[str], policy: Policy | None, msg: Message | None, mail_from: str,
-          processed_header: str, received_for: Callable[[Sequence[str]], bytes], limits: Limits,
-          top: dict[str, list[str]] | None, force_bottom: bool) -> Copy:
-    sig, bottom, error = None, force_bottom, None
-    if outcome and policy is not None and msg is not None:
+def _copy(job: _Job, outcome: Outcome, group: list[str]) -> Copy:
+    sig, bottom, error = None, job.bottom, None
+    if outcome and job.policy is not None and job.msg is not None:
         try:
-            sig, rule_bottom = policy.render(outcome, msg, group)
+            sig, rule_bottom = job.policy.render(outcome, job.msg, group)
             bottom = bottom or rule_bottom
         except RenderError as e:
             error = str(e)  # never a crash, never a 5xx: the copy goes out unstamped (marked)
-    result = stamp(raw, sig, processed_header=processed_header, mail_from=mail_from, bottom=bottom,
-                   prefix=received_for(group), limits=limits, top=top)
+    result = stamp(job.raw, sig, processed_header=job.settings.processed_header, mail_from=job.envelope.mail_from,
+                   bottom=bottom, prefix=job.received_for(group), limits=job.settings.limits, top=job.top)
     return Copy(tuple(group), Processed(result.data, result.decision, result.placement, result.anomalies,
                                         result.doubts), ",".join(f"{x.section}:{x.rule}" for x in outcome), error)

@@ -156,7 +156,7 @@ class Policy:
     def context(self, msg: Message, recipients: Sequence[str]) -> dict[str, Any]:
         user = self.directory.user(msg.sender)
         attrs = dict(user.attributes) if user else {"mail": msg.sender}
-        internal = all(self.rules.internal(r, self.directory) for r in recipients)
+        internal = all(self.rules.internal(r) for r in recipients)
         return {
             "user": attrs,
             "recipient": {"internal": internal, "count": len(recipients)},

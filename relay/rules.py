@@ -228,7 +228,7 @@ class RuleSet:
 
         return self._sender_cache.get_or_compute(sender, compute)
 
-    def internal(self, address: str, directory: Directory) -> bool:
+    def internal(self, address: str) -> bool:
         """Internal = an address in one of the tenant's accepted domains (a contact is not)."""
         return address.rpartition("@")[2].lower() in self.accepted_domains
 
@@ -239,7 +239,7 @@ class RuleSet:
         is internal) — so a steady stream costs a few dict lookups instead of a rule scan."""
         idx = self._index()
         r_user = directory.user(recipient)
-        internal = self.internal(recipient, directory)
+        internal = self.internal(recipient)
         dom = recipient.rpartition("@")[2]
         if r_user is None and recipient not in idx.mentioned and dom not in idx.mentioned:
             rclass: tuple[str, ...] = ("anon", str(internal))
@@ -260,7 +260,7 @@ class RuleSet:
     def outcome_uncached(self, directory: Directory, msg: Message, recipient: str) -> Outcome:
         sections: list[Section] = []
         r_user = directory.user(recipient)
-        internal = self.internal(recipient, directory)
+        internal = self.internal(recipient)
         for rule in self.candidates(directory, msg.sender):
             if not _rule_matches(rule, msg, recipient, r_user, internal):
                 continue
@@ -282,7 +282,7 @@ class RuleSet:
         """Human-readable lines: every rule, every condition, true or false."""
         lines = []
         r_user = directory.user(recipient)
-        internal = self.internal(recipient, directory)
+        internal = self.internal(recipient)
         s_user = directory.user(msg.sender)
         filled: set[str] = set()
         stopped_by: str | None = None

@@ -35,7 +35,7 @@ class RelayHandler(EhloWithoutAuth):
         self.relay = relay
 
     async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
+        self, _server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
     ) -> str:
         sec = self.relay.cfg.security
         if not address.isascii() and not envelope.smtp_utf8:
@@ -59,7 +59,7 @@ class RelayHandler(EhloWithoutAuth):
         return str(replies.OK)
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
+        self, _server: SMTP, _session: Session, envelope: Envelope, address: str, options: list[str],
     ) -> str:
         if not address.isascii() and not envelope.smtp_utf8:
             return str(replies.NEEDS_SMTPUTF8)  # RFC 6531 §3.4

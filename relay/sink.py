@@ -84,7 +84,7 @@ class SinkHandler(EhloWithoutAuth):
         return None, f"550 5.7.1 Certificate name {names[0][:80]} matches no inbound connector"
 
     async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
+        self, _server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
     ) -> str:
         tenant, why = self._tenant(session)
         if tenant is None:
@@ -95,7 +95,7 @@ class SinkHandler(EhloWithoutAuth):
         return "250 2.1.0 Sender OK"
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
+        self, _server: SMTP, _session: Session, envelope: Envelope, address: str, options: list[str],
     ) -> str:
         b = self.behavior
         if b.reject_rcpt and b.reject_rcpt.search(address):
@@ -106,7 +106,7 @@ class SinkHandler(EhloWithoutAuth):
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Recipient OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, _server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.behavior.data_delay:
             await asyncio.sleep(self.behavior.data_delay)
         if self.behavior.data_reply:

@@ -250,7 +250,7 @@ class EhloWithoutAuth:
     enabled. Exchange Online never authenticates to a smart host, so we advertise no AUTH."""
 
     async def handle_EHLO(
-        self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str],
+        self, _server: SMTP, session: Any, _envelope: Any, hostname: str, responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
         return [r for r in responses if not r[4:].upper().startswith("AUTH")]
@@ -306,7 +306,7 @@ class TlsGate(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.early.append(data)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, _exc: Exception | None) -> None:
         if self.task is not None and not self.task.done():
             self.task.cancel()
         if self.slot is not None:

@@ -318,9 +318,8 @@ def test_sandbox_escapes_are_refused_at_render_and_pass_through(tmp_path: Path, 
     with pytest.raises(policy.RenderError, match=r"t.html.j2: template t: "):
         p.render(p.rules.outcome(p.directory, m, "x@e.net"), m, ["x@e.net"])
     raw = b"From: Alice <alice@contoso.com>\r\nTo: x@e.net\r\nSubject: s\r\n\r\nbody\r\n"
-    copies = pipeline.plan_copies(raw, policy=p, mail_from="alice@contoso.com", recipients=["x@e.net"],
-                                  at=dt.datetime.now(UTC), processed_header="X-CodeTwoProcessed",
-                                  received_for=lambda g: b"")
+    copies = pipeline.plan_copies(raw, None, policy=p, settings=pipeline.Settings(),
+                                  envelope=pipeline.Envelope("alice@contoso.com", ("x@e.net",), dt.datetime.now(UTC)))
     assert copies[0].render_error and copies[0].processed.decision.action == "marked"
     assert copies[0].processed.data.endswith(raw)
 
@@ -435,7 +434,7 @@ def test_fast_match_agrees_with_the_explanation(tmp_path: Path) -> None:
                 m = msg(s, subject=subject, at=at)
                 for r in rcpts:
                     u = p.directory.user(r)
-                    internal = p.rules.internal(r, p.directory)
+                    internal = p.rules.internal(r)
                     for rule in p.rules.rules:
                         slow = all(ok for _, ok in _message_checks(rule, m, r, u, internal))
                         assert _rule_matches(rule, m, r, u, internal) == slow, (s, subject, r, rule.name)
