@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 from relay.errors import ErrorList
 
@@ -76,108 +76,17 @@ class Directory:
         return list(seen.values())
 
 
+_RawUser = tuple[str, dict[str, str], set[str]]  # (primary address, attributes, aliases)
+
+
 def load(tenant_dir: Path) -> Directory:
     """Load ``directory.csv`` and ``groups.toml`` (both optional); every error is collected."""
     errors: list[str] = []
-    users: dict[str, User] = {}
-    csv_path = tenant_dir / "directory.csv"
-    raw_users: list[tuple[str, dict[str, str], set[str]]] = []
-    text = None
-    if csv_path.exists():
-        blob = csv_path.read_bytes()
-        try:
-            text = blob.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = blob.count(b"\n", 0, e.start) + 1
-            errors.append(f"{csv_path}:{line}: not UTF-8 (byte 0x{blob[e.start]:02x} at offset {e.start}; looks like "
-                          f"Latin-1/Windows-1252): save the file as UTF-8")
-    if text is not None:
-        reader = csv.DictReader(io.StringIO(text))
-        unknown = [h for h in reader.fieldnames or [] if h not in ATTRIBUTES]
-        for h in unknown:
-            errors.append(f"{csv_path}: column {h!r}: unknown attribute (Entra ID names, e.g. jobTitle)")
-        if "mail" not in (reader.fieldnames or []):
-            errors.append(f"{csv_path}: column 'mail' is required")
-        for row in reader:
-            line = reader.line_num
-            mail = _clean(row.get("mail") or "").lower()
-            if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", mail):
-                errors.append(f"{csv_path}:{line}: mail: not an address: {mail!r}")
-                continue
-            attrs: dict[str, str] = {}
-            aliases: set[str] = set()
-            for k, v in row.items():
-                if k is None or k not in ATTRIBUTES or v is None:
-                    continue
-                if k in _MULTI:
-                    items = [_clean(x) for x in re.split(r"[;|]", v) if _clean(x)]
-                    if k == "proxyAddresses":
-                        aliases |= {x.split(":", 1)[1].lower() for x in items if x.lower().startswith("smtp:")}
-                    attrs[k] = ", ".join(items)
-                else:
-                    attrs[k] = _clean(v)
-            attrs["mail"] = mail
-            raw_users.append((mail, attrs, aliases))
-    groups: dict[str, Group] = {}
+    raw_users = _read_users(tenant_dir / "directory.csv", errors)
     gpath = tenant_dir / "groups.toml"
-    if gpath.exists():
-        try:
-            data = tomllib.loads(gpath.read_text("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DirectoryError([f"{gpath}: not UTF-8 (byte at offset {e.start}): save the file as UTF-8"]) from e
-        except tomllib.TOMLDecodeError as e:
-            raise DirectoryError([f"{gpath}: invalid TOML: {e}"]) from e
-        for i, g in enumerate(data.get("group", [])):
-            where = f"{gpath}: group[{i}]"
-            extra = set(g) - {"name", "mail", "hidden", "members"}
-            if extra:
-                errors.append(f"{where}.{sorted(extra)[0]}: unknown key")
-            name = str(g.get("name", "")).strip()
-            if not name:
-                errors.append(f"{where}.name: required")
-                continue
-            members = g.get("members", [])
-            if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-                errors.append(f"{where}.members: expected a list of addresses and 'group:<name>'")
-                continue
-            if name.lower() in groups:
-                errors.append(f"{where}.name: duplicate group {name!r}")
-            groups[name.lower()] = Group(name, g.get("mail"), bool(g.get("hidden", False)),
-                                         tuple(m.strip().lower() if not m.startswith("group:") else m.strip()
-                                               for m in members))
-        extra_top = set(data) - {"group"}
-        if extra_top:
-            errors.append(f"{gpath}: {sorted(extra_top)[0]}: unknown key (expected [[group]] tables)")
+    groups = _read_groups(gpath, errors) if gpath.exists() else {}
     known = {m for m, _, _ in raw_users} | {a for _, _, al in raw_users for a in al}
-    closure: dict[str, frozenset[str]] = {}
-
-    def resolve(name: str, path: tuple[str, ...]) -> frozenset[str]:
-        key = name.lower()
-        if key in closure:
-            return closure[key]
-        if key in path:
-            errors.append(f"{gpath}: group {name!r}: membership cycle {' -> '.join((*path, key))}")
-            return frozenset()
-        g = groups.get(key)
-        if g is None:
-            return frozenset()
-        out: set[str] = set()
-        for m in g.members:
-            if m.startswith("group:"):
-                sub = m[6:].strip()
-                if sub.lower() not in groups:
-                    errors.append(f"{gpath}: group {g.name!r}: member {m!r}: unknown group")
-                    continue
-                out |= resolve(sub, (*path, key))
-            elif m not in known:
-                errors.append(f"{gpath}: group {g.name!r}: member {m!r}: not a directory user")
-            else:
-                out.add(m)
-        closure[key] = frozenset(out)
-        return closure[key]
-
-    for key in list(groups):
-        resolve(groups[key].name, ())
+    closure = _Closure(groups, known, gpath, errors).all()
     if errors:
         raise DirectoryError(errors)
     primary_of = {a: m for m, _, al in raw_users for a in (m, *al)}
@@ -185,8 +94,129 @@ def load(tenant_dir: Path) -> Directory:
     for gkey, mails in closure.items():
         for m in mails:
             member_groups.setdefault(primary_of.get(m, m), set()).add(gkey)
+    users: dict[str, User] = {}
     for mail, attrs, aliases in raw_users:
         u = User(mail, MappingProxyType(attrs), frozenset(aliases), frozenset(member_groups.get(mail, ())))
         for a in (mail, *aliases):
             users[a] = u
     return Directory(MappingProxyType(users), MappingProxyType(groups), MappingProxyType(closure))
+
+
+def _read_users(csv_path: Path, errors: list[str]) -> list[_RawUser]:
+    if not csv_path.exists():
+        return []
+    blob = csv_path.read_bytes()
+    try:
+        text = blob.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = blob.count(b"\n", 0, e.start) + 1
+        errors.append(f"{csv_path}:{line}: not UTF-8 (byte 0x{blob[e.start]:02x} at offset {e.start}; looks like "
+                      f"Latin-1/Windows-1252): save the file as UTF-8")
+        return []
+    reader = csv.DictReader(io.StringIO(text))
+    for h in [h for h in reader.fieldnames or [] if h not in ATTRIBUTES]:
+        errors.append(f"{csv_path}: column {h!r}: unknown attribute (Entra ID names, e.g. jobTitle)")
+    if "mail" not in (reader.fieldnames or []):
+        errors.append(f"{csv_path}: column 'mail' is required")
+    out = []
+    for row in reader:
+        mail = _clean(row.get("mail") or "").lower()
+        if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", mail):
+            errors.append(f"{csv_path}:{reader.line_num}: mail: not an address: {mail!r}")
+            continue
+        attrs, aliases = _attributes(row)
+        attrs["mail"] = mail
+        out.append((mail, attrs, aliases))
+    return out
+
+
+def _attributes(row: dict[str | Any, str | Any]) -> tuple[dict[str, str], set[str]]:
+    """The known attributes of one CSV row, cleaned; multi-valued ones joined; smtp: aliases."""
+    attrs: dict[str, str] = {}
+    aliases: set[str] = set()
+    for k, v in row.items():
+        if k is None or k not in ATTRIBUTES or v is None:
+            continue
+        if k in _MULTI:
+            items = [_clean(x) for x in re.split(r"[;|]", v) if _clean(x)]
+            if k == "proxyAddresses":
+                aliases |= {x.split(":", 1)[1].lower() for x in items if x.lower().startswith("smtp:")}
+            attrs[k] = ", ".join(items)
+        else:
+            attrs[k] = _clean(v)
+    return attrs, aliases
+
+
+def _read_groups(gpath: Path, errors: list[str]) -> dict[str, Group]:
+    try:
+        data = tomllib.loads(gpath.read_text("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DirectoryError([f"{gpath}: not UTF-8 (byte at offset {e.start}): save the file as UTF-8"]) from e
+    except tomllib.TOMLDecodeError as e:
+        raise DirectoryError([f"{gpath}: invalid TOML: {e}"]) from e
+    groups: dict[str, Group] = {}
+    for i, g in enumerate(data.get("group", [])):
+        group = _group(g, f"{gpath}: group[{i}]", errors)
+        if group is None:
+            continue
+        if group.name.lower() in groups:
+            errors.append(f"{gpath}: group[{i}].name: duplicate group {group.name!r}")
+        groups[group.name.lower()] = group
+    extra_top = set(data) - {"group"}
+    if extra_top:
+        errors.append(f"{gpath}: {sorted(extra_top)[0]}: unknown key (expected [[group]] tables)")
+    return groups
+
+
+def _group(g: dict[str, Any], where: str, errors: list[str]) -> Group | None:
+    extra = set(g) - {"name", "mail", "hidden", "members"}
+    if extra:
+        errors.append(f"{where}.{sorted(extra)[0]}: unknown key")
+    name = str(g.get("name", "")).strip()
+    if not name:
+        errors.append(f"{where}.name: required")
+        return None
+    members = g.get("members", [])
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        errors.append(f"{where}.members: expected a list of addresses and 'group:<name>'")
+        return None
+    return Group(name, g.get("mail"), bool(g.get("hidden", False)),
+                 tuple(m.strip().lower() if not m.startswith("group:") else m.strip() for m in members))
+
+
+class _Closure:
+    """Transitive members of every group; cycles, unknown groups and unknown users are errors."""
+
+    def __init__(self, groups: dict[str, Group], known: set[str], gpath: Path, errors: list[str]) -> None:
+        self.groups, self.known, self.gpath, self.errors = groups, known, gpath, errors
+        self.closure: dict[str, frozenset[str]] = {}
+
+    def all(self) -> dict[str, frozenset[str]]:
+        for key in list(self.groups):
+            self.resolve(self.groups[key].name, ())
+        return self.closure
+
+    def resolve(self, name: str, path: tuple[str, ...]) -> frozenset[str]:
+        key = name.lower()
+        if key in self.closure:
+            return self.closure[key]
+        if key in path:
+            self.errors.append(f"{self.gpath}: group {name!r}: membership cycle {' -> '.join((*path, key))}")
+            return frozenset()
+        g = self.groups.get(key)
+        if g is None:
+            return frozenset()
+        out: set[str] = set()
+        for m in g.members:
+            if m.startswith("group:"):
+                sub = m[6:].strip()
+                if sub.lower() not in self.groups:
+                    self.errors.append(f"{self.gpath}: group {g.name!r}: member {m!r}: unknown group")
+                    continue
+                out |= self.resolve(sub, (*path, key))
+            elif m not in self.known:
+                self.errors.append(f"{self.gpath}: group {g.name!r}: member {m!r}: not a directory user")
+            else:
+                out.add(m)
+        self.closure[key] = frozenset(out)
+        return self.closure[key]

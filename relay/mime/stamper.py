@@ -69,83 +69,106 @@ def stamp(
     top = headers.index(raw) if top is None else top
     if already_processed(raw, processed_header, top):
         return StampResult(_join(raw, prefix, []), Decision("pass-through", "already-processed"))
-    marker = trace.marker(processed_header)
     s = scan(raw, limits)
-    reason = classify(s, mail_from=mail_from, top=top)
-    fields = prefix + marker
-    if reason is None and signature is None:
-        return StampResult(_join(raw, fields, []), Decision("marked", "no-signature"))
-    if reason is not None:
-        return StampResult(_join(raw, fields, []), Decision("pass-through", reason), anomalies=tuple(s.anomalies))
+    fields = prefix + trace.marker(processed_header)
+    early = _early_decision(s, signature, mail_from, top)
+    if early is not None:
+        return StampResult(_join(raw, fields, []), early[0], anomalies=early[1])
     assert signature is not None
-    html_empty, text_empty = not _visible_html(signature.html), not signature.text.strip()
-    if html_empty and text_empty:
-        # Every placeholder rendered empty (a sender missing from the directory...): an empty
-        # block would only add blank lines; mark the message and say why (issue #9).
-        return StampResult(_join(raw, fields, []), Decision("marked", "no-signature:rendered-empty"))
-    if _carries_boundary(signature, s):
-        # A rendered signature holding one of the message's boundary lines would end the leaf
-        # early and open a part of its own (MIME structure injection, issue #10 finding 3).
-        return StampResult(_join(raw, fields, []), Decision("pass-through", "signature-contains-boundary"))
     targets = find_targets(s)
     if not targets:
         return StampResult(_join(raw, fields, []), Decision("pass-through", "no-text-body"))
-    edits: list[tuple[int, int, bytes]] = []
-    rules: list[str] = []
-    doubts: list[str] = []
-    if html_empty:
+    if not _visible_html(signature.html):
         targets.pop("html", None)
-    if text_empty:
+    if not signature.text.strip():
         targets.pop("plain", None)
     if not targets:
         return StampResult(_join(raw, fields, []), Decision("marked", "no-signature:rendered-empty"))
+    try:
+        edits, rules, doubts = _edit_targets(s, targets, signature, bottom)
+    except _PassThrough as e:
+        return StampResult(_join(raw, fields, []), Decision("pass-through", str(e)))
+    return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules), _anomalies(s, targets),
+                       tuple(doubts))
+
+
+def _early_decision(s: Scan, signature: Signature | None, mail_from: str | None, top: dict[str, list[str]]
+                    ) -> tuple[Decision, tuple[str, ...]] | None:
+    """Why this message gets no signature at all (and the anomalies worth logging), or None."""
+    reason = classify(s, mail_from=mail_from, top=top)
+    if reason is not None:
+        return Decision("pass-through", reason), tuple(s.anomalies)
+    if signature is None:
+        return Decision("marked", "no-signature"), ()
+    if not _visible_html(signature.html) and not signature.text.strip():
+        # Every placeholder rendered empty (a sender missing from the directory...): an empty
+        # block would only add blank lines; mark the message and say why (issue #9).
+        return Decision("marked", "no-signature:rendered-empty"), ()
+    if _carries_boundary(signature, s):
+        # A rendered signature holding one of the message's boundary lines would end the leaf
+        # early and open a part of its own (MIME structure injection, issue #10 finding 3).
+        return Decision("pass-through", "signature-contains-boundary"), ()
+    return None
+
+
+def _edit_targets(s: Scan, targets: dict[str, Part], signature: Signature, bottom: bool
+                  ) -> tuple[list[tuple[int, int, bytes]], list[str], list[str]]:
+    """The edits (start, end, bytes) for the target leaves, their placement rules and doubts.
+    Raises _PassThrough when a leaf cannot be edited faithfully."""
     images = _embedded(signature, s) if "html" in targets else []
     if images:
         cids = {img.name: cid for img, cid in images}
         signature = Signature(_CID_REF.sub(lambda m: f"cid:{cids.get(m.group(1), m.group(1))}", signature.html),
                               signature.text)
     edited: dict[str, tuple[bytes, str]] = {}
+    doubts: list[str] = []
     plain_rule = None
     for sub in ("plain", "html"):  # plain first: its placement tells whether the HTML needs a text search
         part = targets.get(sub)
         if part is None:
             continue
-        # In multipart/alternative the text part is the same message: no history marker there
-        # means none in its HTML rendering either, so the (costly) visible-text search of the
-        # HTML is skipped; structural markers are still looked for. HTML-only mail is searched.
-        plain = targets.get("plain")
-        textual = not (sub == "html" and plain is not None and plain_rule in ("text:end", "text:bottom-posted")
-                       and plain.parent == part.parent and part.parent is not None
-                       and s.parts[part.parent].ctype == "multipart/alternative")
         try:
-            new, rule, doubt = _edit_leaf(s, part, signature, html=sub == "html", bottom=bottom, textual=textual)
+            new, rule, doubt = _edit_leaf(s, part, signature, html=sub == "html", bottom=bottom,
+                                          textual=_needs_text_search(s, targets, part, plain_rule))
         except codec.DecodeError as e:
-            return StampResult(_join(raw, fields, []), Decision("pass-through", f"undecodable:{e}"))
-        except _PassThrough as e:
-            return StampResult(_join(raw, fields, []), Decision("pass-through", str(e)))
+            raise _PassThrough(f"undecodable:{e}") from e
         if doubt:
             doubts.append(f"{rule}: {doubt}")
         plain_rule = rule if sub == "plain" else plain_rule
         edited[sub] = (new, rule)
+    edits: list[tuple[int, int, bytes]] = []
+    rules: list[str] = []
     for sub in ("html", "plain"):
-        if sub not in edited:
-            continue
-        new, rule = edited[sub]
-        part = targets[sub]
-        rules.append(rule)
-        if sub == "html" and images:
-            edits += _attach_images(s, part, new, images)
-        else:
-            edits.append((part.start, part.end, new))
-    anomalies = list(s.anomalies)
-    for p in targets.values():
-        if p.cte in ("7bit", "8bit", "binary"):  # encoded bodies carry their text's line breaks escaped
-            anomalies += [a for a in line_anomalies(raw, p.header_end, p.end) if a not in anomalies]
-    if any(p.cte in ("7bit", "8bit", "binary") and codec.max_line(s.body_bytes(p)) > _MAX_LINE
-           for p in targets.values()):
-        anomalies.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998
-    return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules), tuple(anomalies),
-                       tuple(doubts))
+        if sub in edited:
+            new, rule = edited[sub]
+            rules.append(rule)
+            if sub == "html" and images:
+                edits += _attach_images(s, targets[sub], new, images)
+            else:
+                edits.append((targets[sub].start, targets[sub].end, new))
+    return edits, rules, doubts
+
+
+def _needs_text_search(s: Scan, targets: dict[str, Part], part: Part, plain_rule: str | None) -> bool:
+    """In multipart/alternative the text part is the same message: no history marker there means
+    none in its HTML rendering either, so the (costly) visible-text search of the HTML is skipped;
+    structural markers are still looked for. HTML-only mail is always searched."""
+    plain = targets.get("plain")
+    return not (part.ctype == "text/html" and plain is not None and plain_rule in ("text:end", "text:bottom-posted")
+                and plain.parent == part.parent and part.parent is not None
+                and s.parts[part.parent].ctype == "multipart/alternative")
+
+
+def _anomalies(s: Scan, targets: dict[str, Part]) -> tuple[str, ...]:
+    """Tolerated oddities worth a log line: the scanner's, plus bare CR/LF and long lines in the
+    unencoded leaves we edited (encoded bodies carry their text's line breaks escaped)."""
+    out = list(s.anomalies)
+    raw_leaves = [p for p in targets.values() if p.cte in ("7bit", "8bit", "binary")]
+    for p in raw_leaves:
+        out += [a for a in line_anomalies(s.raw, p.header_end, p.end) if a not in out]
+    if any(codec.max_line(s.body_bytes(p)) > _MAX_LINE for p in raw_leaves):
+        out.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998
+    return tuple(out)
 
 
 _TAG: Final = re.compile(r"<[^>]*>")
@@ -273,6 +296,7 @@ def _attach_images(s: Scan, part: Part, new_leaf: bytes, images: list[tuple[Imag
 
 def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool, textual: bool = True
                ) -> tuple[bytes, str, str]:
+    """One leaf with the signature inserted: (new part bytes, placement rule, doubt)."""
     raw = s.raw
     header = raw[part.start:part.header_end]
     body = raw[part.header_end:part.end]
@@ -289,22 +313,32 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool,
         block = f'<div class="signature-relay">{html_sig}</div>{eol}'
     else:
         where = placement.find_text(text, bottom=bottom)
-        eol = _local_eol(text, where.offset, wire_eol)
-        block = _text_block(sig.text, eol, flowed=part.params.get("format", "").lower() == "flowed")
-        before = text[:where.offset]
-        if before and not before.endswith("\n"):
-            block = eol + eol + block  # signature at the end of a body without final newline
-        elif before and not before.endswith(eol + eol) and not before.endswith("\n\n"):
-            block = eol + block
-        if where.offset < len(text):
-            block += eol  # a blank line between signature and the quoted history
-    new_text = text[:where.offset] + block + text[where.offset:]
+        block = _text_insertion(text, where.offset, sig.text, _local_eol(text, where.offset, wire_eol),
+                                flowed=part.params.get("format", "").lower() == "flowed")
     spliced = _splice(body, part.cte, text, where.offset, block, part.charset, wire_eol)
     if spliced is not None:
         return header + spliced, where.rule, where.doubt
+    new_text = text[:where.offset] + block + text[where.offset:]
+    return _reencode(header, body, part, new_text, html, wire_eol), where.rule, where.doubt
 
-    # Full re-encode: the signature needs another charset or transfer encoding, or the leaf is
-    # base64 (not splice-able) or its encoded lines do not map onto its decoded lines.
+
+def _text_insertion(text: str, offset: int, sig_text: str, eol: str, *, flowed: bool) -> str:
+    """The plain-text block to insert at ``offset``: separated from the newest text above and from
+    the quoted history below by a blank line."""
+    block = _text_block(sig_text, eol, flowed=flowed)
+    before = text[:offset]
+    if before and not before.endswith("\n"):
+        block = eol + eol + block  # signature at the end of a body without final newline
+    elif before and not before.endswith(eol + eol) and not before.endswith("\n\n"):
+        block = eol + block
+    if offset < len(text):
+        block += eol  # a blank line between signature and the quoted history
+    return block
+
+
+def _reencode(header: bytes, body: bytes, part: Part, new_text: str, html: bool, wire_eol: str) -> bytes:
+    """Full re-encode: the signature needs another charset or transfer encoding, or the leaf is
+    base64 (not splice-able) or its encoded lines do not map onto its decoded lines."""
     charset = part.charset
     py = codec.python_charset(charset)
     try:
@@ -318,9 +352,7 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool,
             new_text = _META_CHARSET.sub(lambda m: m.group(1) + "utf-8", new_text)
         new_data = new_text.encode("utf-8")
     cte = part.cte
-    if cte in ("7bit", "8bit") and (
-        (cte == "7bit" and not new_data.isascii()) or codec.max_line(new_data) > _MAX_LINE
-    ):
+    if cte in ("7bit", "8bit") and ((cte == "7bit" and not new_data.isascii()) or codec.max_line(new_data) > _MAX_LINE):
         cte = "quoted-printable"  # RFC 2045 §2.7/2.8: 7bit is ASCII, no line over 998
     if cte == "quoted-printable":
         new_body = codec.encode_qp(new_text, py, wire_eol)
@@ -334,7 +366,7 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool,
         header = _set_charset(header, charset or "utf-8", top=part.parent is None)
     if cte != part.cte:
         header = _set_field(header, "Content-Transfer-Encoding", cte, top=part.parent is None)
-    return header + new_body, where.rule, where.doubt
+    return header + new_body
 
 
 def _splice(body: bytes, cte: str, text: str, offset: int, block: str, charset: str | None,
