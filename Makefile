@@ -43,6 +43,7 @@ lint: $(VENV)/.installed-test
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy relay
+	$(BIN)/mypy tests
 
 test: $(VENV)/.installed-test system-deps lint typecheck
 	$(BIN)/pytest -q

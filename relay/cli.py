@@ -148,12 +148,8 @@ def cmd_certs_show(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate everything and render every template for every directory user; report all errors."""
-    import datetime as dt
-
     from relay.delivery.client import client_context
     from relay.errors import ConfigErrors
-    from relay.rules import Message
-    from relay.signatures import RenderError
     from relay.smtp import tls
 
     try:
@@ -175,24 +171,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         except ConfigError as e:
             errors.append(str(e))
         p = t.policy
-        n_rules = len(p.rules.rules) if p else 0
-        n_users = len(p.directory.people) if p else 0
-        n_templates = len(p.templates.templates) if p else 0
         print(f"tenant {t.name}: id {t.id}, domains {', '.join(sorted(t.accepted_domains))}, "
               f"certificate name {t.certificate_name}, endpoint {t.endpoint}; "
-              f"{n_users} user(s), {len(p.directory.groups) if p else 0} group(s), {n_rules} rule(s), "
-              f"{n_templates} template(s)")
-        if p is None:
-            continue
-        for user in p.directory.people:
-            for kind in ("new", "reply"):
-                msg = Message(sender=user.mail, subject="check", body="", kind=kind, at=dt.datetime.now(dt.UTC))
-                for name in p.templates.templates:
-                    try:
-                        p.templates.render(name, p.context(msg, ["someone@example.net"]))
-                        renders += 1
-                    except RenderError as e:
-                        errors.append(f"{t.name}: {e} (user {user.mail}, {kind} message)")
+              f"{len(p.directory.people) if p else 0} user(s), {len(p.directory.groups) if p else 0} group(s), "
+              f"{len(p.rules.rules) if p else 0} rule(s), {len(p.templates.templates) if p else 0} template(s)")
+        if p is not None:
+            renders += _render_all(t.name, p, errors)
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
     if errors:
@@ -200,6 +184,27 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     print(f"OK: {cfg.source}, {len(cfg.tenants)} tenant(s), {renders} template render(s) checked")
     return 0
+
+
+def _render_all(tenant: str, p: Any, errors: list[str]) -> int:
+    """Render every template for every directory user, new and reply: the renders that worked;
+    each failure (file, line, user) is appended to ``errors``."""
+    import datetime as dt
+
+    from relay.rules import Message
+    from relay.signatures import RenderError
+
+    renders = 0
+    for user in p.directory.people:
+        for kind in ("new", "reply"):
+            msg = Message(sender=user.mail, subject="check", body="", kind=kind, at=dt.datetime.now(dt.UTC))
+            for name in p.templates.templates:
+                try:
+                    p.templates.render(name, p.context(msg, ["someone@example.net"]))
+                    renders += 1
+                except RenderError as e:
+                    errors.append(f"{tenant}: {e} (user {user.mail}, {kind} message)")
+    return renders
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

@@ -388,21 +388,38 @@ def _rule(i: int, raw: Mapping[str, Any], where: str, directory: Directory, temp
         name = f"rule {i}"
     senders = _who(raw.get("senders", {"all": True}), f"{where}.senders", directory, errors, _WHO_KEYS)
     recipients = _who(raw.get("recipients", {"all": True}), f"{where}.recipients", directory, errors, _RCPT_KEYS)
-    kw = raw.get("keywords", {})
-    trigger = _strs(kw, "trigger", f"{where}.keywords", errors)
-    suppress = _strs(kw, "suppress", f"{where}.keywords", errors)
-    fields = _strs(kw, "in", f"{where}.keywords", errors) or ["subject", "body"]
-    for f in fields:
-        if f not in ("subject", "body"):
-            errors.append(f"{where}.keywords.in: {f!r}: expected subject or body")
-    for k in sorted(set(kw) - {"trigger", "suppress", "in"}):
-        errors.append(f"{where}.keywords.{k}: unknown key")
+    trigger, suppress, fields = _keywords(raw.get("keywords", {}), f"{where}.keywords", errors)
     start, end = _window(raw.get("window"), f"{where}.window", errors)
     new = raw.get("new")
     reply = raw.get("reply", new)
     for key, val in (("new", new), ("reply", reply)):
         if val is not None and (not isinstance(val, str) or (val != "none" and val not in templates)):
             errors.append(f"{where}.{key}: template {val!r} not found (have: {', '.join(sorted(templates)) or 'none'})")
+    placement, section = _placement_and_section(raw, where, errors)
+    if len(errors) > n:
+        return None
+    return Rule(
+        index=i, name=name, enabled=raw.get("enabled", True), senders=senders, recipients=recipients,
+        trigger=tuple(trigger), suppress=tuple(suppress), keyword_fields=tuple(fields), start=start, end=end,
+        new=None if new in (None, "none") else new, reply=None if reply in (None, "none") else reply,
+        placement=placement, section=section, stop=raw.get("stop", True), internal=raw.get("internal", True),
+    )
+
+
+def _keywords(kw: Any, where: str, errors: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(trigger, suppress, fields searched) of a rule's ``keywords`` table."""
+    trigger = _strs(kw, "trigger", where, errors)
+    suppress = _strs(kw, "suppress", where, errors)
+    fields = _strs(kw, "in", where, errors) or ["subject", "body"]
+    for f in fields:
+        if f not in ("subject", "body"):
+            errors.append(f"{where}.in: {f!r}: expected subject or body")
+    for k in sorted(set(kw) - {"trigger", "suppress", "in"}) if isinstance(kw, dict) else ():
+        errors.append(f"{where}.{k}: unknown key")
+    return trigger, suppress, fields
+
+
+def _placement_and_section(raw: Mapping[str, Any], where: str, errors: list[str]) -> tuple[Any, Any]:
     placement = raw.get("placement", "reply")
     if placement not in ("reply", "bottom"):
         errors.append(f"{where}.placement: expected 'reply' or 'bottom', got {placement!r}")
@@ -412,14 +429,7 @@ def _rule(i: int, raw: Mapping[str, Any], where: str, directory: Directory, temp
     for key in ("enabled", "stop", "internal"):
         if key in raw and not isinstance(raw[key], bool):
             errors.append(f"{where}.{key}: expected true or false")
-    if len(errors) > n:
-        return None
-    return Rule(
-        index=i, name=name, enabled=raw.get("enabled", True), senders=senders, recipients=recipients,
-        trigger=tuple(trigger), suppress=tuple(suppress), keyword_fields=tuple(fields), start=start, end=end,
-        new=None if new in (None, "none") else new, reply=None if reply in (None, "none") else reply,
-        placement=placement, section=section, stop=raw.get("stop", True), internal=raw.get("internal", True),
-    )
+    return placement, section
 
 
 def _strs(table: Any, key: str, where: str, errors: list[str]) -> list[str]:

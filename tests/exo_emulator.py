@@ -22,6 +22,7 @@ from typing import Any
 
 import jwt
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 ANCHOR = "APP:SystemMailbox{bb558c35-97f1-4cb9-8ff7-d53741dc928c}@"
 PARAMS = {
@@ -154,7 +155,9 @@ class _Handler(BaseHTTPRequestHandler):
             assert f.get("client_id") == st.app_id
             assert f.get("scope") == "https://outlook.office365.com/.default"
             assert f.get("client_assertion_type") == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-            claims = jwt.decode(f["client_assertion"], st.app_cert.public_key(), algorithms=["RS256", "PS256"],
+            key = st.app_cert.public_key()
+            assert isinstance(key, rsa.RSAPublicKey)  # the app's certificate is RSA (what Entra ID requires)
+            claims = jwt.decode(f["client_assertion"], key, algorithms=["RS256", "PS256"],
                                 audience=f"{st.base}/{st.tenant_id}/oauth2/v2.0/token")
             assert claims["iss"] == claims["sub"] == st.app_id
         except (AssertionError, KeyError, jwt.PyJWTError) as e:

@@ -228,8 +228,29 @@ class Delivery:
     async def _transaction(
         self, conn: _Conn, reused: bool, mail_from: str, rcpts: Sequence[str], data: bytes, smtputf8: bool,
     ) -> Outcome:
-        smtp = conn.smtp
+        """MAIL, RCPT for each recipient, DATA: DATA only when every recipient was accepted or
+        refused for good (a deferred one means no DATA at all, so a retry cannot duplicate)."""
         where = f"{conn.target.address}:{conn.target.port}"
+        enc = "utf-8" if smtputf8 else "ascii"
+        await self._mail(conn, reused, where, mail_from.encode(enc), self._mail_options(conn.smtp, data, smtputf8,
+                                                                                       where))
+        accepted, refused, deferred = await self._rcpts(conn, where, rcpts, enc)
+        if deferred or not accepted:
+            await self._rset(conn.smtp)
+            self._checkin(conn)
+            if deferred:
+                r, rr = deferred[0]
+                raise TransientError(_downstream(rr.code, rr.message),
+                                     f"{where}: {len(deferred)} recipient(s) deferred, first <{r}>: {_reply(rr)}")
+            first = next(iter(refused.values()))
+            raise PermanentError(_downstream(first.code, first.text),
+                                 f"{where}: every recipient refused, first: {first.code} {first.text}")
+        final = await self._data(conn, where, data)
+        self._checkin(conn)
+        return Outcome(tuple(accepted), refused, _reply(final), f"{where} ({conn.target.mx_host})", reused)
+
+    @staticmethod
+    def _mail_options(smtp: aiosmtplib.SMTP, data: bytes, smtputf8: bool, where: str) -> list[bytes]:
         opts: list[bytes] = []
         if smtputf8:
             if not smtp.supports_extension("smtputf8"):
@@ -239,9 +260,11 @@ class Delivery:
             opts.append(b"BODY=8BITMIME")  # RFC 6152
         if smtp.supports_extension("size"):
             opts.append(b"SIZE=%d" % len(data))
-        enc = "utf-8" if smtputf8 else "ascii"
+        return opts
+
+    async def _mail(self, conn: _Conn, reused: bool, where: str, sender: bytes, opts: list[bytes]) -> None:
         try:
-            resp = await smtp.execute_command(b"MAIL", b"FROM:<" + mail_from.encode(enc) + b">", *opts)
+            resp = await conn.smtp.execute_command(b"MAIL", b"FROM:<" + sender + b">", *opts)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as e:
             if reused:
                 raise _RetryFresh() from e
@@ -251,15 +274,17 @@ class Delivery:
         if resp.code == 421 and reused:
             raise _RetryFresh()
         if resp.code != 250:
-            await self._rset(smtp)
+            await self._rset(conn.smtp)
             raise self._error(resp, where, "MAIL")
 
+    async def _rcpts(self, conn: _Conn, where: str, rcpts: Sequence[str], enc: str
+                     ) -> tuple[list[str], dict[str, Refusal], list[tuple[str, SMTPResponse]]]:
         accepted: list[str] = []
         refused: dict[str, Refusal] = {}
         deferred: list[tuple[str, SMTPResponse]] = []
         for r in rcpts:
             try:
-                rr = await smtp.execute_command(b"RCPT", b"TO:<" + r.encode(enc) + b">")
+                rr = await conn.smtp.execute_command(b"RCPT", b"TO:<" + r.encode(enc) + b">")
             except aiosmtplib.SMTPTimeoutError as e:
                 raise TransientError(replies.ENDPOINT_TIMEOUT, f"{where}: timeout at RCPT") from e
             except (aiosmtplib.SMTPException, ConnectionError) as e:
@@ -270,21 +295,13 @@ class Delivery:
                 refused[r] = Refusal(rr.code, rr.message.replace("\n", " "), conn.target.mx_host)
             else:
                 deferred.append((r, rr))
-        if deferred or not accepted:
-            await self._rset(smtp)
-            self._checkin(conn)
-            if deferred:
-                r, rr = deferred[0]
-                raise TransientError(_downstream(rr.code, rr.message),
-                                     f"{where}: {len(deferred)} recipient(s) deferred, first <{r}>: {_reply(rr)}")
-            first = next(iter(refused.values()))
-            raise PermanentError(_downstream(first.code, first.text),
-                                 f"{where}: every recipient refused, first: {first.code} {first.text}")
+        return accepted, refused, deferred
 
+    async def _data(self, conn: _Conn, where: str, data: bytes) -> SMTPResponse:
         try:
-            final = await smtp.data(data, timeout=self.cfg.data_timeout)
+            return await conn.smtp.data(data, timeout=self.cfg.data_timeout)
         except aiosmtplib.SMTPDataError as e:
-            await self._rset(smtp)
+            await self._rset(conn.smtp)
             self._checkin(conn)
             raise self._error(SMTPResponse(e.code, e.message), where, "DATA") from e
         except aiosmtplib.SMTPTimeoutError as e:
@@ -295,8 +312,6 @@ class Delivery:
         except (aiosmtplib.SMTPException, ConnectionError) as e:
             raise TransientError(replies.ENDPOINT_UNAVAILABLE,
                                  f"{where}: {e} during DATA (possible duplicate on retry)") from e
-        self._checkin(conn)
-        return Outcome(tuple(accepted), refused, _reply(final), f"{where} ({conn.target.mx_host})", reused)
 
     async def _rset(self, smtp: aiosmtplib.SMTP) -> None:
         with contextlib.suppress(Exception):

@@ -229,14 +229,7 @@ def _entity(s: Scan, limits: Limits, start: int, end: int, parent: int | None, d
     fields, bad_line = _unfold(raw, start, hend)
     if bad_line is not None:
         s.defects.append(f"malformed-header-line@{bad_line}")
-    ctype_raw = fields.get("content-type", "")
-    ctype, params = parse_params(ctype_raw) if ctype_raw else ("", {})
-    if ctype and not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", ctype):
-        s.defects.append(f"invalid-content-type@{start}")
-        ctype = "text/plain"
-    if not ctype:
-        parent_type = s.parts[parent].ctype if parent is not None else ""
-        ctype = "message/rfc822" if parent_type == "multipart/digest" else "text/plain"
+    ctype, params = _content_type(s, fields.get("content-type", ""), start, parent)
     disp_raw = fields.get("content-disposition", "")
     disp, dparams = parse_params(disp_raw) if disp_raw else ("", {})
     filename = dparams.get("filename") or params.get("name")
@@ -259,6 +252,19 @@ def _entity(s: Scan, limits: Limits, start: int, end: int, parent: int | None, d
         return
     part.boundary = boundary.encode("latin-1", "replace")
     _children(s, limits, part)
+
+
+def _content_type(s: Scan, value: str, start: int, parent: int | None) -> tuple[str, dict[str, str]]:
+    """(type, parameters); RFC 2045 §5.2 defaults (text/plain, message/rfc822 in a digest), an
+    invalid type recorded as a defect."""
+    ctype, params = parse_params(value) if value else ("", {})
+    if ctype and not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", ctype):
+        s.defects.append(f"invalid-content-type@{start}")
+        ctype = "text/plain"
+    if not ctype:
+        parent_type = s.parts[parent].ctype if parent is not None else ""
+        ctype = "message/rfc822" if parent_type == "multipart/digest" else "text/plain"
+    return ctype, params
 
 
 def _children(s: Scan, limits: Limits, part: Part) -> None:

@@ -86,38 +86,9 @@ def apply(api: AdminApi, plan: Plan, *, log: Log, dry_run: bool = False,
         label = steps.get(obj.kind, "[5/5] Transport rule")
         c = compare(obj, get(api, obj.kind, obj.name))
         changes.append(c)
-        if c.action == "ok":
-            log(f"{label} '{obj.name}': already as planned")
-        elif c.action == "create":
-            log(f"{label} '{obj.name}': {'would create' if dry_run else 'creating'}")
-            if not dry_run:
-                res = api.invoke(f"New-{obj.kind}", obj.new_params())
-                for w in res.warnings:
-                    log(f"      warning from Exchange Online: {w}")
-        else:
-            for k, have, want in c.diffs:
-                log(f"{label} '{obj.name}': {k}: {have!r} → {want!r}" + (" (would change)" if dry_run else ""))
-            if not dry_run:
-                api.invoke(f"Set-{obj.kind}", {"Identity": obj.name, **{k: w for k, _, w in c.diffs}})
+        _apply_one(api, obj, c, label, log, dry_run)
         if obj.kind == "OutboundConnector":
-            validated = bool((c.current or {}).get("IsValidated"))
-            if c.action != "ok" or not validated:
-                log(f"[4/5] Validating '{obj.name}' (Exchange Online sends a test message to the relay)"
-                    + (" — skipped in dry run" if dry_run else ""))
-                if not dry_run:
-                    res = api.invoke("Validate-OutboundConnector",
-                                     {"Identity": obj.name, "Recipients": [validation_recipient]})
-                    failed = [r for r in res.value if str(r.get("Status", "")).lower() not in ("succeeded", "")]
-                    if failed:
-                        raise ApiError(f"Validation of '{obj.name}' failed: {failed[0]}. Is the relay reachable on "
-                                       f"port 25 as {plan.smart_host}, with a certificate for {plan.tls_domain}?")
-                    # Validate-OutboundConnector does not set the flag: mark it validated ourselves.
-                    api.invoke("Set-OutboundConnector", {
-                        "Identity": obj.name, "IsValidated": True,
-                        "LastValidationTimestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                        "ValidationRecipients": [validation_recipient]})
-            else:
-                log(f"[4/5] '{obj.name}' is validated")
+            _validate(api, plan, obj, c, log, dry_run, validation_recipient)
     changed = sum(c.action != "ok" for c in changes)
     log(f"Done: {changed} object(s) {'would change' if dry_run else 'created or updated'}, "
         f"{len(changes) - changed} already as planned.")
@@ -125,6 +96,44 @@ def apply(api: AdminApi, plan: Plan, *, log: Log, dry_run: bool = False,
         log("Note: changes can take from a few minutes to more than an hour to propagate in Exchange Online; "
             "signatures are not added until they do.")
     return changes
+
+
+def _apply_one(api: AdminApi, obj: Any, c: Change, label: str, log: Log, dry_run: bool) -> None:
+    """Create or correct one planned object (or only say what would happen, in a dry run)."""
+    if c.action == "ok":
+        log(f"{label} '{obj.name}': already as planned")
+    elif c.action == "create":
+        log(f"{label} '{obj.name}': {'would create' if dry_run else 'creating'}")
+        if not dry_run:
+            res = api.invoke(f"New-{obj.kind}", obj.new_params())
+            for w in res.warnings:
+                log(f"      warning from Exchange Online: {w}")
+    else:
+        for k, have, want in c.diffs:
+            log(f"{label} '{obj.name}': {k}: {have!r} → {want!r}" + (" (would change)" if dry_run else ""))
+        if not dry_run:
+            api.invoke(f"Set-{obj.kind}", {"Identity": obj.name, **{k: w for k, _, w in c.diffs}})
+
+
+def _validate(api: AdminApi, plan: Plan, obj: Any, c: Change, log: Log, dry_run: bool, recipient: str) -> None:
+    """Validate the outbound connector when it changed or was never validated."""
+    if c.action == "ok" and (c.current or {}).get("IsValidated"):
+        log(f"[4/5] '{obj.name}' is validated")
+        return
+    log(f"[4/5] Validating '{obj.name}' (Exchange Online sends a test message to the relay)"
+        + (" — skipped in dry run" if dry_run else ""))
+    if dry_run:
+        return
+    res = api.invoke("Validate-OutboundConnector", {"Identity": obj.name, "Recipients": [recipient]})
+    failed = [r for r in res.value if str(r.get("Status", "")).lower() not in ("succeeded", "")]
+    if failed:
+        raise ApiError(f"Validation of '{obj.name}' failed: {failed[0]}. Is the relay reachable on "
+                       f"port 25 as {plan.smart_host}, with a certificate for {plan.tls_domain}?")
+    # Validate-OutboundConnector does not set the flag: mark it validated ourselves.
+    api.invoke("Set-OutboundConnector", {
+        "Identity": obj.name, "IsValidated": True,
+        "LastValidationTimestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "ValidationRecipients": [recipient]})
 
 
 def check(api: AdminApi, plan: Plan) -> list[str]:

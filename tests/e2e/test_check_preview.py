@@ -77,5 +77,5 @@ def test_preview_explains_and_renders_in_chromium(tmp_path: Path) -> None:
     # the logo (48x48, #0078d4) and the sales accent border (#d83b01) are on screen
     assert by_color.get((0, 120, 212), 0) >= 48 * 48 * 0.9, sorted(colors, reverse=True)[:5]
     assert by_color.get((216, 59, 1), 0) >= 3 * 40
-    dark_text = sum(n for n, (r_, g, b) in colors if r_ < 90 and g < 90 and b < 90)
+    dark_text = sum(n for n, c in colors if isinstance(c, tuple) and c[0] < 90 and c[1] < 90 and c[2] < 90)
     assert dark_text > 200  # the rendered name and title

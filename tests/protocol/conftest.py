@@ -20,7 +20,7 @@ class RecordingDelivery(Delivery):
 
     outcomes: list[Outcome]
 
-    async def deliver(self, *a: object, **kw: object) -> Outcome:  # type: ignore[override]
+    async def deliver(self, *a: object, **kw: object) -> Outcome:
         out = await super().deliver(*a, **kw)  # type: ignore[arg-type]
         self.outcomes.append(out)
         return out

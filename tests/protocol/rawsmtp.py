@@ -17,7 +17,7 @@ class Raw:
 
     async def reply(self, wait: float = 10) -> str:
         """One complete (possibly multi-line) reply; "" when the server closed the connection."""
-        lines = []
+        lines: list[str] = []
         while True:
             line = await asyncio.wait_for(self.reader.readline(), wait)
             if not line:

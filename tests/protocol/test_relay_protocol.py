@@ -150,10 +150,10 @@ async def test_data_reply_of_endpoint_is_mapped(make_stack: object, reply: str, 
 
 
 async def test_handler_exception_is_451_not_500(stack: Stack) -> None:
-    async def boom(*a: object, **kw: object) -> None:
+    async def boom(*_a: object, **_kw: object) -> None:
         raise RuntimeError("internal detail /srv/secret")
 
-    stack.relay.delivery.deliver = boom  # type: ignore[method-assign]
+    stack.relay.delivery.deliver = boom  # type: ignore[method-assign,assignment]
     code, text = await send(stack, message())
     assert (code, text) == (451, "4.3.0 Temporary local problem, please try again later")
 
@@ -198,7 +198,7 @@ async def test_slow_endpoint_longer_than_idle_timeout(make_stack: object) -> Non
 
 
 class _NoTlsEndpoint:
-    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+    async def handle_DATA(self, _server: object, _session: object, _envelope: object) -> str:
         return "250 OK"
 
 

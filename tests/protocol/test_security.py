@@ -124,7 +124,7 @@ async def test_cross_tenant_injection_is_refused(make_stack: MakeStack, deployme
     assert journal(st.deployment) == []  # nothing reached any tenant endpoint, A's in particular
 
 
-async def test_sni_naming_another_tenant_is_refused(make_stack: MakeStack, deployment: Deployment) -> None:
+async def test_sni_naming_another_tenant_is_refused(make_stack: MakeStack) -> None:
     st = await make_stack()
     raw = message(extra_headers=f"X-MS-Exchange-CrossTenant-Id: {CONTOSO_ID}\r\n")
     c = await session(st, sni="fabrikam-2b9x1k.smtp.signature-relay.test")

@@ -40,6 +40,7 @@ def test_toml_errors_name_the_file(tmp_path: Path, pki_dir: Path, extra: str, ke
     with pytest.raises(ConfigError) as e:
         config.load(p)
     assert str(p) in str(e.value) and "invalid TOML" in str(e.value)
+    assert key in str(e.value) and reason in str(e.value)  # the table and what TOML found wrong
 
 
 @pytest.mark.parametrize(("old", "new", "key", "reason"), [

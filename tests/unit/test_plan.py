@@ -81,7 +81,8 @@ def test_licence_counts_from_the_directory(cfg: config.Config) -> None:
         planmod.build(cfg, cfg.tenants[0], scope="everyone")
 
 
-def test_powershell_and_json(cfg: config.Config, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.usefixtures("cfg")  # runs in the repository (the sample tenant)
+def test_powershell_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["connectors", "plan", "--scope", "group:Sales", "--exclude-internal",
                      "--format", "powershell"]) == 0
     ps = capsys.readouterr().out

@@ -34,7 +34,7 @@ def test_keyword_spanning_subject_and_body_is_not_served_from_another_messages_m
 
 # 2. body keywords are read from the decoded text, then bounded ------------------------------------
 
-def test_body_keywords_survive_a_cut_inside_a_base64_quantum_or_a_character(tmp_path: Path) -> None:
+def test_body_keywords_survive_a_cut_inside_a_base64_quantum_or_a_character() -> None:
     text = ("é" * 40_000 + " urgent offer ").encode()  # the keyword sits in the first 64 K characters
     body = base64.encodebytes(text + b"x" * 200_000).replace(b"\n", b"\r\n")
     raw = (b"From: alice@contoso.com\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
@@ -65,7 +65,7 @@ def test_non_utf8_template_and_directory_are_named_errors(tmp_path: Path) -> Non
 
 # 4. tenants add validates before it writes, and writes atomically -----------------------------------
 
-def test_tenants_add_with_a_bad_domain_leaves_nothing_behind(tmp_path: Path, deployment: object,
+def test_tenants_add_with_a_bad_domain_leaves_nothing_behind(deployment: object,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     cfgp = deployment.config_path  # type: ignore[attr-defined]
     code = cli.main(["tenants", "add", "northwind", "--config", str(cfgp), "--id",
@@ -92,8 +92,10 @@ def test_rule_and_render_memos_agree_with_uncached_answers_under_threads(tmp_pat
         if got != p.rules.outcome_uncached(p.directory, m, rcpt):
             return False
         sig, _ = p.render(got, m, [rcpt])
-        expect = p.templates._render(p.templates.templates[got[0].template], p.context(m, [rcpt])) if got else None
-        return sig is None if not got else (sig.html == expect.html if expect else False)
+        if not got:
+            return sig is None
+        expect = p.templates._render(p.templates.templates[got[0].template], p.context(m, [rcpt]))
+        return sig is not None and sig.html == expect.html
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert all(pool.map(work, range(4000)))

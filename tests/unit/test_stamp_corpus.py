@@ -40,8 +40,7 @@ def test_real_world_message(path: Path) -> None:
         assert max(map(len, out.split(b"\r\n"))) <= 998  # no over-long line unless the input had one
 
 
-def test_report_cli_summarises_the_corpus(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-                                          tmp_path: Path) -> None:
+def test_report_cli_summarises_the_corpus(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     html, text = tmp_path / "s.html", tmp_path / "s.txt"
     html.write_text(SIG.html)
     text.write_text(SIG.text)

@@ -25,13 +25,15 @@ def parse(data: bytes) -> email.message.EmailMessage:
 
 
 def images_of(msg: email.message.EmailMessage) -> list[email.message.EmailMessage]:
-    return [p for p in msg.walk() if p.get_content_maintype() == "image"]  # type: ignore[misc]
+    return [p for p in msg.walk() if p.get_content_maintype() == "image"]
 
 
 def check_cid(msg: email.message.EmailMessage, related: email.message.EmailMessage) -> str:
-    html = related.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    body = related.get_body(("html",))
+    assert body is not None
+    html = str(body.get_content())
     [img] = [p for p in images_of(related) if p["Content-ID"] and "signature-relay" in p["Content-ID"]]
-    cid = img["Content-ID"].strip("<>")
+    cid = str(img["Content-ID"]).strip("<>")
     assert f'src="cid:{cid}"' in html
     assert img.get_content() == PNG and img.get_content_disposition() == "inline"
     assert "unused" not in html and all(p.get_filename() != "unused.gif" for p in msg.walk())

@@ -126,18 +126,18 @@ def talon_pairs(path: Path, fn_name: str) -> list[tuple[str, str, str]]:
     """(test name, body, expected) for every eq_(CONST, quotations.<fn_name>(BODY)) in ``path``."""
     tree = ast.parse(path.read_text("utf-8"))
     consts: dict[str, str] = {}
-    for node in tree.body:  # module-level constants used by several tests
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-            consts.update({t.id: node.value.value for t in node.targets if isinstance(t, ast.Name)})
+    for top in tree.body:  # module-level constants used by several tests
+        if isinstance(top, ast.Assign) and isinstance(top.value, ast.Constant) and isinstance(top.value.value, str):
+            consts.update({t.id: top.value.value for t in top.targets if isinstance(t, ast.Name)})
     out = []
     for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
         if fn.decorator_list:
             continue  # @patch.object(...) changes talon's own limits: not a property of the mail
         env = dict(consts)
-        for node in ast.walk(fn):
-            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and \
-                    isinstance(node.value.value, str):
-                env.update({t.id: node.value.value for t in node.targets if isinstance(t, ast.Name)})
+        for assign in ast.walk(fn):
+            if isinstance(assign, ast.Assign) and isinstance(assign.value, ast.Constant) and \
+                    isinstance(assign.value.value, str):
+                env.update({t.id: assign.value.value for t in assign.targets if isinstance(t, ast.Name)})
         for node in ast.walk(fn):
             if not (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "eq_" and len(node.args) >= 2):
                 continue
