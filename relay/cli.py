@@ -518,7 +518,7 @@ def cmd_tenants_add(args: argparse.Namespace) -> int:
     sub = f"{name}-{base64.b32encode(secrets.token_bytes(5)).decode().lower()[:6]}"
     # Validate everything first, with the loader's own rules (issue #11: a bad --domain used to
     # leave a tenant.toml behind that broke every later command).
-    domains = sorted({config.check_domain(d, "--domain") for d in args.domain} | {initial})
+    domains = sorted({config.check_domain(d, "--domain", "") for d in args.domain} | {initial})
     endpoint = args.endpoint or f"mx:{initial}"
     try:
         config.Endpoint.parse(endpoint)
@@ -559,13 +559,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "through the tenant's inbound connector.")
     p.add_argument("--version", action="version", version=f"signature-relay {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_serve_command, _add_sink_command, _add_certs_command, _add_stamp_command, _add_preview_command,
+                _add_connectors_command, _add_tenants_command, _add_check_command):
+        add(sub)
+    return p
 
+
+def _add_serve_command(sub: Any) -> None:
     s = sub.add_parser("serve", help="run the relay (and the dev sink when [sink] enabled = true)",
                        description="Run the relay. 250 is answered only after the tenant endpoint said 250.")
     _add_config(s)
     s.add_argument("--no-sink", action="store_true", help="do not start the dev tenant-inbound sink")
     s.set_defaults(func=cmd_serve)
 
+
+def _add_sink_command(sub: Any) -> None:
     s = sub.add_parser("sink", help="run only the dev tenant-inbound sink (Maildir under var/)",
                        description="A local stand-in for Exchange Online's inbound connector: STARTTLS and a "
                                    "client certificate named like a tenant's TlsSenderCertificateName required.")
@@ -575,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-reply", metavar="REPLY", help='answer DATA with this line, e.g. "451 4.3.0 later"')
     s.set_defaults(func=cmd_sink)
 
+
+def _add_certs_command(sub: Any) -> None:
     c = sub.add_parser("certs", help="development certificates")
     csub = c.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
     ci = csub.add_parser("init", help="create dev CA, server, sink and per-tenant client certificates",
@@ -588,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(cs)
     cs.set_defaults(func=cmd_certs_show)
 
+
+def _add_stamp_command(sub: Any) -> None:
     st = sub.add_parser(
         "stamp", help="stamp one message (stdin → stdout) or replay a corpus (--report)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -601,8 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--from", dest="mail_from", metavar="ADDR", default=None,
                     help="envelope sender (use --from '' for the null sender)")
     st.add_argument("--to", dest="rcpt", metavar="ADDR", action="append", default=[],
-                    help="envelope recipient whose rule outcome is stamped (default recipient@example.net; "
-                         "repeatable, the first one's outcome is used)")
+                    help="envelope recipient (default recipient@example.net; repeatable: each distinct rule "
+                         "outcome is a copy, stdout gets the one for the first recipient)")
     st.add_argument("--html", metavar="FILE", help="signature HTML fragment (with --text) instead of the tenant's")
     st.add_argument("--text", metavar="FILE", help="signature plain text (with --html)")
     st.add_argument("--bottom", action="store_true", help="place at the bottom instead of under the newest reply")
@@ -610,6 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replay .eml files (directories recursively) and summarise decisions and placements")
     st.set_defaults(func=cmd_stamp)
 
+
+def _add_preview_command(sub: Any) -> None:
     pv = sub.add_parser(
         "preview", help="explain which rule applies to each recipient and write a stamped preview",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -628,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--out", metavar="DIR", default="var/preview", help="where to write (default var/preview)")
     pv.set_defaults(func=cmd_preview)
 
+
+def _add_connectors_command(sub: Any) -> None:
     cn = sub.add_parser("connectors", help="plan, apply, check or remove the Exchange Online connectors and rule")
     cnsub = cn.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -664,6 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="external address Validate-OutboundConnector sends to")
         ap.set_defaults(func=cmd_connectors)
 
+
+def _add_tenants_command(sub: Any) -> None:
     tn = sub.add_parser("tenants", help="register tenants")
     tnsub = tn.add_subparsers(dest="tenants_command", required=True, metavar="ACTION")
     ta = tnsub.add_parser("add", help="register a tenant: writes rules/NAME/tenant.toml with a unique subdomain")
@@ -676,10 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("--endpoint", help="inbound endpoint (default mx:<initial domain>)")
     ta.set_defaults(func=cmd_tenants_add)
 
+
+def _add_check_command(sub: Any) -> None:
     k = sub.add_parser("check", help="validate the configuration and certificates, then exit")
     _add_config(k)
     k.set_defaults(func=cmd_check)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

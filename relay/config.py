@@ -427,14 +427,14 @@ def _load_text(text: str, name: str, base: Path) -> Config:
     )
 
 
-def check_domain(domain: str, where: str) -> str:
-    """``domain`` as the loader stores it (A-labels, lower case), or ConfigError naming ``where``."""
+def check_domain(domain: str, file: str, key: str) -> str:
+    """``domain`` as the loader stores it (A-labels, lower case), or ConfigError naming file and key."""
     try:
         a = addresses.normalise_domain(domain)
     except addresses.BadDomain as e:
-        raise ConfigError(where, "", str(e)) from e
+        raise ConfigError(file, key, str(e)) from e
     if not _DOMAIN_RE.match(a):
-        raise ConfigError(where, "accepted_domains", f"not a domain name: {domain!r}")
+        raise ConfigError(file, key, f"not a domain name: {domain!r}")
     return a
 
 
@@ -466,69 +466,61 @@ def _load_tenants(
 ) -> list[Tenant]:
     if not tdir.is_dir():
         raise ConfigError(str(tdir), "", "tenants directory does not exist (service.tenants_dir)")
-    tenants = []
-    for f in sorted(tdir.glob("*/tenant.toml")):
-        try:
-            data = tomllib.loads(f.read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(str(f), "", f"cannot load: {e}") from e
-        root = _Section(data, str(f), "", f.parent)
-        t = root.section("tenant")
-        name = t.string("name", f.parent.name)
-        if name != f.parent.name:
-            raise ConfigError(str(f), t.key("name"), f"must equal the directory name {f.parent.name!r}")
-        raw_id = t.string("id", _REQUIRED)
-        try:
-            tid = str(uuid.UUID(raw_id))
-        except ValueError as e:
-            raise ConfigError(str(f), t.key("id"), f"not a tenant GUID: {raw_id!r}") from e
-        initial = t.domain("initial_domain")
-        if not initial.endswith(".onmicrosoft.com"):
-            raise ConfigError(str(f), t.key("initial_domain"), "must be the tenant's *.onmicrosoft.com domain")
-        accepted = set()
-        for d in t.str_list("accepted_domains", _REQUIRED):
-            try:
-                # Unicode domains are kept as A-labels: binding compares what the wire carries.
-                a = addresses.normalise_domain(d)
-            except addresses.BadDomain as e:
-                raise ConfigError(str(f), t.key("accepted_domains"), str(e)) from e
-            if not _DOMAIN_RE.match(a):
-                raise ConfigError(str(f), t.key("accepted_domains"), f"not a domain name: {d!r}")
-            accepted.add(a)
-        accepted.add(initial)
-        region = t.choice("region", ("global", "de"), "global")
-        sub = t.string("subdomain", _REQUIRED)
-        images_base_url = t.string("images_base_url", "")
-        if not _SUBDOMAIN_RE.match(sub):
-            raise ConfigError(str(f), t.key("subdomain"), "must be one DNS label: a-z, 0-9 and '-'")
-        t.done()
-        inb = root.section("inbound")
-        spec = inb.string("endpoint", f"mx:{initial}")
-        try:
-            endpoint = Endpoint.parse(spec)
-        except ValueError as e:
-            raise ConfigError(
-                str(f), inb.key("endpoint"), f"expected 'host:port' or 'mx:<domain>[:port]', got {spec!r} ({e})"
-            ) from e
-        client_cert = inb.path("client_cert", str(certs_dir / "tenants" / f"{name}.crt"))
-        client_key = inb.path("client_key", str(certs_dir / "tenants" / f"{name}.key"))
-        tls_name = inb.string("tls_server_name", "mail.protection.outlook.com")
-        inb.done()
-        bs = root.section("binding")
-        by_sender = bs.boolean("sender_domain", bind_default)
-        tnets = _networks(bs, "networks", [])
-        from_dom = bs.boolean("require_from_domain", True)
-        t_mtls = bs.boolean("require_client_cert", False)
-        bs.done()
-        root.done()
-        tenants.append(Tenant(
-            name=name, id=tid, initial_domain=initial, accepted_domains=frozenset(accepted),
-            region=region, subdomain=sub, certificate_name=certificate_name(sub, region, service_domain),
-            endpoint=endpoint, tls_server_name=tls_name, client_cert=client_cert, client_key=client_key,
-            bind_by_sender_domain=by_sender, source=f, networks=tnets, require_from_domain=from_dom,
-            require_client_cert=t_mtls, signature_dir=sigdir / name, images_base_url=images_base_url,
-        ))
-    return tenants
+    return [_tenant(f, sigdir, service_domain, certs_dir, bind_default) for f in sorted(tdir.glob("*/tenant.toml"))]
+
+
+def _tenant(f: Path, sigdir: Path, service_domain: str, certs_dir: Path, bind_default: bool) -> Tenant:
+    """One ``rules/<name>/tenant.toml``: [tenant], [inbound] and [binding]."""
+    try:
+        data = tomllib.loads(f.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(str(f), "", f"cannot load: {e}") from e
+    root = _Section(data, str(f), "", f.parent)
+    t = root.section("tenant")
+    name = t.string("name", f.parent.name)
+    if name != f.parent.name:
+        raise ConfigError(str(f), t.key("name"), f"must equal the directory name {f.parent.name!r}")
+    raw_id = t.string("id", _REQUIRED)
+    try:
+        tid = str(uuid.UUID(raw_id))
+    except ValueError as e:
+        raise ConfigError(str(f), t.key("id"), f"not a tenant GUID: {raw_id!r}") from e
+    initial = t.domain("initial_domain")
+    if not initial.endswith(".onmicrosoft.com"):
+        raise ConfigError(str(f), t.key("initial_domain"), "must be the tenant's *.onmicrosoft.com domain")
+    # Unicode domains are kept as A-labels: binding compares what the wire carries.
+    accepted = {check_domain(d, str(f), t.key("accepted_domains")) for d in t.str_list("accepted_domains", _REQUIRED)}
+    accepted.add(initial)
+    region = t.choice("region", ("global", "de"), "global")
+    sub = t.string("subdomain", _REQUIRED)
+    images_base_url = t.string("images_base_url", "")
+    if not _SUBDOMAIN_RE.match(sub):
+        raise ConfigError(str(f), t.key("subdomain"), "must be one DNS label: a-z, 0-9 and '-'")
+    t.done()
+    inb = root.section("inbound")
+    spec = inb.string("endpoint", f"mx:{initial}")
+    try:
+        endpoint = Endpoint.parse(spec)
+    except ValueError as e:
+        raise ConfigError(
+            str(f), inb.key("endpoint"), f"expected 'host:port' or 'mx:<domain>[:port]', got {spec!r} ({e})"
+        ) from e
+    client_cert = inb.path("client_cert", str(certs_dir / "tenants" / f"{name}.crt"))
+    client_key = inb.path("client_key", str(certs_dir / "tenants" / f"{name}.key"))
+    tls_name = inb.string("tls_server_name", "mail.protection.outlook.com")
+    inb.done()
+    bs = root.section("binding")
+    by_sender, tnets = bs.boolean("sender_domain", bind_default), _networks(bs, "networks", [])
+    from_dom, t_mtls = bs.boolean("require_from_domain", True), bs.boolean("require_client_cert", False)
+    bs.done()
+    root.done()
+    return Tenant(
+        name=name, id=tid, initial_domain=initial, accepted_domains=frozenset(accepted),
+        region=region, subdomain=sub, certificate_name=certificate_name(sub, region, service_domain),
+        endpoint=endpoint, tls_server_name=tls_name, client_cert=client_cert, client_key=client_key,
+        bind_by_sender_domain=by_sender, source=f, networks=tnets, require_from_domain=from_dom,
+        require_client_cert=t_mtls, signature_dir=sigdir / name, images_base_url=images_base_url,
+    )
 
 
 # --- helpers -----------------------------------------------------------------------------------

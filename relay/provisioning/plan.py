@@ -67,6 +67,20 @@ def build(cfg: Config, tenant: Tenant, *, scope: str = "all", exclude_internal: 
     smart_host = f"{tenant.subdomain}.{'de-smtp' if tenant.region == 'de' else 'smtp'}.{cfg.service_domain}"
     tls_domain = f"*.{cfg.service_domain}"
     header = cfg.processed_header
+    inbound, outbound = _connectors(tenant, brand, smart_host, tls_domain)
+    rules = _exception_rules(brand, header, except_oof, except_recall)
+    rules.append(_main_rule(brand, header, outbound.name, group, exclude_internal, size_cap, priority=len(rules)))
+    notes = (
+        "Every sender in the transport rule's scope uses one licence, whether or not a signature rule applies.",
+        "Exchange Online's '<>' sender-address exception does not reliably match an empty sender (Microsoft "
+        "documents this); the relay itself passes null-sender mail through unstamped, so nothing is lost.",
+        "Changes to connectors and rules can take from a few minutes to more than an hour to propagate.",
+    )
+    return Plan(tenant.name, (inbound, outbound, *rules), smart_host, tenant.certificate_name, tls_domain,
+                scope, _in_scope(tenant, group), notes)
+
+
+def _connectors(tenant: Tenant, brand: str, smart_host: str, tls_domain: str) -> tuple[Obj, Obj]:
     inbound = Obj("InboundConnector", f"{brand} Inbound Connector 2.0", {
         "ConnectorType": "OnPremises", "SenderDomains": ["*"], "TlsSenderCertificateName": tenant.certificate_name,
         "RequireTls": True, "RestrictDomainsToCertificate": True, "CloudServicesMailEnabled": True, "Enabled": True,
@@ -87,6 +101,10 @@ def build(cfg: Config, tenant: Tenant, *, scope: str = "all", exclude_internal: 
         f"Security: 'Always use TLS', 'Issued by a trusted CA and the subject name matches': {tls_domain}",
         "Validate with any external address, then Save",
     ))
+    return inbound, outbound
+
+
+def _exception_rules(brand: str, header: str, except_oof: bool, except_recall: bool) -> list[Obj]:
     rules: list[Obj] = []
     priority = 0
     for enabled, suffix, cond, what in (
@@ -101,13 +119,18 @@ def build(cfg: Config, tenant: Tenant, *, scope: str = "all", exclude_internal: 
                 **cond, "SetHeaderName": header, "SetHeaderValue": "true", "Priority": priority, "Mode": "Enforce",
             }, gui=(f"Rule '{brand} {suffix}': if {what}, set the message header {header} to 'true'",)))
             priority += 1
+    return rules
+
+
+def _main_rule(brand: str, header: str, outbound: str, group: str | None, exclude_internal: bool,
+               size_cap: int | None, priority: int) -> Obj:
     main: dict[str, Any] = {"FromScope": "InOrganization"}
     if group:
         main["FromMemberOf"] = [group]
     if exclude_internal:
         main["SentToScope"] = "NotInOrganization"
     main |= {
-        "RouteMessageOutboundConnector": outbound.name,
+        "RouteMessageOutboundConnector": outbound,
         "ExceptIfHeaderMatchesMessageHeader": header, "ExceptIfHeaderMatchesPatterns": ["true"],
         "ExceptIfMessageTypeMatches": "Calendaring",
         "ExceptIfFromAddressMatchesPatterns": ["<>"],
@@ -122,7 +145,7 @@ def build(cfg: Config, tenant: Tenant, *, scope: str = "all", exclude_internal: 
         gui.append(f"  and: The sender is a member of '{group}' (hidden groups can be picked too)")
     if exclude_internal:
         gui.append("  and: The recipient is located 'Outside the organization'")
-    gui += [f"Do the following: Redirect the message to the connector '{outbound.name}'",
+    gui += [f"Do the following: Redirect the message to the connector '{outbound}'",
             "Except if: the sender address matches '<>'",
             "Except if: the message type is 'Calendaring'",
             f"Except if: the message header '{header}' matches 'true'"]
@@ -131,21 +154,16 @@ def build(cfg: Config, tenant: Tenant, *, scope: str = "all", exclude_internal: 
     gui += ["'Defer the message if rule processing doesn't complete' checked",
             "'Match sender address in message': Header or envelope", "Stop processing more rules; priority " +
             str(priority)]
-    rules.append(Obj("TransportRule", f"{brand} Exchange transport rule", main, gui=tuple(gui)))
+    return Obj("TransportRule", f"{brand} Exchange transport rule", main, gui=tuple(gui))
+
+
+def _in_scope(tenant: Tenant, group: str | None) -> int | None:
+    """How many directory users the rule's scope covers (each uses a licence); None when unknown."""
     users = tenant.policy.directory.people if tenant.policy else []
     if group and tenant.policy:
         members = tenant.policy.directory.members.get(group.lower())
-        in_scope: int | None = len(members) if members is not None else None
-    else:
-        in_scope = len(users) if tenant.policy and users else None
-    notes = (
-        "Every sender in the transport rule's scope uses one licence, whether or not a signature rule applies.",
-        "Exchange Online's '<>' sender-address exception does not reliably match an empty sender (Microsoft "
-        "documents this); the relay itself passes null-sender mail through unstamped, so nothing is lost.",
-        "Changes to connectors and rules can take from a few minutes to more than an hour to propagate.",
-    )
-    return Plan(tenant.name, (inbound, outbound, *rules), smart_host, tenant.certificate_name, tls_domain,
-                scope, in_scope, notes)
+        return len(members) if members is not None else None
+    return len(users) if tenant.policy and users else None
 
 
 # --- renderings -----------------------------------------------------------------------------------
