@@ -139,7 +139,7 @@ class Policy:
         except directory_mod.DirectoryError as e:
             errors += e.errors
             directory = Directory()
-        templates = Templates(sig_dir, images_base_url)
+        templates = Templates.load(sig_dir, images_base_url)
         errors += templates.errors
         try:
             rules = rules_mod.load(tenant_dir / "rules.toml", directory, templates.names, accepted_domains)

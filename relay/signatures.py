@@ -175,11 +175,24 @@ class Templates:
     """Every template of one tenant, compiled at load; all errors collected with file and line."""
 
     def __init__(self, sig_dir: Path, images_base_url: str = "") -> None:
+        """An empty set for ``sig_dir``; :meth:`load` reads and compiles the files."""
         self.dir = sig_dir
         self.base_url = images_base_url.rstrip("/")
         self.templates: dict[str, Template] = {}
         self.image_data: dict[str, bytes] = {}
         self._cache: Memo[tuple[str, ...], Signature] = Memo(50_000)  # shared by worker threads
+        self.names: frozenset[str] = frozenset()
+        self.errors: list[str] = []
+
+    @classmethod
+    def load(cls, sig_dir: Path, images_base_url: str = "") -> Templates:
+        """Every template of ``sig_dir`` compiled once; errors (file and line) collected in ``errors``."""
+        t = cls(sig_dir, images_base_url)
+        t._read_all()
+        return t
+
+    def _read_all(self) -> None:
+        sig_dir = self.dir
         # Every template file present, compiled or not: rules are checked against these names, so
         # one broken template is one error, not one more per rule that uses it.
         self.names = frozenset(f.name.removesuffix(".html.j2") for f in sig_dir.glob("*.html.j2")) \
