@@ -28,6 +28,7 @@ import html
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 OUT = Path(__file__).resolve().parent
 
@@ -200,32 +201,37 @@ def import_talon(root: Path, w: Writer) -> None:
               after="")
 
 
+def parametrized_cases(path: Path) -> list[tuple[int, Any]]:
+    """(index, case) of every literal ``@pytest.mark.parametrize`` list in a test module."""
+    tree = ast.parse(path.read_text("utf-8"))
+    out: list[tuple[int, Any]] = []
+    for dec in (d for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) for d in n.decorator_list):
+        if isinstance(dec, ast.Call) and getattr(dec.func, "attr", "") == "parametrize":
+            try:
+                out += list(enumerate(ast.literal_eval(dec.args[1])))
+            except ValueError:
+                continue
+    return out
+
+
 def import_quotequail(root: Path, w: Writer) -> None:
     src, lic = "quotequail 0.5.4 (Close.io)", "MIT"
     for fname, subtype in (("test_quote.py", "plain"), ("test_quote_html.py", "html")):
-        tree = ast.parse((root / "tests" / fname).read_text("utf-8"))
-        for dec in (d for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) for d in n.decorator_list):
-            if not (isinstance(dec, ast.Call) and getattr(dec.func, "attr", "") == "parametrize"):
+        for i, case in parametrized_cases(root / "tests" / fname):
+            text, split = case[0], case[-1]
+            if not isinstance(text, str) or not isinstance(split, list) or not split:
                 continue
-            try:
-                cases = ast.literal_eval(dec.args[1])
-            except ValueError:
-                continue
-            for i, case in enumerate(cases):
-                text, split = case[0], case[-1]
-                if not isinstance(text, str) or not isinstance(split, list) or not split:
-                    continue
-                newest = split[0][1] if split[0][0] else ""
-                hist = next((t for flag, t in split if not flag), "")
-                view = visible if subtype == "html" else squash
-                kind = "new" if not hist else "forward" if "orward" in hist else "reply"
-                if not view(newest):
-                    continue  # the author wrote nothing above the history: no placement to check
-                w.add(f"quotequail-{subtype}", f"{fname[5:-3]}-{i:02d}", wrap(text, subtype),
-                      source=f"{src}: tests/{fname} case {i}", licence=lic, client=infer(CLIENTS, text, "unknown"),
-                      language=infer(LANGS, view(text), "en"), kind=kind,
-                      before=visible_lines(newest) if subtype == "html" else lines_tail(newest),
-                      after=view(hist)[:50] if hist else "")
+            newest = split[0][1] if split[0][0] else ""
+            hist = next((t for flag, t in split if not flag), "")
+            view = visible if subtype == "html" else squash
+            kind = "new" if not hist else "forward" if "orward" in hist else "reply"
+            if not view(newest):
+                continue  # the author wrote nothing above the history: no placement to check
+            w.add(f"quotequail-{subtype}", f"{fname[5:-3]}-{i:02d}", wrap(text, subtype),
+                  source=f"{src}: tests/{fname} case {i}", licence=lic, client=infer(CLIENTS, text, "unknown"),
+                  language=infer(LANGS, view(text), "en"), kind=kind,
+                  before=visible_lines(newest) if subtype == "html" else lines_tail(newest),
+                  after=view(hist)[:50] if hist else "")
 
 
 def import_quotequail_unwrap(root: Path, w: Writer) -> None:
@@ -233,30 +239,22 @@ def import_quotequail_unwrap(root: Path, w: Writer) -> None:
     (reply/forward) and the quoted header's From: value (the history starts there)."""
     src, lic = "quotequail 0.5.4 (Close.io)", "MIT"
     for fname, subtype, top in (("test_unwrap.py", "plain", "text_top"), ("test_unwrap_html.py", "html", "html_top")):
-        tree = ast.parse((root / "tests" / fname).read_text("utf-8"))
-        for dec in (d for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) for d in n.decorator_list):
-            if not (isinstance(dec, ast.Call) and getattr(dec.func, "attr", "") == "parametrize"):
+        for i, case in parametrized_cases(root / "tests" / fname):
+            if not (isinstance(case, tuple) and len(case) == 2 and isinstance(case[1], dict)):
                 continue
-            try:
-                cases = ast.literal_eval(dec.args[1])
-            except ValueError:
-                continue
-            for i, case in enumerate(cases):
-                if not (isinstance(case, tuple) and len(case) == 2 and isinstance(case[1], dict)):
-                    continue
-                text, exp = case
-                newest = exp.get(top) or ""
-                newest_view = visible_lines(newest) if subtype == "html" else lines_tail(newest)
-                if not isinstance(text, str) or not newest_view.strip() or ("\n" not in text and "<" not in text):
-                    continue  # (a bare file name: that fixture is not in the sdist)
-                bottom = exp.get("text_bottom") or exp.get("html_bottom")
-                sender = squash(html.unescape(str(exp.get("from", ""))))
-                after = "" if bottom else re.split(r"[<\[(]", sender)[0].strip(' "')[:40]
-                view = visible if subtype == "html" else squash
-                w.add(f"quotequail-unwrap-{subtype}", f"{fname[5:-3]}-{i:02d}", wrap(text, subtype),
-                      source=f"{src}: tests/{fname} case {i}", licence=lic, client=infer(CLIENTS, text, "unknown"),
-                      language=infer(LANGS, view(text), "en"), kind=str(exp.get("type", "reply")),
-                      before=newest_view, after=after)
+            text, exp = case
+            newest = exp.get(top) or ""
+            newest_view = visible_lines(newest) if subtype == "html" else lines_tail(newest)
+            if not isinstance(text, str) or not newest_view.strip() or ("\n" not in text and "<" not in text):
+                continue  # (a bare file name: that fixture is not in the sdist)
+            bottom = exp.get("text_bottom") or exp.get("html_bottom")
+            sender = squash(html.unescape(str(exp.get("from", ""))))
+            after = "" if bottom else re.split(r"[<\[(]", sender)[0].strip(' "')[:40]
+            view = visible if subtype == "html" else squash
+            w.add(f"quotequail-unwrap-{subtype}", f"{fname[5:-3]}-{i:02d}", wrap(text, subtype),
+                  source=f"{src}: tests/{fname} case {i}", licence=lic, client=infer(CLIENTS, text, "unknown"),
+                  language=infer(LANGS, view(text), "en"), kind=str(exp.get("type", "reply")),
+                  before=newest_view, after=after)
 
 
 def main(argv: list[str]) -> None:
