@@ -42,7 +42,7 @@ class Placement:
 _FROM_WORDS: Final = (r"(?:From|Von|De|Da|Van|Od|Från|Fra|Lähettäjä|От|Від|发件人|寄件者|差出人|Kimden|Feladó)")
 _SENT_WORDS: Final = (r"(?:Sent|Date|Gesendet|Datum|Envoy[ée](?:\sle)?|Enviado|Fecha|Inviato|Data|Verzonden|"
                       r"Wys[łl]ano|Enviada(?:\sem)?|Enviado\sem|Skickat|Sendt|Lähetetty|Päivämäärä|Отправлено|Дата|Надіслано|"
-                      r"发送时间|發送時間|日期|送信日時|Odesláno|Gönderildi|Tarih|Elküldve)")
+                      r"发送时间|發送時間|日期|送信日時|Odesláno|Gönderildi|Tarih|Elküldve|Message\sdu)")
 _TO_WORDS: Final = r"(?:To|An|À|A|Para|Aan|Do|Til|Till|Vastaanottaja|Кому|收件人|宛先|Komu|Kime|Címzett)"
 _ORIGINAL: Final = (r"(?:original\s+message|ursprüngliche\s+nachricht|message\s+d'origine|mensaje\s+original|"
                     r"messaggio\s+originale|oorspronkelijk\s+bericht|wiadomość\s+oryginalna|oryginalna\s+wiadomość|"
@@ -103,15 +103,20 @@ _VERB_ATTRIBUTIONS: Final = "|".join([
     _LINE + r"\d{1,2}[:.]\d{2}" + _LINE + r"<[^<>\s]+@[^<>\s]+>\s?:",
 ])
 
+def _hdr(words: str) -> str:
+    """A header line's label: ``From:``, Gmail's ``*From:*``, Markdown's ``**From:**``, ``De :``."""
+    return r"[ \t]*\*{0,2}" + words + r"(?:\*{0,2}[ \t]?:|[ \t]?:\*{0,2})"
+
+
+_NEXT_LINES: Final = r"[^\n]*\r?\n(?:[^\n]*\r?\n){0,3}?"  # the rest of the line and up to three more
+
 # (rule, regex) on plain text (or on the visible text of HTML), anchored at a line start.
 _TEXT_RULES: Final = [
     ("original-message", re.compile(r"^[ \t]*-{2,}\s*" + _ORIGINAL + r"\s*-{2,}[ \t]*\r?$", re.M | re.I)),
     ("outlook-separator", re.compile(r"^_{10,}[ \t]*\r?\n(?:[ \t]*\r?\n)?\*?" + _FROM_WORDS + r"\*?\s?:", re.M | re.I)),
     ("header-block", re.compile(
-        r"^[ \t]*\*?" + _FROM_WORDS + r"\*?[ \t]?:[^\n]*\r?\n(?:[^\n]*\r?\n){0,3}?[ \t]*\*?" + _SENT_WORDS
-        + r"\*?[ \t]?:|^[ \t]*\*?" + _SENT_WORDS + r"\*?[ \t]?:[^\n]*\r?\n(?:[^\n]*\r?\n){0,3}?[ \t]*\*?"
-        + _FROM_WORDS + r"\*?[ \t]?:|^[ \t]*\*?" + _SENT_WORDS + r"\*?[ \t]?:[^\n]*\r?\n[ \t]*\*?" + _TO_WORDS
-        + r"\*?[ \t]?:", re.M | re.I)),
+        r"^" + _hdr(_FROM_WORDS) + _NEXT_LINES + _hdr(_SENT_WORDS) + r"|^" + _hdr(_SENT_WORDS) + _NEXT_LINES
+        + _hdr(_FROM_WORDS) + r"|^" + _hdr(_SENT_WORDS) + r"[^\n]*\r?\n" + _hdr(_TO_WORDS), re.M | re.I)),
     ("forwarded", re.compile(r"^[ \t]*(?:" + _BEGIN_FORWARDED + r"\s*:?|-{3,}\s*" + _FORWARDED
                              + r"\s*-{3,})[ \t]*\r?$", re.M | re.I)),
 ]
@@ -232,6 +237,8 @@ def _quote_shape(text: str, start: int, after: int) -> str | None:
     for i, ln in enumerate(lines):
         if not ln:
             continue
+        if seen_quote and not quoted[i] and _FOOTER.match(ln):
+            break  # a list footer (Mailman's "____") or a "-- " signature after the quote: not an answer
         if quoted[i]:
             if text_after:
                 between = True
@@ -247,6 +254,7 @@ def _quote_shape(text: str, start: int, after: int) -> str | None:
     return None
 
 
+_FOOTER: Final = re.compile(r"^(?:_{2,}|--)$")  # a line of underscores (list footers) or the "-- " delimiter
 _HINT: Final = re.compile(r"wrote:|schrieb|a écrit|^(?:from|von|de)\s?:|-----|^>", re.I | re.M)
 
 

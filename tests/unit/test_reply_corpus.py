@@ -32,6 +32,9 @@ KNOWN_MISSES: dict[str, str] = {
     "talon-text/033-link_closed_with_quotation_marker_o.eml":
         "a lone 'From: x' line with no Sent:/Date:/To: after it is not taken as a history header "
         "(prose starting with 'From:' would move the signature)",
+    "manual/crisp-with-quoted-code.eml":
+        "the author '>'-quotes their own code above the attribution, so text sits between two quoted "
+        "blocks and the reply is taken as interleaved (signature at the end, after the history)",
 }
 # file -> why the source's label contradicts the placement classes of issue #9. The wire and
 # invariant checks still run; only the placement comparison is skipped.
@@ -98,11 +101,12 @@ def test_reply_sample(sample: dict[str, str]) -> None:
 
 
 def test_corpus_size_and_spread() -> None:
-    """Guards what the corpus holds today: 115 replies/forwards from 26 named clients in 13 languages.
-    Issue #9 asks for >= 150 replies/forwards (and >= 400 messages with tests/data/corpus/): not
-    reached yet, see the issue note."""
+    """Issue #9: >= 400 real messages with tests/data/corpus/, >= 150 of them replies/forwards from
+    >= 15 clients and >= 12 languages, every file with its source and licence."""
     replies = [s for s in SAMPLES if s["kind"] in ("reply", "forward")]
     clients = {s["client"].lower() for s in replies if s["client"] != "unknown"}
-    languages = {s["language"] for s in replies}
-    assert len(replies) >= 115 and len(clients) >= 25 and len(languages) >= 13, (len(replies), clients, languages)
+    languages = {s["language"] for s in replies} - {"scandinavian"}  # (da/sv/no not told apart) not counted
+    others = list((ROOT.parent / "corpus").rglob("*.eml"))
+    assert len(SAMPLES) + len(others) >= 400, (len(SAMPLES), len(others))
+    assert len(replies) >= 150 and len(clients) >= 15 and len(languages) >= 12, (len(replies), clients, languages)
     assert all(s["source"] and s["licence"] for s in SAMPLES)
