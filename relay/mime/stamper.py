@@ -71,16 +71,17 @@ def stamp(
         return StampResult(_join(raw, prefix, []), Decision("pass-through", "already-processed"))
     s = scan(raw, limits)
     fields = prefix + trace.marker(processed_header)
-    early = _early_decision(s, signature, mail_from, top)
+    shows = (_visible_html(signature.html), bool(signature.text.strip())) if signature is not None else (False, False)
+    early = _early_decision(s, signature, shows, mail_from, top)
     if early is not None:
         return StampResult(_join(raw, fields, []), early[0], anomalies=early[1])
     assert signature is not None
     targets = find_targets(s)
     if not targets:
         return StampResult(_join(raw, fields, []), Decision("pass-through", "no-text-body"))
-    if not _visible_html(signature.html):
+    if not shows[0]:
         targets.pop("html", None)
-    if not signature.text.strip():
+    if not shows[1]:
         targets.pop("plain", None)
     if not targets:
         return StampResult(_join(raw, fields, []), Decision("marked", "no-signature:rendered-empty"))
@@ -92,15 +93,16 @@ def stamp(
                        tuple(doubts))
 
 
-def _early_decision(s: Scan, signature: Signature | None, mail_from: str | None, top: dict[str, list[str]]
-                    ) -> tuple[Decision, tuple[str, ...]] | None:
-    """Why this message gets no signature at all (and the anomalies worth logging), or None."""
+def _early_decision(s: Scan, signature: Signature | None, shows: tuple[bool, bool], mail_from: str | None,
+                    top: dict[str, list[str]]) -> tuple[Decision, tuple[str, ...]] | None:
+    """Why this message gets no signature at all (and the anomalies worth logging), or None.
+    ``shows``: whether the signature's HTML and text have anything visible."""
     reason = classify(s, mail_from=mail_from, top=top)
     if reason is not None:
         return Decision("pass-through", reason), tuple(s.anomalies)
     if signature is None:
         return Decision("marked", "no-signature"), ()
-    if not _visible_html(signature.html) and not signature.text.strip():
+    if not any(shows):
         # Every placeholder rendered empty (a sender missing from the directory...): an empty
         # block would only add blank lines; mark the message and say why (issue #9).
         return Decision("marked", "no-signature:rendered-empty"), ()
