@@ -194,12 +194,12 @@ def import_talon(root: Path, w: Writer) -> None:
               client=f.stem.replace("_2", "").replace("_", " "), language="en", kind="reply",
               before=lines_tail(expected), after="", leaf="plain")  # talon labels the text/plain part
     # Fixtures read into module constants by tests/fixtures/__init__.py; labels from their tests.
-    for fname, label, client in (("OLK_SRC_BODY_SECTION.html", "Reply", "Outlook for Mac"),
-                                 ("reply-separated-by-hr.html", "Hi\nthere", "Outlook on the web")):
+    for fname, newest, client in (("OLK_SRC_BODY_SECTION.html", "Reply", "Outlook for Mac"),
+                                  ("reply-separated-by-hr.html", "Hi\nthere", "Outlook on the web")):
         body = (root / "tests" / "fixtures" / fname).read_text("utf-8")
         w.add("talon-clients", f"html-{fname.removesuffix('.html')}", wrap(body, "html"),
               source=f"{src}: tests/fixtures/{fname} (tests/html_quotations_test.py)", licence=lic, client=client,
-              language="en", kind="reply", before=label, after="")
+              language="en", kind="reply", before=newest, after="")
     for f in sorted((root / "tests" / "fixtures" / "html_replies").glob("*.html")):
         body = f.read_text("utf-8")
         w.add("talon-clients", f"html-{f.stem}", wrap(body, "html"),
