@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from relay.errors import ErrorList
+from relay.textfile import read_utf8
 
 # Entra ID (Microsoft Graph user resource) attribute names we know. Others are refused at load:
 # a typo in a column header must not silently render as nothing.
@@ -103,15 +104,8 @@ def load(tenant_dir: Path) -> Directory:
 
 
 def _read_users(csv_path: Path, errors: list[str]) -> list[_RawUser]:
-    if not csv_path.exists():
-        return []
-    blob = csv_path.read_bytes()
-    try:
-        text = blob.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = blob.count(b"\n", 0, e.start) + 1
-        errors.append(f"{csv_path}:{line}: not UTF-8 (byte 0x{blob[e.start]:02x} at offset {e.start}; looks like "
-                      f"Latin-1/Windows-1252): save the file as UTF-8")
+    text = read_utf8(csv_path, errors) if csv_path.exists() else None
+    if text is None:
         return []
     reader = csv.DictReader(io.StringIO(text))
     for h in [h for h in reader.fieldnames or [] if h not in ATTRIBUTES]:

@@ -56,18 +56,10 @@ def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
     return _LINE_ENDINGS.sub(b"\r\n", raw), True
 
 
-def header_section_end(raw: bytes) -> int:
-    """Offset just after the empty line ending the header section of a CRLF-only message."""
-    if raw.startswith(b"\r\n"):
-        return 2
-    i = raw.find(b"\r\n\r\n")
-    return len(raw) if i < 0 else i + 4
-
-
 def accept(raw: bytes, limits: IngressLimits) -> Inbound:
     """Normalise, check the header section against ``limits``, parse it once."""
     raw, changed = normalise_line_endings(raw)
-    hend = header_section_end(raw)
+    hend = headers.header_end(raw)
     if hend > limits.max_header_bytes:
         raise PermanentError(replies.HEADER_TOO_LARGE, f"header section {hend} bytes > {limits.max_header_bytes}")
     nul = raw.find(b"\x00", 0, hend)

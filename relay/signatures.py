@@ -27,24 +27,12 @@ import jinja2.nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from relay.memo import Memo
+from relay.textfile import read_utf8
 from relay.values import Image, Signature
 
 CONTEXT_NAMES: Final = frozenset({"user", "recipient", "message", "tenant", "image"})
 _EMPTY: Final = "\x00\x01e\x00"
 _FULL: Final = "\x00\x01f\x00"
-
-
-def read_utf8(f: Path, errors: list[str]) -> str | None:
-    """The file's text, or None with a named error: file, line, the byte found and what to do
-    (a template or directory saved in Windows-1252 must not crash ``check``; issue #11)."""
-    data = f.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        errors.append(f"{f}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}; looks like "
-                      f"Latin-1/Windows-1252): save the file as UTF-8")
-        return None
 
 
 class RenderError(Exception):
