@@ -80,6 +80,7 @@ _LEAD_ATTRIBUTIONS: Final = "|".join([
     r"(?:W\sdniu|Dnia)\s" + _SPAN + r"\s(?:pisze|napisał(?:\(a\)|a)?)\s?:",  # PL
     r"(?:Em|Às)\s" + _SPAN + r"\sescreveu\s?:",  # PT
     r"(?:Den|På)\s" + _SPAN + r"\sskrev" + r"[^\n]{0,200}?:",  # DA, SV
+    r"Dne\s" + _SPAN + r"\snapsal(?:\(a\)|a)?\s?:",  # CS (Gmail wraps "<addr>\nnapsal(a):")
     r"\d{4}年\d{1,2}月\d{1,2}日" + _SPAN + r"[:：]",  # JA (Gmail: "2017年11月24日(金) 16:32 Name <a>:")
     r"\d{4}-\d{2}-\d{2}\s\d{1,2}:\d{2}\sGMT[+-]\d{2}:\d{2}\s" + _SPAN + r":",  # old Gmail
 ])

@@ -127,6 +127,8 @@ TEXT_CASES = [
     ("ja-headers", f"{NEW}\n\n差出人: Bob Kelly\n送信日時: 2025年1月3日 16:01\n", "text:header-block", "差出人"),
     ("cs", f"{NEW}\n\npá 3. 1. 2025 v 16:01 odesílatel Bob Kelly <bob@x> napsal:\n> staré\n", "text:attribution",
      "pá 3."),
+    ("cs-gmail-wrapped", f"{NEW}\n\nDne pá 3. led. 2025 16:01 Bob Kelly <bob@x>\nnapsal(a):\n\n> staré\n",
+     "text:attribution", "Dne pá 3."),
     ("tr", f"{NEW}\n\nBob Kelly <bob@x>, 3 Oca 2025 Cum, 16:01 tarihinde şunu yazdı:\n> eski\n", "text:attribution",
      "Bob Kelly <bob@x>, 3 Oca"),
     ("pl-dnia", f"{NEW}\n\nDnia 3.01.2025 o 16:01 Bob Kelly <bob@x> napisał(a):\n> stare\n", "text:attribution",
