@@ -439,6 +439,13 @@ def _has_text(fragment: bytes) -> bool:
     return bool(_VISIBLE.sub(b"", fragment))
 
 
+def _answers(fragment: bytes) -> bool:
+    """Text below the quote that is an answer: not the sender's own "-- " signature (RFC 3676
+    §4.3; old Gmail puts ``-- <div class="gmail_signature">`` under the quote) or a list footer."""
+    text = _VISIBLE.sub(b"", fragment)
+    return bool(text) and not text.startswith((b"--", b"__"))
+
+
 def _html_quote_shape(lower: bytes, body: int, first: int) -> str | None:
     """Bottom-posted / interleaved detection for HTML quoting with ``<blockquote>``."""
     spans: list[tuple[int, int]] = []  # top-level blockquote spans from the first marker on
@@ -456,7 +463,7 @@ def _html_quote_shape(lower: bytes, body: int, first: int) -> str | None:
         return None
     end = _document_end(lower, []).offset
     before = _has_text(lower[body:first])
-    after = _has_text(lower[spans[-1][1]:end])
+    after = _answers(lower[spans[-1][1]:end])
     between = any(_has_text(lower[a[1]:b[0]]) for a, b in itertools.pairwise(spans))
     if between or (before and after):
         return "inline-reply"

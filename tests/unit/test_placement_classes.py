@@ -170,6 +170,16 @@ def test_bottom_posted_html_goes_before_body_end() -> None:
     assert where.rule == "html:bottom-posted" and html[where.offset:].startswith("</body>")
 
 
+def test_own_signature_under_an_html_quote_is_not_an_answer() -> None:
+    """Old Gmail (gmail_extra) puts the sender's "-- " signature below the quote; the reply is still
+    top-posted, so the signature goes above the attribution, not to the end as for an inline reply."""
+    html = (f'<html><body><div dir="ltr">{NEW}</div><div class="gmail_extra"><div class="gmail_quote">'
+            'On Wed, Mar 16, 2016 at 12:49 AM, Bob wrote:<br><blockquote class="gmail_quote">old</blockquote>'
+            '</div>-- <br><div class="gmail_signature">Alice</div></div></body></html>')
+    where = placement.find_html(html)
+    assert where.rule == "html:gmail" and html[where.offset:].startswith('<div class="gmail_quote">'), where
+
+
 def test_interleaved_replies_go_at_the_end_and_say_so() -> None:
     text = f"Hi Bob,\n\n> question one\n{NEW} answer one\n\n> question two\nanswer two\n"
     where = placement.find_text(text)
