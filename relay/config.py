@@ -103,6 +103,9 @@ class DeliveryConfig:
     retry_min: float = 300.0  # first retry after this, doubling up to retry_max (Postfix: 300..4000 s)
     retry_max: float = 4000.0
     lifetime: float = 432_000.0  # give up (bounce) after 5 days (RFC 5321 §4.5.4.1: at least 4-5 days)
+    # Refuse new queued mail with 452 4.3.1 below this much free space on the spool's filesystem,
+    # before the disk is actually full (Postfix's queue_minfree).
+    min_free_space: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,7 @@ def _delivery(root: _Section, var_dir: Path) -> DeliveryConfig:
         retry_min=d.number("retry_min", 300.0, 0.01, 86_400.0),
         retry_max=d.number("retry_max", 4000.0, 0.01, 86_400.0),
         lifetime=d.number("lifetime", 432_000.0, 1.0, 30 * 86_400.0),
+        min_free_space=d.integer("min_free_space", 64 * 1024 * 1024, 0, 2**50),
     )
     for i, s in enumerate(delivery.dns_servers):
         try:

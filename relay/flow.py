@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import errno
 import logging
 import secrets
 import time
@@ -49,7 +50,8 @@ class Context(Protocol):
 
     cfg: Config
     delivery: Delivery
-    queue: QueueRunner | None
+    queue: QueueRunner | None  # set in queue mode: messages are spooled, not delivered inline
+    runner: QueueRunner  # the spool's runner in every mode (inline mode spools undeliverable DSNs)
     metrics: metrics.Metrics
 
 
@@ -180,6 +182,7 @@ class MessageFlow:
         refused: dict[str, dsn.Refusal] = {}
         delivered: list[Outcome] = []
         first_refusal: PermanentError | None = None
+        queued: int | None = None
         for i, copy in enumerate(copies):
             try:
                 outcome = await self.ctx.delivery.deliver(t, m.mail_from, list(copy.recipients), copy.processed.data,
@@ -190,19 +193,42 @@ class MessageFlow:
                 refused.update({r: dsn.Refusal(e.reply.code, f"{e.reply.enhanced} {e.reply.text}", "tenant endpoint")
                                 for r in copy.recipients})
                 continue
-            except TransientError:
-                if delivered:
-                    log.warning("%s: copy %d of %d deferred after earlier copies were delivered: a retry "
-                                "duplicates them (never loses any)", m.qid, i + 1, len(copies))
-                raise
+            except TransientError as e:
+                if not delivered:
+                    raise  # nothing handed over yet: the client keeps the message and retries
+                # Earlier copies are with the tenant: a 4xx now would make the client send them
+                # again. Spool the rest instead and answer 250; only if that fails, 451 (a
+                # duplicate, never a loss).
+                queued = await self._spool_rest(t, m, copies, i, smtputf8, e)
+                break
             delivered.append(outcome)
             refused.update(outcome.refused)
         if not delivered:
             assert first_refusal is not None  # every copy either raised, was refused, or was delivered
             raise first_refusal
-        sent = await self._send_dsn(t, m, refused) if refused else None
+        sent = await self._send_dsn(t, m, refused, [r for o in delivered for r in o.accepted]) if refused else None
         return Delivered(str(Reply(250, "2.0.0", f"Ok {m.qid} accepted by tenant endpoint")), delivered[0].endpoint,
-                         ";".join(o.reply[:120] for o in delivered), tuple(refused), sent)
+                         ";".join(o.reply[:120] for o in delivered), tuple(refused), sent, queued)
+
+    async def _spool_rest(self, t: Tenant, m: _Message, copies: Sequence[pipeline.Copy], first: int, smtputf8: bool,
+                          why: TransientError) -> int:
+        """Spool ``copies[first:]`` (deferred after earlier copies were delivered); how many."""
+        now = spool_now()
+        rest = copies[first:]
+        entries = [(Entry(id=f"{m.qid}-{i}", tenant=t.name, mail_from=m.mail_from, rcpts=list(c.recipients),
+                          smtputf8=smtputf8, created=now, next_attempt=now), c.processed.data)
+                   for i, c in enumerate(rest, start=first)]
+        try:
+            await self.ctx.runner.ensure_started()
+            await self.ctx.runner.enqueue(entries)
+        except Exception as e:
+            log.warning("%s: %d cop(ies) deferred (%s) after earlier ones were delivered, and spooling them failed "
+                        "(%s): a retry duplicates the delivered ones (never loses any)", m.qid, len(rest),
+                        msglog.safe(why.detail), e)
+            raise why from e
+        log.info("%s: %d cop(ies) deferred (%s) after earlier ones were delivered; spooled for retry", m.qid,
+                 len(rest), msglog.safe(why.detail))
+        return len(entries)
 
     async def _enqueue(self, tenant: str, m: _Message, smtputf8: bool) -> Delivered:
         """Queue mode: 250 once every copy is fsync'd in the spool (RFC 5321 §6.1). A write error
@@ -216,25 +242,54 @@ class MessageFlow:
         try:
             await queue.enqueue(entries)
         except OSError as e:
-            raise TransientError(replies.QUEUE_WRITE_FAILED, f"spool {queue.spool.root}: {e}") from e
+            # ENOSPC/EDQUOT (or below min_free_space): 452 4.3.1; EIO, a failed fsync and the
+            # rest: 451 4.3.0. Either way nothing was kept and the client keeps the message.
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise TransientError(replies.SPOOL_FULL if full else replies.QUEUE_WRITE_FAILED,
+                                 f"spool {queue.spool.root}: {e}") from e
         return Delivered(str(Reply(250, "2.0.0", f"Ok {m.qid} queued")), queued=len(entries))
 
-    async def _send_dsn(self, tenant: Tenant, m: _Message, refused: dict[str, dsn.Refusal]) -> str:
+    async def _send_dsn(self, tenant: Tenant, m: _Message, refused: dict[str, dsn.Refusal],
+                        delivered: Sequence[str]) -> str:
         """Tell the sender about recipients the tenant refused for good (RFC 3464). The accepted
-        recipients already have the message, so the 250 stands whatever happens here; a DSN we
-        cannot deliver is logged at ERROR for an operator."""
+        recipients already have the message, so nothing here may change the 250 (a 4xx now would
+        make Exchange Online send the message again: a duplicate). A DSN that cannot be sent now
+        is spooled and retried like queued mail; only if even that fails is it only logged."""
         if not m.mail_from:
             return "none(null-sender)"  # RFC 3464 §2: never a DSN for a DSN
         assert m.inbound is not None
         cfg = self.ctx.cfg
-        msg = dsn.build(original=m.inbound.raw, mail_from=m.mail_from, refused=refused, reporting_mta=cfg.hostname,
-                        queue_id=m.qid, arrival=dt.datetime.now(dt.UTC), processed_header=cfg.processed_header)
+        smtputf8 = not m.mail_from.isascii()  # RFC 6531 §3.4: the only way to reach that sender
         try:
-            await self.ctx.delivery.deliver(tenant, "", [m.mail_from], msg)
-        except RelayError as e:
-            log.error("DSN for %s to <%s> NOT delivered: %s", m.qid, msglog.safe(m.mail_from), msglog.safe(e.detail))
+            msg = dsn.build(original=m.inbound.raw, mail_from=m.mail_from, refused=refused,
+                            reporting_mta=cfg.hostname, queue_id=m.qid, arrival=dt.datetime.now(dt.UTC),
+                            processed_header=cfg.processed_header, delivered=delivered)
+        except Exception as e:
+            log.error("DSN for %s to <%s> could not be built (%s: %s); failed recipients: %s", m.qid,
+                      msglog.safe(m.mail_from), type(e).__name__, msglog.safe(str(e)), ", ".join(refused))
             return "failed"
+        try:
+            await self.ctx.delivery.deliver(tenant, "", [m.mail_from], msg, smtputf8=smtputf8)
+        except Exception as e:
+            why = e.detail if isinstance(e, RelayError) else f"{type(e).__name__}: {e}"
+            return await self._spool_dsn(tenant, m, msg, smtputf8, why)
         return "sent"
+
+    async def _spool_dsn(self, tenant: Tenant, m: _Message, msg: bytes, smtputf8: bool, why: str) -> str:
+        runner = self.ctx.runner
+        t = spool_now()
+        entry = Entry(id=f"{m.qid}-dsn", tenant=tenant.name, mail_from="", rcpts=[m.mail_from], smtputf8=smtputf8,
+                      created=t, next_attempt=t + self.ctx.cfg.delivery.retry_min)
+        try:
+            await runner.ensure_started()
+            await runner.enqueue([(entry, msg)])
+        except Exception as e:
+            log.error("DSN for %s to <%s> NOT delivered (%s) and could not be spooled (%s: %s)", m.qid,
+                      msglog.safe(m.mail_from), msglog.safe(why), type(e).__name__, msglog.safe(str(e)))
+            return "failed"
+        log.warning("DSN for %s to <%s> not delivered now (%s); spooled as %s", m.qid, msglog.safe(m.mail_from),
+                    msglog.safe(why), entry.id)
+        return "spooled"
 
     def _account(self, m: _Message, reply: str) -> None:
         elapsed = time.monotonic() - m.t0

@@ -10,7 +10,8 @@ One registry per relay (no process-global state, so tests and reloads stay indep
 * ``signature_relay_replies_total{code}`` — the replies given to Exchange Online after DATA
 * ``signature_relay_message_seconds`` — DATA received to reply, including inline delivery
 * ``signature_relay_connections`` — sessions open now
-* ``signature_relay_queued`` — copies waiting in the spool (queue mode)
+* ``signature_relay_queued`` — copies waiting in the spool (queue mode, and DSNs spooled in inline mode)
+* ``signature_relay_held`` — entries in the spool's ``hold/`` area, waiting for an operator
 
 ``GET /healthz`` answers 200 while the SMTP listeners are open, 503 otherwise.
 """
@@ -28,7 +29,8 @@ log = logging.getLogger("relay.metrics")
 
 
 class Metrics:
-    def __init__(self, connections: Callable[[], int], queued: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, connections: Callable[[], int], queued: Callable[[], int] = lambda: 0,
+                 held: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry()
         # Two counters, two units (issue #11: one counter mixed messages and copies).
         self.messages = Counter("signature_relay_messages", "Messages (DATA transactions) by tenant and result",
@@ -44,6 +46,8 @@ class Metrics:
         g.set_function(lambda: float(connections()))
         q = Gauge("signature_relay_queued", "Message copies waiting in the spool (queue mode)", registry=self.registry)
         q.set_function(lambda: float(queued()))
+        h = Gauge("signature_relay_held", "Spool entries held for an operator (hold/)", registry=self.registry)
+        h.set_function(lambda: float(held()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,6 +27,8 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 # accepted the message already, so a bounce would lose it for a limit the operator can raise.
 DATA_LINE_TOO_LONG = Reply(451, "4.6.0", "Line too long for this relay, try again later")
 QUEUE_WRITE_FAILED = Reply(451, "4.3.0", "Cannot queue the message now, try again later")
+# RFC 3463 §3.4: X.3.1 "mail system full"; 452 is "insufficient system storage" (RFC 5321 §4.2.3).
+SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 
 # --- permanent (5xx) ----------------------------------------------------------------------------

@@ -86,10 +86,13 @@ class Relay:
         self.delivery = delivery or Delivery(cfg.delivery, cfg.tenants, local_hostname=cfg.hostname)
         self.handler = RelayHandler(self)
         self.servers: list[asyncio.Server] = []
-        self.queue = (QueueRunner(Spool(cfg.delivery.spool_dir), lambda: self.delivery, lambda: self.cfg)
-                      if cfg.delivery.mode == "queue" else None)
-        self.metrics = metrics.Metrics(connections=lambda: self.guard.active,
-                                       queued=lambda: len(self.queue) if self.queue is not None else 0)
+        # One spool and runner in every mode: queue mode queues messages in it; inline mode only
+        # spools the DSNs it could not send (issue #12), so nothing after a 250 is lost.
+        self.runner = QueueRunner(Spool(cfg.delivery.spool_dir, cfg.delivery.min_free_space),
+                                  lambda: self.delivery, lambda: self.cfg)
+        self.queue = self.runner if cfg.delivery.mode == "queue" else None
+        self.metrics = metrics.Metrics(connections=lambda: self.guard.active, queued=lambda: len(self.runner),
+                                       held=self.runner.held)
         self._metrics_server: asyncio.Server | None = None
         self.flow = MessageFlow(self)  # one message through the relay (relay/flow.py)
 
@@ -102,8 +105,8 @@ class Relay:
         )
 
     async def start(self) -> None:
-        if self.queue is not None:
-            await self.queue.start()  # before listening: whatever the spool holds is scheduled first
+        if self.queue is not None or self.cfg.delivery.spool_dir.exists():
+            await self.runner.start()  # before listening: whatever the spool holds is scheduled first
         for lst in self.cfg.listeners:
             factory = functools.partial(self.smtp_factory, lst.implicit_tls)
             # Implicit-TLS listeners keep the context they started with (asyncio binds it to the
@@ -142,6 +145,5 @@ class Relay:
             self._metrics_server.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flow.idle.wait(), grace)
-        if self.queue is not None:
-            await self.queue.stop()  # spooled mail stays on disk for the next start
+        await self.runner.stop()  # spooled mail stays on disk for the next start
         await self.delivery.close()

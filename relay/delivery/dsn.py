@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from relay.mime import headers
@@ -36,9 +36,10 @@ def _ascii(s: str) -> str:
 
 def build(
     *, original: bytes, mail_from: str, refused: Mapping[str, Refusal], reporting_mta: str,
-    queue_id: str, arrival: dt.datetime, processed_header: str,
+    queue_id: str, arrival: dt.datetime, processed_header: str, delivered: Sequence[str] = (),
 ) -> bytes:
-    """The DSN message for ``refused`` recipients of ``original`` (sent by ``mail_from``)."""
+    """The DSN message for ``refused`` recipients of ``original`` (sent by ``mail_from``).
+    ``delivered`` names who did get it, so the text never claims a delivery that did not happen."""
     if not mail_from:
         raise ValueError("never send a DSN for a null-sender message")
     boundary = f"=_dsn_{queue_id}"
@@ -47,7 +48,9 @@ def build(
         "This is the mail system at " + _ascii(reporting_mta) + ".",
         "",
         "Your message could not be delivered to one or more recipients.",
-        "It was delivered to the others. The receiving server said:",
+        (f"It was delivered to {len(delivered)} other recipient(s)." if delivered else
+         "It was not delivered to any recipient."),
+        "The receiving server said:",
         "",
     ] + [f"<{_ascii(r)}>: {f.code} {_ascii(f.text)}" for r, f in refused.items()]
     status = [
@@ -67,7 +70,8 @@ def build(
     orig_headers = original[: headers.header_end(original)].rstrip(b"\r\n")
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
-        f"To: <{_ascii(mail_from)}>",
+        # A non-ASCII sender is reached only with SMTPUTF8, where UTF-8 headers are allowed (RFC 6532 §3.2).
+        f"To: <{mail_from}>",
         "Subject: Undelivered Mail Returned to Sender",
         f"Date: {now}",
         f"Message-ID: <{queue_id}.dsn@{reporting_mta}>",
@@ -92,6 +96,6 @@ def build(
         "Content-Type: text/rfc822-headers",
         "",
     ]
-    head = ("\r\n".join(lines) + "\r\n").encode("ascii")
+    head = ("\r\n".join(lines) + "\r\n").encode("utf-8")
     return head + orig_headers.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + (
         f"\r\n\r\n--{boundary}--\r\n".encode("ascii"))

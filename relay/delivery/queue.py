@@ -1,5 +1,12 @@
 """Queue mode: deliver spooled copies with retries, bounce what expires (never a bounce for a
-bounce), and pick up whatever a crash or restart left in the spool."""
+bounce), and pick up whatever a crash or restart left in the spool.
+
+The runner contains its own failures (issue #12): an unexpected exception while attempting an
+entry (an OSError writing its metadata, a bug) reschedules it with backoff, and after
+``MAX_FAULTS`` in a row moves it to ``hold/`` with the reason — like Mailman's shunt queue. A
+periodic rescan of the spool picks up any committed entry the in-memory schedule does not know,
+so nothing held only in memory can strand a message. An entry is never attempted twice at once.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import contextlib
 import datetime as dt
 import heapq
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from relay import replies
 from relay.config import Config
@@ -18,11 +25,12 @@ from relay.delivery.spool import Entry, Spool, backoff, now
 from relay.errors import PermanentError, TransientError
 
 log = logging.getLogger("relay.queue")
+MAX_FAULTS = 3  # unexpected failures in a row before an entry is held for an operator
 
 
 class QueueRunner:
     def __init__(self, spool: Spool, delivery: Callable[[], Delivery], cfg: Callable[[], Config],
-                 concurrency: int = 4) -> None:
+                 concurrency: int = 4, rescan: float = 60.0) -> None:
         self.spool = spool
         self._delivery = delivery
         self._cfg = cfg
@@ -32,6 +40,20 @@ class QueueRunner:
         self._sem = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._inflight: set[str] = set()  # being attempted now
+        self._pending: set[str] = set()  # being written by enqueue, not yet scheduled
+        self._faults: dict[str, int] = {}
+        self._finished: set[str] = set()  # delivered, but the files could not be removed
+        self._rescan_every = rescan
+        self._rescan_task: asyncio.Task[None] | None = None
+        self.started = False
+        self._start_lock = asyncio.Lock()
+
+    async def ensure_started(self) -> None:
+        """Start on first use (inline mode spools only the DSNs it could not send)."""
+        async with self._start_lock:
+            if not self.started:
+                await self.start()
 
     async def start(self) -> None:
         for e in await asyncio.to_thread(self.spool.prepare):
@@ -39,15 +61,23 @@ class QueueRunner:
         if self._entries:
             log.info("queue: %d message cop(ies) waiting in %s", len(self._entries), self.spool.root)
         self._task = asyncio.create_task(self._loop())
+        self._rescan_task = asyncio.create_task(self._rescan_loop())
+        self.started = True
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop between attempts: no new ones start; those running get ``grace`` seconds to end
+        (a cancelled one stays in the spool and is retried at the next start)."""
+        for task in (self._task, self._rescan_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=grace)
         for t in list(self._running):
             t.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
+        self.started = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -55,6 +85,7 @@ class QueueRunner:
     async def enqueue(self, entries: list[tuple[Entry, bytes]]) -> None:
         """Commit all copies of one message, or none (then raise OSError: the caller answers 4xx)."""
         done: list[Entry] = []
+        self._pending.update(e.id for e, _ in entries)
         try:
             for e, data in entries:
                 await asyncio.to_thread(self.spool.put, e, data)
@@ -63,8 +94,28 @@ class QueueRunner:
             for e in done:  # no half-accepted message: the client retries the whole of it
                 await asyncio.to_thread(self.spool.remove, e)
             raise
+        finally:
+            self._pending.difference_update(e.id for e, _ in entries)
         for e, _ in entries:
             self._schedule(e)
+
+    async def rescan(self) -> int:
+        """Schedule committed entries the in-memory schedule does not know; how many."""
+        known = set(self._entries) | self._pending | self._inflight | self._finished
+        found = await asyncio.to_thread(self.spool.scan, known)
+        for e in found:
+            if e.id not in self._entries and e.id not in self._inflight:
+                log.warning("queue %s: found by the spool rescan, scheduling it", e.id)
+                self._schedule(e)
+        return len(found)
+
+    async def _rescan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._rescan_every)
+            try:
+                await self.rescan()
+            except Exception:  # a failing rescan must not stop the next one
+                log.exception("queue: spool rescan failed")
 
     def _schedule(self, e: Entry) -> None:
         self._entries[e.id] = e
@@ -78,14 +129,46 @@ class QueueRunner:
             while self._heap and self._heap[0][0] <= t:
                 _, eid = heapq.heappop(self._heap)
                 e = self._entries.get(eid)
-                if e is None or e.next_attempt > t:
-                    continue  # rescheduled or gone; a newer heap item stands for it
-                task = asyncio.create_task(self._attempt(e))
+                if e is None or e.next_attempt > t or eid in self._inflight:
+                    continue  # rescheduled, gone or being attempted; a newer heap item stands for it
+                self._inflight.add(eid)
+                task = asyncio.create_task(self._guarded(e))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
             timeout = max(0.0, self._heap[0][0] - now()) if self._heap else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _guarded(self, e: Entry) -> None:
+        """One attempt, whatever goes wrong inside it: an unexpected exception reschedules the
+        entry with backoff (it stays on disk), and repeated ones hold it for an operator."""
+        try:
+            await self._attempt(e)
+            self._faults.pop(e.id, None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            n = self._faults[e.id] = self._faults.get(e.id, 0) + 1
+            reason = f"{type(err).__name__}: {err}"
+            if n >= MAX_FAULTS:
+                log.error("queue %s: %d unexpected failures in a row, holding it: %s", e.id, n, reason)
+                self._entries.pop(e.id, None)
+                self._faults.pop(e.id, None)
+                try:
+                    await asyncio.to_thread(self.spool.hold, e, f"{n} unexpected failures, last: {reason}")
+                except OSError as herr:  # still on disk in the spool: the rescan retries it later
+                    log.error("queue %s: could not be held either (%s); left in the spool", e.id, herr)
+            else:
+                cfg = self._cfg()
+                e.next_attempt = now() + backoff(e.attempts or 1, cfg.delivery.retry_min, cfg.delivery.retry_max)
+                log.error("queue %s: unexpected failure (%s); retrying in %.0f s", e.id, reason,
+                          e.next_attempt - now())
+                self._schedule(e)
+        finally:
+            self._inflight.discard(e.id)
+
+    def held(self) -> int:
+        return len(list(self.spool.held.glob("*.json"))) if self.spool.held.exists() else 0
 
     async def _attempt(self, e: Entry) -> None:
         async with self._sem:
@@ -100,7 +183,7 @@ class QueueRunner:
             except PermanentError as err:
                 log.warning("queue %s: refused for good: %s", e.id, err.detail)
                 await self._bounce(e, {r: dsn.Refusal(err.reply.code, f"{err.reply.enhanced} {err.reply.text}",
-                                                      "tenant endpoint") for r in e.rcpts})
+                                                      "tenant endpoint") for r in e.rcpts}, delivered=())
                 await self._done(e)
                 return
             except TransientError as err:
@@ -108,7 +191,7 @@ class QueueRunner:
                 if now() - e.created >= cfg.delivery.lifetime:
                     log.error("queue %s: giving up after %d attempts: %s", e.id, e.attempts, err.detail)
                     await self._bounce(e, {r: dsn.Refusal(451, f"4.4.7 Delivery time expired: {err.reply.text}",
-                                                          "tenant endpoint") for r in e.rcpts})
+                                                          "tenant endpoint") for r in e.rcpts}, delivered=())
                     await self._done(e)
                     return
                 e.next_attempt = now() + backoff(e.attempts, cfg.delivery.retry_min, cfg.delivery.retry_max)
@@ -120,15 +203,32 @@ class QueueRunner:
             log.info("queue %s: delivered to %s after %d attempt(s): %s", e.id, outcome.endpoint, e.attempts,
                      outcome.reply[:120])
             if outcome.refused:
-                await self._bounce(e, dict(outcome.refused))
+                await self._bounce(e, dict(outcome.refused), delivered=outcome.accepted)
             await self._done(e)
 
     async def _done(self, e: Entry) -> None:
+        """Forget a finished entry. Never raises: the tenant already has the message, and a retry
+        would duplicate it. If the files cannot be removed, this process will not touch the entry
+        again; a restart re-delivers it (a duplicate, never a loss) and the log says so."""
         self._entries.pop(e.id, None)
-        await asyncio.to_thread(self.spool.remove, e)
+        try:
+            await asyncio.to_thread(self.spool.remove, e)
+        except OSError as err:
+            self._finished.add(e.id)
+            log.error("queue %s: delivered, but its spool files could not be removed (%s); a restart "
+                      "would deliver it again", e.id, err)
 
-    async def _bounce(self, e: Entry, refused: dict[str, dsn.Refusal]) -> None:
-        """Queue a DSN to the sender — never for a null-sender message (a bounce of a bounce)."""
+    async def _bounce(self, e: Entry, refused: dict[str, dsn.Refusal], delivered: Sequence[str]) -> None:
+        """Queue a DSN to the sender. Never raises (it runs after the tenant's verdict, which
+        stands whatever happens here); a DSN that cannot be queued is logged with the recipients."""
+        try:
+            await self._queue_dsn(e, refused, delivered)
+        except Exception as err:
+            log.error("queue %s: DSN could not be queued (%s: %s); failed recipients: %s", e.id,
+                      type(err).__name__, err, ", ".join(refused))
+
+    async def _queue_dsn(self, e: Entry, refused: dict[str, dsn.Refusal], delivered: Sequence[str]) -> None:
+        """Never for a null-sender message (a bounce of a bounce)."""
         if not e.mail_from:
             log.warning("queue %s: not bouncing a null-sender message; %d recipient(s) failed", e.id, len(refused))
             return
@@ -136,11 +236,9 @@ class QueueRunner:
         original = await asyncio.to_thread(self.spool.data, e)
         body = dsn.build(original=original, mail_from=e.mail_from, refused=refused, reporting_mta=cfg.hostname,
                          queue_id=e.id, arrival=dt.datetime.fromtimestamp(e.created, dt.UTC),
-                         processed_header=cfg.processed_header)
+                         processed_header=cfg.processed_header, delivered=delivered)
         t = now()
-        bounce = Entry(id=f"{e.id}-dsn", tenant=e.tenant, mail_from="", rcpts=[e.mail_from], smtputf8=False,
-                       created=t, next_attempt=t)
-        try:
-            await self.enqueue([(bounce, body)])
-        except OSError as err:
-            log.error("queue %s: DSN could not be queued (%s); failed recipients: %s", e.id, err, ", ".join(refused))
+        # RFC 6531 §3.4: a non-ASCII sender can only be reached with SMTPUTF8.
+        bounce = Entry(id=f"{e.id}-dsn", tenant=e.tenant, mail_from="", rcpts=[e.mail_from],
+                       smtputf8=not e.mail_from.isascii(), created=t, next_attempt=t)
+        await self.enqueue([(bounce, body)])

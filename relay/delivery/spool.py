@@ -6,13 +6,20 @@ fsync'd and renamed; the directory is fsync'd after the rename of the ``.json``,
 commit point (RFC 5321 §6.1: once we say 250 we are responsible). On start, an ``.eml`` without its
 ``.json`` is the remains of a crash before the 250 and is removed; the client retried.
 
+Two side directories keep what must not be retried blindly and must never be lost:
+``quarantine/`` receives files that cannot be read at start (corrupt metadata; a log line names
+them), ``hold/`` receives entries an operator must look at (repeated unexpected failures), each
+with a ``.reason`` file. Nothing is ever deleted from them by the relay.
+
 Blocking on purpose: callers run these functions in a worker thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -33,6 +40,14 @@ class Entry:
 
 
 _ENTRY_FIELDS = frozenset(f.name for f in fields(Entry))
+log = logging.getLogger("relay.queue")
+
+
+class SpoolFull(OSError):
+    """Less free space than ``min_free`` on the spool's filesystem: refuse before it is full."""
+
+    def __init__(self, free: int, wanted: int) -> None:
+        super().__init__(errno.ENOSPC, f"{free} bytes free, below the {wanted}-byte minimum")
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -57,35 +72,103 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _load(meta: Path) -> Entry:
+    data = json.loads(meta.read_text("utf-8"))
+    # Keys this version does not know (e.g. "refused", written empty by 0.1.0 and never read)
+    # are ignored, so an upgrade never strands spooled mail.
+    e = Entry(**{k: v for k, v in data.items() if k in _ENTRY_FIELDS})
+    if e.id != meta.stem:
+        raise ValueError(f"id {e.id!r} does not match the file name")
+    return e
+
+
 class Spool:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free: int = 0) -> None:
         self.root = root
+        self.quarantine = root / "quarantine"
+        self.held = root / "hold"
+        self.min_free = min_free
 
     def prepare(self) -> list[Entry]:
-        """Create the directory, drop uncommitted leftovers, return the committed entries."""
+        """Create the directory, drop uncommitted leftovers, move unreadable entries to
+        ``quarantine/``, return the committed entries. Never raises for a bad file: a crash loop
+        at start would stop every other message too."""
         self.root.mkdir(parents=True, exist_ok=True)
         for tmp in self.root.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+        for old in self.root.glob("*.json.corrupt"):  # set aside in place by 0.1.x
+            self.quarantine.mkdir(exist_ok=True)
+            os.replace(old, self.quarantine / f"{old.name.removesuffix('.corrupt')}")
+            self._set_aside(old.name.removesuffix(".json.corrupt"), self.quarantine, "unreadable metadata (0.1.x)")
         entries = []
         for meta in sorted(self.root.glob("*.json")):
             try:
-                data = json.loads(meta.read_text("utf-8"))
-                # Keys this version does not know (e.g. "refused", written empty by 0.1.0 and
-                # never read) are ignored, so an upgrade never strands spooled mail.
-                e = Entry(**{k: v for k, v in data.items() if k in _ENTRY_FIELDS})
-            except (ValueError, TypeError, OSError):
-                meta.rename(meta.with_suffix(".json.corrupt"))  # kept for an operator, never lost
+                e = _load(meta)
+            except (ValueError, TypeError, OSError) as err:
+                self._set_aside(meta.stem, self.quarantine, f"unreadable metadata: {err}")
                 continue
             if (self.root / f"{e.id}.eml").exists():
                 entries.append(e)
+            else:
+                self._set_aside(e.id, self.quarantine, "metadata without its message file")
         committed = {e.id for e in entries}
         for eml in self.root.glob("*.eml"):
-            if eml.stem not in committed and not (self.root / f"{eml.stem}.json.corrupt").exists():
+            if eml.stem not in committed:
                 eml.unlink()  # written before a crash, never acknowledged with 250
         return entries
 
+    def scan(self, known: set[str]) -> list[Entry]:
+        """Committed entries not in ``known`` (the periodic rescan: nothing held only in memory
+        can strand a message). Leaves everything else alone: a ``.eml`` without its ``.json`` may
+        be a copy being written right now."""
+        found = []
+        for meta in self.root.glob("*.json"):
+            if meta.stem in known or not (self.root / f"{meta.stem}.eml").exists():
+                continue
+            try:
+                found.append(_load(meta))
+            except (ValueError, TypeError, OSError) as err:
+                log.warning("queue: rescan skipped %s: %s", meta.name, err)
+        return found
+
+    def hold(self, entry: Entry, reason: str) -> None:
+        """Move an entry to ``hold/`` (kept, not retried) with the reason beside it."""
+        self._set_aside(entry.id, self.held, reason)
+
+    def release(self, eid: str) -> Entry:
+        """Move a held entry back into the spool; the caller schedules it."""
+        meta = self.held / f"{eid}.json"
+        e = _load(meta)
+        os.replace(self.held / f"{eid}.eml", self.root / f"{eid}.eml")
+        os.replace(meta, self.root / f"{eid}.json")
+        (self.held / f"{eid}.reason").unlink(missing_ok=True)
+        _fsync_dir(self.root)
+        return e
+
+    def _set_aside(self, eid: str, where: Path, reason: str) -> None:
+        where.mkdir(exist_ok=True)
+        for suffix in (".eml", ".json"):  # message first: a crash in between leaves a .json alone (quarantined)
+            src = self.root / f"{eid}{suffix}"
+            if src.exists():
+                os.replace(src, where / src.name)
+        _write(where / f"{eid}.reason", (reason + "\n").encode("utf-8", "replace"))
+        _fsync_dir(where)
+        _fsync_dir(self.root)
+        log.error("queue %s: moved to %s/: %s", eid, where.name, reason)
+
+    def check_space(self) -> None:
+        """Raise :class:`SpoolFull` when the spool's filesystem is below ``min_free`` (452 before
+        the disk is actually full, so nothing is ever half-written for want of space)."""
+        if self.min_free <= 0:
+            return
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free:
+            raise SpoolFull(free, self.min_free)
+
     def put(self, entry: Entry, data: bytes) -> None:
         """Durably store one copy. Raises OSError (ENOSPC, EIO...): the caller answers 4xx."""
+        self.check_space()
         _write(self.root / f"{entry.id}.eml", data)
         _write(self.root / f"{entry.id}.json", json.dumps(asdict(entry)).encode())
         _fsync_dir(self.root)

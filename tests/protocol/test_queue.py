@@ -112,5 +112,10 @@ async def test_corrupt_metadata_is_kept_aside_not_lost(make_stack: MakeStack, de
     spool.mkdir(parents=True)
     (spool / "BROKEN-0.json").write_bytes(corrupt)
     (spool / "BROKEN-0.eml").write_bytes(b"Subject: kept\r\n\r\nx\r\n")
-    await make_stack()
-    assert sorted(p.name for p in spool.iterdir()) == ["BROKEN-0.eml", "BROKEN-0.json.corrupt"]
+    st = await make_stack()
+    assert sorted(p.name for p in spool.iterdir()) == ["quarantine"]
+    q = spool / "quarantine"
+    assert sorted(p.name for p in q.iterdir()) == ["BROKEN-0.eml", "BROKEN-0.json", "BROKEN-0.reason"]
+    assert (q / "BROKEN-0.eml").read_bytes() == b"Subject: kept\r\n\r\nx\r\n"  # kept byte for byte
+    assert (q / "BROKEN-0.json").read_bytes() == corrupt
+    assert (await send(st, message()))[0] == 250  # the relay runs; nothing crash-loops

@@ -17,11 +17,11 @@ from tests.support import CONTOSO_ID, message
 
 
 async def send(st: Stack, raw: bytes, frm: str = "alice@contoso.com",
-               rcpts: tuple[str, ...] = ("bob@example.net",)) -> tuple[int, str]:
+               rcpts: tuple[str, ...] = ("bob@example.net",), smtputf8: bool = False) -> tuple[int, str]:
     """MAIL/RCPT/DATA over STARTTLS; returns the first non-2xx reply or the DATA reply."""
     c = await st.tls_client()
     try:
-        r = await c.execute_command(b"MAIL", f"FROM:<{frm}>".encode())
+        r = await c.execute_command(b"MAIL", f"FROM:<{frm}>{' SMTPUTF8' if smtputf8 else ''}".encode())
         if r.code != 250:
             return r.code, r.message
         for rc in rcpts:
