@@ -192,6 +192,7 @@ class Config:
     require_starttls: bool
     max_message_size: int
     idle_timeout: float
+    stop_grace: float  # SIGTERM: seconds for messages in flight to finish (new sessions get 421)
     tls: TlsConfig
     delivery: DeliveryConfig
     sink: SinkConfig
@@ -265,7 +266,7 @@ def _service(root: _Section) -> _Service:
     return _Service(hostname, service_domain, processed_header, tenants_dir, signatures_dir, var_dir)
 
 
-def _listen(root: _Section) -> tuple[list[Listener], bool, int, float]:
+def _listen(root: _Section) -> tuple[list[Listener], bool, int, float, float]:
     lst = root.section("listen")
     listeners = [Listener(*_hp(lst, "smtp", s)) for s in lst.str_list("smtp", ["0.0.0.0:25"])]
     listeners += [Listener(*_hp(lst, "implicit_tls", s), True) for s in lst.str_list("implicit_tls", [])]
@@ -274,8 +275,9 @@ def _listen(root: _Section) -> tuple[list[Listener], bool, int, float]:
     require_starttls = lst.boolean("require_starttls", True)
     max_size = lst.integer("max_message_size", EXO_MAX_SIZE, 1024, 2**31)
     idle_timeout = lst.number("idle_timeout", 300.0, 1.0, 3600.0)
+    stop_grace = lst.number("stop_grace", 30.0, 0.0, 3600.0)
     lst.done()
-    return listeners, require_starttls, max_size, idle_timeout
+    return listeners, require_starttls, max_size, idle_timeout, stop_grace
 
 
 def _tls(root: _Section) -> TlsConfig:
@@ -406,7 +408,7 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         raise ConfigError(name, "", f"invalid TOML: {e}") from e
     root = _Section(data, name, "", base)
     svc = _service(root)
-    listeners, require_starttls, max_size, idle_timeout = _listen(root)
+    listeners, require_starttls, max_size, idle_timeout, stop_grace = _listen(root)
     tls = _tls(root)
     delivery = _delivery(root, svc.var_dir)
     certs = _certs(root, svc.hostname, svc.service_domain)
@@ -424,7 +426,7 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         source=name, hostname=svc.hostname, service_domain=svc.service_domain,
         processed_header=svc.processed_header, listeners=tuple(listeners),
         require_starttls=require_starttls, max_message_size=max_size, idle_timeout=idle_timeout,
-        tls=tls, delivery=delivery, sink=sink, certs=certs, tenants_dir=svc.tenants_dir,
+        stop_grace=stop_grace, tls=tls, delivery=delivery, sink=sink, certs=certs, tenants_dir=svc.tenants_dir,
         signatures_dir=svc.signatures_dir, var_dir=svc.var_dir, tenants=tuple(tenants), security=security,
         mime_limits=mime_limits, metrics_listen=metrics_listen,
         _by_id=MappingProxyType(by_id), _by_domain=MappingProxyType(by_domain),

@@ -38,6 +38,8 @@ class RelayHandler(EhloWithoutAuth):
         self, _server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str],
     ) -> str:
         sec = self.relay.cfg.security
+        if self.relay.guard.draining:
+            return str(replies.SHUTTING_DOWN)  # stopping: no new transaction (RFC 5321 §3.8)
         if not address.isascii() and not envelope.smtp_utf8:
             # RFC 6531 §3.4: without the SMTPUTF8 parameter the transaction is ASCII; refuse now,
             # not with a 451 after DATA that Exchange Online would retry for a day.
@@ -137,13 +139,21 @@ class Relay:
     def healthy(self) -> bool:
         return bool(self.servers) and all(s.is_serving() for s in self.servers)
 
-    async def stop(self, grace: float = 30.0) -> None:
-        """Stop accepting, let messages in flight finish (up to ``grace`` s), close the pool."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop (SIGTERM): new sessions and new transactions get ``421 4.3.2`` while
+        messages in flight finish (up to ``grace`` s, default ``listen.stop_grace``); then the
+        listeners close, the queue runner stops between attempts and the pool closes. The spool
+        is consistent at every point (it is at a kill -9 too)."""
+        grace = self.cfg.stop_grace if grace is None else grace
+        self.guard.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flow.idle.wait(), grace)
+        if not self.flow.idle.is_set():
+            log.warning("stop: %d message(s) still in flight after %.0f s; closing anyway (the client retries)",
+                        self.flow.in_flight, grace)
         for s in self.servers:
             s.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flow.idle.wait(), grace)
         await self.runner.stop()  # spooled mail stays on disk for the next start
         await self.delivery.close()

@@ -57,6 +57,7 @@ class Guard:
     tls_handshake_timeout: float = 10.0
     active: int = 0
     per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
+    draining: bool = False  # stopping: new sessions and new transactions get 421
 
     def configure(self, sec: SecurityConfig) -> None:
         """Take the limits of a (new) security configuration; the live counters are kept."""
@@ -68,6 +69,8 @@ class Guard:
 
     def admit(self, ip: str | None) -> str | None:
         """None to admit, else the reply to greet with before closing (RFC 5321 §3.1: 554)."""
+        if self.draining:
+            return str(replies.SHUTTING_DOWN)  # RFC 5321 §3.8: 421 and close; the client retries elsewhere/later
         if self.allowed:
             try:
                 addr = ipaddress.ip_address((ip or "").split("%")[0])

@@ -12,6 +12,7 @@ import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 
 from relay.delivery.spool import Entry, Spool
@@ -173,3 +174,26 @@ async def test_copy_deferred_after_another_was_delivered_is_spooled_not_451(make
     assert b"INTERNAL SIGNATURE" in st.deployment.delivered()[1]
     await until(lambda: spooled(deployment) == [])
     assert [r["rcpt_tos"] for r in journal(st.deployment)] == [["a@example.net"], ["bob@contoso.com"]]  # once each
+
+
+# --- graceful stop -----------------------------------------------------------------------------
+
+async def test_sigterm_drain_421s_new_sessions_and_finishes_the_message_in_flight(make_stack: MakeStack) -> None:
+    st = await make_stack(SinkBehavior(data_delay=1.0))
+    idle = await st.tls_client()  # a session that has not started a transaction yet
+    in_flight = asyncio.create_task(send(st, message()))
+    await asyncio.sleep(0.4)  # the message is with the (slow) tenant endpoint now
+    stopping = asyncio.create_task(st.relay.stop(grace=10))
+    await asyncio.sleep(0.1)
+    c = st.client()
+    with pytest.raises(aiosmtplib.SMTPConnectResponseError) as refused:
+        await c.connect()
+    assert refused.value.code == 421 and "4.3.2" in refused.value.message
+    r = await idle.execute_command(b"MAIL", b"FROM:<alice@contoso.com>")
+    assert r.code == 421  # no new transaction on an open session either
+    idle.close()
+    assert (await in_flight)[0] == 250  # the message in flight finished
+    await stopping
+    assert len(st.deployment.delivered()) == 1
+    with pytest.raises(OSError):
+        await st.client().connect()  # and then the listener is closed
