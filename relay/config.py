@@ -40,6 +40,9 @@ _SUBDOMAIN_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _REQUIRED: Final = object()
 
 
+DELIVERY_MODES: Final = ("inline", "queue", "inline-then-queue")
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where a tenant's inbound connector listens: a fixed host or the MX of a domain."""
@@ -96,8 +99,9 @@ class DeliveryConfig:
     pool_idle: float
     dns_servers: tuple[str, ...]  # empty = system resolver (/etc/resolv.conf)
     dns_timeout: float
-    # "inline" (250 only after the tenant's 250, nothing at rest) or "queue" (250 once fsync'd in the
-    # spool; delivered with retries; DSN when it expires).
+    # "inline" (250 only after the tenant's 250, nothing at rest), "queue" (250 once fsync'd in the
+    # spool; delivered with retries; DSN when it expires) or "inline-then-queue" (inline; spooled
+    # only when the endpoint is unreachable or defers). A tenant may override it.
     mode: str = "inline"
     spool_dir: Path = Path("var/spool")
     retry_min: float = 300.0  # first retry after this, doubling up to retry_max (Postfix: 300..4000 s)
@@ -180,6 +184,7 @@ class Tenant:
     signature_dir: Path | None = None  # signatures/<name>/
     images_base_url: str = ""
     policy: Policy | None = None  # directory + rules + templates, loaded by relay.policy.attach
+    delivery_mode: str = ""  # "" = the service's delivery.mode
 
 
 @dataclass(frozen=True)
@@ -304,7 +309,7 @@ def _delivery(root: _Section, var_dir: Path) -> DeliveryConfig:
         pool_idle=d.number("pool_idle", 60.0, 0.0, 3600.0),
         dns_servers=tuple(d.str_list("dns_servers", [])),
         dns_timeout=d.number("dns_timeout", 10.0, 0.1, 120.0),
-        mode=d.choice("mode", ("inline", "queue"), "inline"),
+        mode=d.choice("mode", DELIVERY_MODES, "inline"),
         spool_dir=d.path("spool_dir", str(var_dir / "spool")),
         retry_min=d.number("retry_min", 300.0, 0.01, 86_400.0),
         retry_max=d.number("retry_max", 4000.0, 0.01, 86_400.0),
@@ -514,6 +519,7 @@ def _tenant(f: Path, sigdir: Path, service_domain: str, certs_dir: Path, bind_de
     client_cert = inb.path("client_cert", str(certs_dir / "tenants" / f"{name}.crt"))
     client_key = inb.path("client_key", str(certs_dir / "tenants" / f"{name}.key"))
     tls_name = inb.string("tls_server_name", "mail.protection.outlook.com")
+    mode = inb.choice("delivery_mode", ("", *DELIVERY_MODES), "")
     inb.done()
     bs = root.section("binding")
     by_sender, tnets = bs.boolean("sender_domain", bind_default), _networks(bs, "networks", [])
@@ -526,6 +532,7 @@ def _tenant(f: Path, sigdir: Path, service_domain: str, certs_dir: Path, bind_de
         endpoint=endpoint, tls_server_name=tls_name, client_cert=client_cert, client_key=client_key,
         bind_by_sender_domain=by_sender, source=f, networks=tnets, require_from_domain=from_dom,
         require_client_cert=t_mtls, signature_dir=sigdir / name, images_base_url=images_base_url,
+        delivery_mode=mode,
     )
 
 

@@ -50,8 +50,7 @@ class Context(Protocol):
 
     cfg: Config
     delivery: Delivery
-    queue: QueueRunner | None  # set in queue mode: messages are spooled, not delivered inline
-    runner: QueueRunner  # the spool's runner in every mode (inline mode spools undeliverable DSNs)
+    runner: QueueRunner  # the spool's runner in every mode (inline mode spools only what it must)
     metrics: metrics.Metrics
 
 
@@ -169,8 +168,20 @@ class MessageFlow:
             # The reason's first word only ("undecodable", "malformed"...): labels must stay a small set.
             label = d.action if d.action != "pass-through" else f"pass-through:{d.reason.split(':')[0]}"
             self.ctx.metrics.copies.labels(tenant.name, label).inc()
-        if self.ctx.queue is not None:
+        mode = tenant.delivery_mode or cfg.delivery.mode
+        if mode == "queue":
             m.delivered = await self._enqueue(tenant.name, m, envelope.smtp_utf8)
+        elif mode == "inline-then-queue":
+            try:
+                m.delivered = await self._deliver(tenant, m, envelope.smtp_utf8)
+            except TransientError as e:
+                # Nothing was handed over (a copy deferred after another was delivered is
+                # spooled inside _deliver): spool it all, or give the client the endpoint's 4xx.
+                try:
+                    m.delivered = await self._enqueue(tenant.name, m, envelope.smtp_utf8)
+                except TransientError:
+                    raise e from None
+                log.info("%s: tenant endpoint unavailable (%s); queued instead", m.qid, msglog.safe(e.detail))
         else:
             m.delivered = await self._deliver(tenant, m, envelope.smtp_utf8)
         return m.delivered.reply
@@ -232,14 +243,15 @@ class MessageFlow:
 
     async def _enqueue(self, tenant: str, m: _Message, smtputf8: bool) -> Delivered:
         """Queue mode: 250 once every copy is fsync'd in the spool (RFC 5321 §6.1). A write error
-        (ENOSPC, EIO...) is a 451: nothing is half-accepted, the client keeps the message."""
-        queue = self.ctx.queue
-        assert queue is not None and m.prepared is not None
+        (ENOSPC, EIO...) is a 4xx: nothing is half-accepted, the client keeps the message."""
+        queue = self.ctx.runner
+        assert m.prepared is not None
         t = spool_now()
         entries = [(Entry(id=f"{m.qid}-{i}", tenant=tenant, mail_from=m.mail_from, rcpts=list(c.recipients),
                           smtputf8=smtputf8, created=t, next_attempt=t), c.processed.data)
                    for i, c in enumerate(m.prepared.copies)]
         try:
+            await queue.ensure_started()
             await queue.enqueue(entries)
         except OSError as e:
             # ENOSPC/EDQUOT (or below min_free_space): 452 4.3.1; EIO, a failed fsync and the

@@ -92,7 +92,6 @@ class Relay:
         # spools the DSNs it could not send (issue #12), so nothing after a 250 is lost.
         self.runner = QueueRunner(Spool(cfg.delivery.spool_dir, cfg.delivery.min_free_space),
                                   lambda: self.delivery, lambda: self.cfg)
-        self.queue = self.runner if cfg.delivery.mode == "queue" else None
         self.metrics = metrics.Metrics(connections=lambda: self.guard.active, queued=lambda: len(self.runner),
                                        held=self.runner.held)
         self._metrics_server: asyncio.Server | None = None
@@ -107,7 +106,8 @@ class Relay:
         )
 
     async def start(self) -> None:
-        if self.queue is not None or self.cfg.delivery.spool_dir.exists():
+        if self.cfg.delivery.mode != "inline" or any(t.delivery_mode not in ("", "inline") for t in self.cfg.tenants) \
+                or self.cfg.delivery.spool_dir.exists():
             await self.runner.start()  # before listening: whatever the spool holds is scheduled first
         for lst in self.cfg.listeners:
             factory = functools.partial(self.smtp_factory, lst.implicit_tls)
@@ -129,9 +129,10 @@ class Relay:
         self.delivery.update(new.delivery, new.tenants)
         if new.listeners != self.cfg.listeners or new.metrics_listen != self.cfg.metrics_listen:
             log.warning("reload: listener addresses changed; that takes a restart (old ones kept)")
-        if (new.delivery.mode, new.delivery.spool_dir) != (self.cfg.delivery.mode, self.cfg.delivery.spool_dir):
-            log.warning("reload: delivery mode or spool changed; that takes a restart (old ones kept)")
+        if new.delivery.spool_dir != self.cfg.delivery.spool_dir:
+            log.warning("reload: delivery.spool_dir changed; that takes a restart (the old spool is kept)")
         self.guard.configure(sec)
+        self.runner.spool.min_free = new.delivery.min_free_space
         self.tls_context = tls_context
         self.cfg = new
         log.info("configuration reloaded: %d tenant(s) [%s]", len(new.tenants), ", ".join(t.name for t in new.tenants))

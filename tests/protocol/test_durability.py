@@ -16,7 +16,7 @@ import aiosmtplib
 import pytest
 
 from relay.delivery.spool import Entry, Spool
-from relay.sink import SinkBehavior
+from relay.sink import Sink, SinkBehavior
 from tests.protocol.conftest import Stack, journal
 from tests.protocol.test_queue import queue_mode, spooled, until
 from tests.protocol.test_relay_protocol import send
@@ -197,3 +197,31 @@ async def test_sigterm_drain_421s_new_sessions_and_finishes_the_message_in_fligh
     assert len(st.deployment.delivered()) == 1
     with pytest.raises(OSError):
         await st.client().connect()  # and then the listener is closed
+
+
+# --- inline-then-queue, per tenant ---------------------------------------------------------------
+
+async def test_inline_then_queue_spools_only_when_the_endpoint_is_down(make_stack: MakeStack,
+                                                                      deployment: Deployment) -> None:
+    """The service stays inline; contoso's tenant file chooses inline-then-queue."""
+    f = deployment.root / "rules" / "contoso" / "tenant.toml"
+    f.write_text(f.read_text().replace("[inbound]\n", '[inbound]\ndelivery_mode = "inline-then-queue"\n'))
+    set_delivery(deployment, "retry_min = 0.3\nretry_max = 0.3")
+    st = await make_stack(with_sink=False)  # the tenant endpoint is down
+    code, text = await send(st, message())
+    assert code == 250 and text.endswith("queued"), text  # spooled, not 451, while it is down
+    assert any(n.endswith(".json") for n in spooled(deployment))
+    st.sink = Sink(st.cfg)
+    await st.sink.start()
+    await until(lambda: len(st.deployment.delivered()) == 1)
+    await until(lambda: spooled(deployment) == [])
+    code, text = await send(st, message())
+    assert (code, text.split()[-4:]) == (250, ["accepted", "by", "tenant", "endpoint"])  # inline while it is up
+    assert spooled(deployment) == []
+    await asyncio.sleep(0.4)
+    assert len(st.deployment.delivered()) == 2  # once each
+    # a permanent refusal is still the endpoint's own 5xx, never queued
+    assert st.sink is not None
+    st.sink.handler.behavior = SinkBehavior(reject_rcpt=re.compile("gone@"))
+    code, _ = await send(st, message(), rcpts=("gone@example.net",))
+    assert code == 550 and spooled(deployment) == []
