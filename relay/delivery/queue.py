@@ -88,11 +88,12 @@ class QueueRunner:
         self._pending.update(e.id for e, _ in entries)
         try:
             for e, data in entries:
+                done.append(e)  # before the write: a failed one may have left its .eml behind
                 await asyncio.to_thread(self.spool.put, e, data)
-                done.append(e)
         except OSError:
             for e in done:  # no half-accepted message: the client retries the whole of it
-                await asyncio.to_thread(self.spool.remove, e)
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(self.spool.remove, e)
             raise
         finally:
             self._pending.difference_update(e.id for e, _ in entries)

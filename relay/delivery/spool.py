@@ -59,8 +59,11 @@ def _write(path: Path, data: bytes) -> None:
             n = os.write(fd, view)
             view = view[n:]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)  # a half-written file would hold the space a full disk needs back
+        raise
+    os.close(fd)
     os.replace(tmp, path)
 
 
