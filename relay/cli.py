@@ -562,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_serve_command, _add_sink_command, _add_certs_command, _add_stamp_command, _add_preview_command,
                 _add_connectors_command, _add_tenants_command, _add_check_command):
         add(sub)
+    from relay.queuecli import add_queue_command
+
+    add_queue_command(sub, _add_config)
     return p
 
 

@@ -110,6 +110,8 @@ class DeliveryConfig:
     # Refuse new queued mail with 452 4.3.1 below this much free space on the spool's filesystem,
     # before the disk is actually full (Postfix's queue_minfree).
     min_free_space: int = 64 * 1024 * 1024
+    # How often the runner re-reads the spool: picks up strays and `queue retry/hold/delete`.
+    rescan_interval: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -315,6 +317,7 @@ def _delivery(root: _Section, var_dir: Path) -> DeliveryConfig:
         retry_max=d.number("retry_max", 4000.0, 0.01, 86_400.0),
         lifetime=d.number("lifetime", 432_000.0, 1.0, 30 * 86_400.0),
         min_free_space=d.integer("min_free_space", 64 * 1024 * 1024, 0, 2**50),
+        rescan_interval=d.number("rescan_interval", 15.0, 0.1, 3600.0),
     )
     for i, s in enumerate(delivery.dns_servers):
         try:

@@ -91,7 +91,7 @@ class Relay:
         # One spool and runner in every mode: queue mode queues messages in it; inline mode only
         # spools the DSNs it could not send (issue #12), so nothing after a 250 is lost.
         self.runner = QueueRunner(Spool(cfg.delivery.spool_dir, cfg.delivery.min_free_space),
-                                  lambda: self.delivery, lambda: self.cfg)
+                                  lambda: self.delivery, lambda: self.cfg, rescan=cfg.delivery.rescan_interval)
         self.metrics = metrics.Metrics(connections=lambda: self.guard.active, queued=lambda: len(self.runner),
                                        held=self.runner.held)
         self._metrics_server: asyncio.Server | None = None

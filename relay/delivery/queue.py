@@ -101,14 +101,33 @@ class QueueRunner:
             self._schedule(e)
 
     async def rescan(self) -> int:
-        """Schedule committed entries the in-memory schedule does not know; how many."""
-        known = set(self._entries) | self._pending | self._inflight | self._finished
-        found = await asyncio.to_thread(self.spool.scan, known)
-        for e in found:
-            if e.id not in self._entries and e.id not in self._inflight:
+        """Bring the schedule in line with the spool on disk; how many entries it changed.
+        Schedules committed entries memory does not know (nothing held only in memory can strand
+        a message), honours an operator's ``queue retry`` (an earlier next attempt) and forgets
+        entries an operator deleted or held. Entries being attempted or written are left alone."""
+        before = set(self._entries)  # taken first: an entry committed later is not "gone"
+        changed, present = await asyncio.to_thread(self.spool.scan)
+        busy = self._pending | self._inflight | self._finished
+        n = 0
+        for e in changed:
+            if e.id in busy:
+                continue
+            cur = self._entries.get(e.id)
+            if cur is None:
                 log.warning("queue %s: found by the spool rescan, scheduling it", e.id)
                 self._schedule(e)
-        return len(found)
+                n += 1
+            elif e.next_attempt < cur.next_attempt:
+                log.info("queue %s: retry requested, attempting now", e.id)
+                cur.next_attempt = e.next_attempt
+                self._schedule(cur)
+                n += 1
+        for eid in before - present - busy:
+            if eid in self._entries:
+                log.info("queue %s: no longer in the spool (deleted or held by an operator)", eid)
+                del self._entries[eid]
+                n += 1
+        return n
 
     async def _rescan_loop(self) -> None:
         while True:
@@ -196,7 +215,10 @@ class QueueRunner:
                     await self._done(e)
                     return
                 e.next_attempt = now() + backoff(e.attempts, cfg.delivery.retry_min, cfg.delivery.retry_max)
-                await asyncio.to_thread(self.spool.update, e)
+                if not await asyncio.to_thread(self.spool.update, e):
+                    log.info("queue %s: removed from the spool by an operator during the attempt", e.id)
+                    self._entries.pop(e.id, None)
+                    return
                 log.info("queue %s: attempt %d deferred (%s); next in %.0f s", e.id, e.attempts, err.detail,
                          e.next_attempt - now())
                 self._schedule(e)

@@ -75,7 +75,7 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _load(meta: Path) -> Entry:
+def load_entry(meta: Path) -> Entry:
     data = json.loads(meta.read_text("utf-8"))
     # Keys this version does not know (e.g. "refused", written empty by 0.1.0 and never read)
     # are ignored, so an upgrade never strands spooled mail.
@@ -91,6 +91,7 @@ class Spool:
         self.quarantine = root / "quarantine"
         self.held = root / "hold"
         self.min_free = min_free
+        self._seen: dict[str, int] = {}  # metadata mtimes at the last scan
 
     def prepare(self) -> list[Entry]:
         """Create the directory, drop uncommitted leftovers, move unreadable entries to
@@ -106,7 +107,7 @@ class Spool:
         entries = []
         for meta in sorted(self.root.glob("*.json")):
             try:
-                e = _load(meta)
+                e = load_entry(meta)
             except (ValueError, TypeError, OSError) as err:
                 self._set_aside(meta.stem, self.quarantine, f"unreadable metadata: {err}")
                 continue
@@ -120,19 +121,31 @@ class Spool:
                 eml.unlink()  # written before a crash, never acknowledged with 250
         return entries
 
-    def scan(self, known: set[str]) -> list[Entry]:
-        """Committed entries not in ``known`` (the periodic rescan: nothing held only in memory
-        can strand a message). Leaves everything else alone: a ``.eml`` without its ``.json`` may
-        be a copy being written right now."""
-        found = []
+    def scan(self) -> tuple[list[Entry], set[str]]:
+        """The periodic rescan: (committed entries new or changed since the last scan, ids of all
+        committed entries). Reads only metadata whose mtime changed, so it stays cheap on a long
+        queue; an operator's ``queue retry`` or ``delete`` is seen here. Leaves everything else
+        alone: a ``.eml`` without its ``.json`` may be a copy being written right now."""
+        changed, present = [], set()
+        seen: dict[str, int] = {}
         for meta in self.root.glob("*.json"):
-            if meta.stem in known or not (self.root / f"{meta.stem}.eml").exists():
+            eid = meta.stem
+            try:
+                mtime = meta.stat().st_mtime_ns
+            except OSError:
+                continue  # removed since the listing
+            if not (self.root / f"{eid}.eml").exists():
+                continue
+            present.add(eid)
+            seen[eid] = mtime
+            if self._seen.get(eid) == mtime:
                 continue
             try:
-                found.append(_load(meta))
+                changed.append(load_entry(meta))
             except (ValueError, TypeError, OSError) as err:
                 log.warning("queue: rescan skipped %s: %s", meta.name, err)
-        return found
+        self._seen = seen
+        return changed, present
 
     def hold(self, entry: Entry, reason: str) -> None:
         """Move an entry to ``hold/`` (kept, not retried) with the reason beside it."""
@@ -141,7 +154,7 @@ class Spool:
     def release(self, eid: str) -> Entry:
         """Move a held entry back into the spool; the caller schedules it."""
         meta = self.held / f"{eid}.json"
-        e = _load(meta)
+        e = load_entry(meta)
         os.replace(self.held / f"{eid}.eml", self.root / f"{eid}.eml")
         os.replace(meta, self.root / f"{eid}.json")
         (self.held / f"{eid}.reason").unlink(missing_ok=True)
@@ -176,8 +189,13 @@ class Spool:
         _write(self.root / f"{entry.id}.json", json.dumps(asdict(entry)).encode())
         _fsync_dir(self.root)
 
-    def update(self, entry: Entry) -> None:
+    def update(self, entry: Entry) -> bool:
+        """Rewrite an entry's metadata; False (and nothing written) when an operator removed or
+        held it meanwhile, so a deleted entry is never brought back as metadata alone."""
+        if not (self.root / f"{entry.id}.eml").exists():
+            return False
         _write(self.root / f"{entry.id}.json", json.dumps(asdict(entry)).encode())
+        return True
 
     def data(self, entry: Entry) -> bytes:
         return (self.root / f"{entry.id}.eml").read_bytes()

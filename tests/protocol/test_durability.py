@@ -94,10 +94,8 @@ async def test_metadata_write_failure_reschedules_then_holds(make_stack: MakeSta
 async def test_periodic_rescan_picks_up_what_memory_does_not_know(make_stack: MakeStack,
                                                                  deployment: Deployment) -> None:
     queue_mode(deployment)
+    set_delivery(deployment, "rescan_interval = 0.2")
     st = await make_stack()
-    st.relay.runner._rescan_every = 0.2  # the default is 60 s
-    await st.relay.runner.stop()
-    await st.relay.runner.start()
     # A committed entry appears that this process never scheduled (written by another one).
     raw = message()
     Spool(deployment.root / "var" / "spool").put(
