@@ -223,3 +223,19 @@ async def test_inline_then_queue_spools_only_when_the_endpoint_is_down(make_stac
     st.sink.handler.behavior = SinkBehavior(reject_rcpt=re.compile("gone@"))
     code, _ = await send(st, message(), rcpts=("gone@example.net",))
     assert code == 550 and spooled(deployment) == []
+
+
+async def test_partial_refusal_is_never_resent_after_a_restart(make_stack: MakeStack, deployment: Deployment) -> None:
+    """Per-recipient outcome: the accepted recipient gets the message once, the refused one gets a
+    DSN that says the other was delivered, and a restart re-sends nothing. (A recipient deferred
+    at RCPT means no DATA to anyone, so an entry is never half delivered: see the README.)"""
+    queue_mode(deployment)
+    st = await make_stack(SinkBehavior(reject_rcpt=re.compile("gone@")))
+    assert (await send(st, message(), rcpts=("gone@example.net", "ok@example.net")))[0] == 250
+    await until(lambda: len(journal(st.deployment)) == 2 and spooled(deployment) == [])
+    assert [r["rcpt_tos"] for r in journal(st.deployment)] == [["ok@example.net"], ["alice@contoso.com"]]
+    assert b"It was delivered to 1 other recipient(s)." in st.deployment.delivered()[1]
+    await st.relay.stop(grace=1)
+    await make_stack(with_sink=False)  # same spool; the first stack's sink still runs
+    await asyncio.sleep(0.6)
+    assert len(journal(st.deployment)) == 2
