@@ -196,9 +196,14 @@ class QueueRunner:
             tenant = cfg.tenant_by_name(e.tenant)
             e.attempts += 1
             try:
+                data = await asyncio.to_thread(self.spool.data, e)
+            except FileNotFoundError:  # held or deleted by an operator since it was scheduled
+                log.info("queue %s: no longer in the spool (deleted or held by an operator)", e.id)
+                self._entries.pop(e.id, None)
+                return
+            try:
                 if tenant is None:  # a reload removed it: keep the mail until it expires
                     raise TransientError(replies.LOCAL_ERROR, f"tenant {e.tenant} unknown")
-                data = await asyncio.to_thread(self.spool.data, e)
                 outcome = await self._delivery().deliver(tenant, e.mail_from, e.rcpts, data, smtputf8=e.smtputf8)
             except PermanentError as err:
                 log.warning("queue %s: refused for good: %s", e.id, err.detail)

@@ -239,3 +239,21 @@ async def test_partial_refusal_is_never_resent_after_a_restart(make_stack: MakeS
     await make_stack(with_sink=False)  # same spool; the first stack's sink still runs
     await asyncio.sleep(0.6)
     assert len(journal(st.deployment)) == 2
+
+
+async def test_a_copy_held_before_the_rescan_noticed_is_just_dropped(make_stack: MakeStack, deployment: Deployment,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from relay.delivery import admin
+
+    queue_mode(deployment)
+    set_delivery(deployment, "rescan_interval = 60")  # the runner learns of the hold only at its next attempt
+    st = await make_stack(SinkBehavior(defer_rcpt=re.compile("@example.net")))
+    assert (await send(st, message()))[0] == 250
+    spool = st.relay.runner.spool
+    await until(lambda: [i.entry.attempts for i in admin.items(spool)] == [1])
+    [item] = admin.items(spool)
+    admin.hold(spool, item.entry.id)
+    await until(lambda: len(st.relay.runner) == 0, seconds=3)  # the next attempt (0.2-0.4 s) finds it gone
+    assert "unexpected failure" not in caplog.text
+    [held] = admin.items(spool)
+    assert held.state == "held" and held.reason == "held by an operator"
