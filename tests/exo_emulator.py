@@ -53,6 +53,7 @@ class ExoState:
     page_size: int = 2
     token_requests: int = 0
     base: str = ""
+    validation_fails: bool = False  # Validate-OutboundConnector: the TLS task fails
 
     def mutations(self) -> list[str]:
         return [c for c, _ in self.calls if not c.startswith("Get-")]
@@ -168,6 +169,19 @@ class _Handler(BaseHTTPRequestHandler):
         st.tokens.add(token)
         self._send(200, {"token_type": "Bearer", "expires_in": 3599, "access_token": token})
 
+    def _rule_state(self, verb: str, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Enable-/Disable-TransportRule -Identity [-Mode] (learn.microsoft.com/powershell/module/
+        exchange/enable-transportrule, .../disable-transportrule): they set the rule's State."""
+        name = str(params.get("Identity", ""))
+        rule = self.state.objects.get(("TransportRule", name.lower()))
+        if rule is None:
+            return 404, _error("NotFound", f"The operation couldn't be performed because object '{name}' couldn't "
+                               "be found.", "Microsoft.Exchange.Configuration.Tasks.ManagementObjectNotFoundException")
+        rule["State"] = "Enabled" if verb == "Enable" else "Disabled"
+        if verb == "Enable" and "Mode" in params:
+            rule["Mode"] = params["Mode"]
+        return 200, {"value": []}
+
     def _cmdlet(self, cmd: str, params: dict[str, Any], skip: int) -> tuple[int, dict[str, Any]]:
         st = self.state
         verb, _, noun = cmd.partition("-")
@@ -181,8 +195,11 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, out
         if noun not in PARAMS:
             return 400, _error("BadRequest", f"The term '{cmd}' is not recognized as a cmdlet")
+        if verb in ("Enable", "Disable") and noun == "TransportRule":
+            return self._rule_state(verb, params)
         allowed = PARAMS[noun] | ({"Identity"} if verb in ("Get", "Set", "Remove", "Validate") else set()) | \
-            ({"Confirm"} if verb == "Remove" else set()) | ({"Recipients"} if verb == "Validate" else set())
+            ({"Confirm"} if verb == "Remove" else set()) | ({"Recipients"} if verb == "Validate" else set()) | \
+            ({"Enabled"} if (verb, noun) == ("New", "TransportRule") else set())
         unknown = sorted(set(params) - allowed) if verb != "Get" else sorted(set(params) - {"Identity"})
         if unknown:
             return 400, _error("BadRequest", f"A parameter cannot be found that matches parameter name '{unknown[0]}'.",
@@ -203,6 +220,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return 400, _error("BadRequest", f"An object named '{name}' already exists.")
             if noun == "OutboundConnector":
                 params = {"IsValidated": False, **params}
+            if noun == "TransportRule":
+                # Get-TransportRule shows State (Enabled/Disabled), not the New- switch -Enabled
+                # (learn.microsoft.com/powershell/module/exchange/new-transportrule, -Enabled).
+                enabled = params.pop("Enabled", True)
+                params = {**params, "State": "Enabled" if enabled else "Disabled"}
             st.objects[key] = dict(params)
             warn = ["The transport rule may take up to 30 minutes to take effect."] if noun == "TransportRule" else []
             return 200, {"value": [st.objects[key]], "@adminapi.warnings": warn}
@@ -218,7 +240,17 @@ class _Handler(BaseHTTPRequestHandler):
             del st.objects[key]
             return 200, {"value": []}
         if verb == "Validate" and noun == "OutboundConnector":
-            return 200, {"value": [{"Identity": name, "Status": "Succeeded", "Recipients": params.get("Recipients")}]}
+            # Per-task results (TaskName, IsTaskSuccessful, details), as issue #13 describes the
+            # real cmdlet's output; there is no "Status" field.
+            tls_ok = not st.validation_fails
+            tasks = [
+                {"TaskName": "Resolve smart host", "IsTaskSuccessful": True, "Details": None},
+                {"TaskName": "Establish TLS connection", "IsTaskSuccessful": tls_ok,
+                 "Details": None if tls_ok else "TLS with the smart host failed (emulated failure)"},
+                {"TaskName": "Send test email", "IsTaskSuccessful": tls_ok,
+                 "Details": None if tls_ok else "Skipped: an earlier task failed"},
+            ]
+            return 200, {"value": [{**t, "Identity": name, "Recipients": params.get("Recipients")} for t in tasks]}
         return 400, _error("BadRequest", f"The term '{cmd}' is not recognized as a cmdlet")
 
 

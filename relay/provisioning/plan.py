@@ -153,7 +153,7 @@ def _main_rule(brand: str, header: str, outbound: str, group: str | None, exclud
         gui.append(f"Except if: the message size is greater than or equal to {size_cap} bytes")
     gui += ["'Defer the message if rule processing doesn't complete' checked",
             "'Match sender address in message': Header or envelope", "Stop processing more rules; priority " +
-            str(priority)]
+            str(priority), "Mode 'Enforce', and the rule turned on (State: Enabled; check reports a disabled rule)"]
     return Obj("TransportRule", f"{brand} Exchange transport rule", main, gui=tuple(gui))
 
 

@@ -49,7 +49,17 @@ def compare(obj: Obj, have: dict[str, Any] | None) -> Change:
     if have is None:
         return Change(obj, "create")
     diffs = [(k, have.get(k), want) for k, want in obj.params.items() if _norm(have.get(k)) != _norm(want)]
+    if obj.kind == "TransportRule" and str(have.get("State", "Enabled")).lower() != "enabled":
+        # A disabled rule stops stamping for the whole tenant, and Set-TransportRule cannot
+        # change it: Enable-TransportRule does (learn.microsoft.com/powershell/module/exchange/enable-transportrule).
+        diffs.append(("State", have.get("State"), "Enabled"))
     return Change(obj, "update" if diffs else "ok", diffs, have)
+
+
+def _fix_line(c: Change, k: str, have: Any, want: Any) -> str:
+    if k == "State":
+        return f"Enable-TransportRule -Identity {ps_value(c.obj.name)}"
+    return _set_line(Change(c.obj, "update", [(k, have, want)]))
 
 
 def diff(api: AdminApi, plan: Plan) -> list[Change]:
@@ -112,7 +122,11 @@ def _apply_one(api: AdminApi, obj: Any, c: Change, label: str, log: Log, dry_run
         for k, have, want in c.diffs:
             log(f"{label} '{obj.name}': {k}: {have!r} → {want!r}" + (" (would change)" if dry_run else ""))
         if not dry_run:
-            api.invoke(f"Set-{obj.kind}", {"Identity": obj.name, **{k: w for k, _, w in c.diffs}})
+            settable = {k: w for k, _, w in c.diffs if k != "State"}
+            if settable:
+                api.invoke(f"Set-{obj.kind}", {"Identity": obj.name, **settable})
+            if any(k == "State" for k, _, _ in c.diffs):
+                api.invoke("Enable-TransportRule", {"Identity": obj.name})
 
 
 def _validate(api: AdminApi, plan: Plan, obj: Any, c: Change, log: Log, dry_run: bool, recipient: str) -> None:
@@ -125,15 +139,37 @@ def _validate(api: AdminApi, plan: Plan, obj: Any, c: Change, log: Log, dry_run:
     if dry_run:
         return
     res = api.invoke("Validate-OutboundConnector", {"Identity": obj.name, "Recipients": [recipient]})
-    failed = [r for r in res.value if str(r.get("Status", "")).lower() not in ("succeeded", "")]
+    failed = _validation_failures(res.value, log)
     if failed:
-        raise ApiError(f"Validation of '{obj.name}' failed: {failed[0]}. Is the relay reachable on "
-                       f"port 25 as {plan.smart_host}, with a certificate for {plan.tls_domain}?")
+        raise ApiError(
+            f"Validation of '{obj.name}' failed: {'; '.join(failed)}. The connector is NOT marked validated. "
+            f"Check that the relay is reachable from the internet on port 25 as {plan.smart_host} and presents a "
+            f"certificate for {plan.tls_domain} (signature-relay check), then run apply again or validate it in the "
+            f"Exchange admin center → Mail flow → Connectors → '{obj.name}' → Validate this connector.", exit_code=1)
     # Validate-OutboundConnector does not set the flag: mark it validated ourselves.
     api.invoke("Set-OutboundConnector", {
         "Identity": obj.name, "IsValidated": True,
         "LastValidationTimestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "ValidationRecipients": [recipient]})
+
+
+def _validation_failures(results: list[dict[str, Any]], log: Log) -> list[str]:
+    """Validate-OutboundConnector answers one result per task (``TaskName``, ``IsTaskSuccessful``,
+    details). Each is traced; a task not reported successful, or no result at all, is a failure:
+    an answer we cannot read must never mark the connector validated."""
+    if not results:
+        return ["Exchange Online returned no validation result"]
+    failed = []
+    for r in results:
+        name = str(r.get("TaskName") or "validation")
+        ok = r.get("IsTaskSuccessful")
+        if ok is None and "Status" in r:  # older shape, seen in some scripts
+            ok = str(r["Status"]).lower() == "succeeded"
+        detail = r.get("Details") or r.get("Detail") or r.get("Error") or ""
+        log(f"      {name}: {'ok' if ok is True else 'FAILED'}{f' ({detail})' if detail and ok is not True else ''}")
+        if ok is not True:
+            failed.append(f"{name}{f': {detail}' if detail else ''}")
+    return failed
 
 
 def check(api: AdminApi, plan: Plan) -> list[str]:
@@ -148,7 +184,7 @@ def check(api: AdminApi, plan: Plan) -> list[str]:
         elif c.action == "update":
             for k, have, want in c.diffs:
                 problems.append(f"{c.obj.kind} '{c.obj.name}': {k} is {have!r}, should be {want!r}. "
-                                f"Fix: {_set_line(Change(c.obj, 'update', [(k, have, want)]))}")
+                                f"Fix: {_fix_line(c, k, have, want)}")
         if c.obj.kind == "OutboundConnector" and c.current is not None and not c.current.get("IsValidated"):
             problems.append(f"OutboundConnector '{c.obj.name}' is not validated. Fix: signature-relay connectors apply")
     return problems

@@ -166,3 +166,47 @@ def test_bad_app_certificate_is_a_sign_in_error(env: tuple[Deployment, Emulator,
     args = [a if a != str(tmp_path / "app.pem") else str(pem) for a in args]
     rc, _, err = run(capsys, "connectors", "check", *args)
     assert rc == 3 and "Sign-in failed for app" in err and "AADSTS700027" in err
+
+
+# --- issue #13 -------------------------------------------------------------------------------------
+
+RULE = "Signature Relay Exchange transport rule"
+
+
+def test_a_disabled_rule_is_reported_and_re_enabled(env: tuple[Deployment, Emulator, list[str]],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """#13 defect 1: after Disable-TransportRule behind the tool's back, check used to say OK."""
+    _, emu, args = env
+    assert run(capsys, "connectors", "apply", *args)[0] == 0
+    st = emu.state
+    assert st.objects[("TransportRule", RULE.lower())]["State"] == "Enabled"
+    st.objects[("TransportRule", RULE.lower())]["State"] = "Disabled"  # what Disable-TransportRule does
+    rc, out, _ = run(capsys, "connectors", "check", *args)
+    assert rc == 1
+    assert (f"TransportRule '{RULE}': State is 'Disabled', should be 'Enabled'. "
+            f"Fix: Enable-TransportRule -Identity '{RULE}'") in out
+    n = len(st.calls)
+    assert run(capsys, "connectors", "apply", *args)[0] == 0
+    assert [c for c, _ in st.calls[n:] if not c.startswith("Get-")] == ["Enable-TransportRule"]
+    assert st.objects[("TransportRule", RULE.lower())]["State"] == "Enabled"
+    assert run(capsys, "connectors", "check", *args)[0] == 0
+
+
+def test_a_failed_validation_task_stops_apply_and_is_not_marked_validated(
+        env: tuple[Deployment, Emulator, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    """#13 defect 2: the result is per task (TaskName, IsTaskSuccessful); a failed task used to
+    pass because the wizard looked for a Status field the cmdlet does not return."""
+    _, emu, args = env
+    emu.state.validation_fails = True
+    rc, out, err = run(capsys, "connectors", "apply", *args)
+    assert rc == 1
+    assert "Establish TLS connection: FAILED (TLS with the smart host failed (emulated failure))" in out
+    assert "Resolve smart host: ok" in out
+    assert "Validation of 'Signature Relay Outbound Connector' failed: Establish TLS connection" in err
+    assert "NOT marked validated" in err and "Validate this connector" in err
+    connector = emu.state.objects[("OutboundConnector", "signature relay outbound connector")]
+    assert connector["IsValidated"] is False
+    assert "Set-OutboundConnector" not in [c for c, _ in emu.state.calls]
+    emu.state.validation_fails = False  # the admin fixes the relay's certificate
+    assert run(capsys, "connectors", "apply", *args)[0] == 0
+    assert connector["IsValidated"] is True
