@@ -26,6 +26,9 @@ class Obj:
     name: str
     params: dict[str, Any]
     gui: tuple[str, ...] = ()  # the same settings as an admin types them in the admin center
+    # Parameters this plan manages that must be empty: an earlier, narrower apply may have set
+    # them (a group scope, internal exclusion, size cap), and the scope could never widen again.
+    absent: tuple[str, ...] = ()
 
     def new_params(self) -> dict[str, Any]:
         return {"Name": self.name, **self.params}
@@ -154,7 +157,14 @@ def _main_rule(brand: str, header: str, outbound: str, group: str | None, exclud
     gui += ["'Defer the message if rule processing doesn't complete' checked",
             "'Match sender address in message': Header or envelope", "Stop processing more rules; priority " +
             str(priority), "Mode 'Enforce', and the rule turned on (State: Enabled; check reports a disabled rule)"]
-    return Obj("TransportRule", f"{brand} Exchange transport rule", main, gui=tuple(gui))
+    absent = tuple(k for k in ("FromMemberOf", "SentToScope", "ExceptIfMessageSizeOver") if k not in main)
+    return Obj("TransportRule", f"{brand} Exchange transport rule", main, gui=tuple(gui), absent=absent)
+
+
+def optional_rule_names(brand: str = BRAND) -> tuple[str, ...]:
+    """Every rule a plan may create besides the main one (``remove`` removes them whatever flags
+    it is given: a rule created by an earlier apply must not be left behind)."""
+    return (f"{brand} out-of-office exception", f"{brand} message recall exception")
 
 
 def _in_scope(tenant: Tenant, group: str | None) -> int | None:
@@ -171,6 +181,8 @@ def _in_scope(tenant: Tenant, group: str | None) -> int | None:
 
 def ps_value(v: Any) -> str:
     """A PowerShell literal: $true/$false, numbers, 'quoted' strings, @('a','b') arrays."""
+    if v is None:
+        return "$null"
     if isinstance(v, bool):
         return "$true" if v else "$false"
     if isinstance(v, int):

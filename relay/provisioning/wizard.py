@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.provisioning.api import AdminApi, ApiError
-from relay.provisioning.plan import Obj, Plan, ps_value
+from relay.provisioning.plan import BRAND, Obj, Plan, optional_rule_names, ps_value
 
 Log = Callable[[str], None]
 
@@ -35,6 +35,11 @@ def _norm(v: Any) -> Any:
     return s.lower()
 
 
+def _empty(v: Any) -> bool:
+    """No value, as Exchange Online shows a cleared parameter (null, "", an empty collection)."""
+    return v is None or v == "" or (isinstance(v, list | tuple) and not v)
+
+
 def get(api: AdminApi, kind: str, name: str) -> dict[str, Any] | None:
     try:
         res = api.invoke(f"Get-{kind}", {"Identity": name})
@@ -49,6 +54,7 @@ def compare(obj: Obj, have: dict[str, Any] | None) -> Change:
     if have is None:
         return Change(obj, "create")
     diffs = [(k, have.get(k), want) for k, want in obj.params.items() if _norm(have.get(k)) != _norm(want)]
+    diffs += [(k, have.get(k), None) for k in obj.absent if not _empty(have.get(k))]
     if obj.kind == "TransportRule" and str(have.get("State", "Enabled")).lower() != "enabled":
         # A disabled rule stops stamping for the whole tenant, and Set-TransportRule cannot
         # change it: Enable-TransportRule does (learn.microsoft.com/powershell/module/exchange/enable-transportrule).
@@ -141,6 +147,8 @@ def _validate(api: AdminApi, plan: Plan, obj: Any, c: Change, log: Log, dry_run:
     res = api.invoke("Validate-OutboundConnector", {"Identity": obj.name, "Recipients": [recipient]})
     failed = _validation_failures(res.value, log)
     if failed:
+        # A flag left from an earlier validation would make `check` vouch for settings that failed now.
+        api.invoke("Set-OutboundConnector", {"Identity": obj.name, "IsValidated": False})
         raise ApiError(
             f"Validation of '{obj.name}' failed: {'; '.join(failed)}. The connector is NOT marked validated. "
             f"Check that the relay is reachable from the internet on port 25 as {plan.smart_host} and presents a "
@@ -190,15 +198,19 @@ def check(api: AdminApi, plan: Plan) -> list[str]:
     return problems
 
 
-def remove(api: AdminApi, plan: Plan, *, log: Log) -> int:
-    """Rule(s) first, then outbound, then inbound: never a rule pointing at a missing connector."""
-    order = [*reversed(plan.rules), plan.outbound, plan.inbound]
+def remove(api: AdminApi, plan: Plan, *, log: Log, brand: str = BRAND) -> int:
+    """Rule(s) first, then outbound, then inbound: never a rule pointing at a missing connector.
+    The optional exception rules are removed whenever they exist, whatever flags built ``plan``."""
+    planned = [(r.kind, r.name) for r in reversed(plan.rules)]
+    extra = [("TransportRule", n) for n in optional_rule_names(brand) if n not in {r for _, r in planned}]
+    order = [*planned, *extra, (plan.outbound.kind, plan.outbound.name), (plan.inbound.kind, plan.inbound.name)]
     removed = 0
-    for obj in order:
-        if get(api, obj.kind, obj.name) is None:
-            log(f"{obj.kind} '{obj.name}': not present")
+    for kind, name in order:
+        if get(api, kind, name) is None:
+            if (kind, name) not in extra:
+                log(f"{kind} '{name}': not present")
             continue
-        api.invoke(f"Remove-{obj.kind}", {"Identity": obj.name, "Confirm": False})
-        log(f"{obj.kind} '{obj.name}': removed")
+        api.invoke(f"Remove-{kind}", {"Identity": name, "Confirm": False})
+        log(f"{kind} '{name}': removed")
         removed += 1
     return removed

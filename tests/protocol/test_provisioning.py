@@ -206,7 +206,47 @@ def test_a_failed_validation_task_stops_apply_and_is_not_marked_validated(
     assert "NOT marked validated" in err and "Validate this connector" in err
     connector = emu.state.objects[("OutboundConnector", "signature relay outbound connector")]
     assert connector["IsValidated"] is False
-    assert "Set-OutboundConnector" not in [c for c, _ in emu.state.calls]
+    assert [p for c, p in emu.state.calls if c == "Set-OutboundConnector"] == [
+        {"Identity": "Signature Relay Outbound Connector", "IsValidated": False}]
     emu.state.validation_fails = False  # the admin fixes the relay's certificate
     assert run(capsys, "connectors", "apply", *args)[0] == 0
     assert connector["IsValidated"] is True
+
+
+def test_widening_the_scope_clears_conditions_and_remove_takes_every_optional_rule(
+        env: tuple[Deployment, Emulator, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    """#13 defect 3 and the scenario of "What it must show" 2: narrow, widen, disable behind the
+    tool's back, validate with a failing task — each step reported or corrected."""
+    _, emu, args = env
+    st = emu.state
+    narrow = ["--scope", "group:Sales", "--exclude-internal", "--size-cap", "1000000", "--except-oof"]
+    assert run(capsys, "connectors", "apply", *args, *narrow)[0] == 0
+    rule = st.objects[("TransportRule", RULE.lower())]
+    assert (rule["FromMemberOf"], rule["SentToScope"], rule["ExceptIfMessageSizeOver"]) == (
+        ["Sales"], "NotInOrganization", 1000000)
+    # widen: check names each condition that must go, with the command that clears it
+    rc, out, _ = run(capsys, "connectors", "check", *args)
+    assert rc == 1
+    assert (f"TransportRule '{RULE}': FromMemberOf is ['Sales'], should be None. "
+            f"Fix: Set-TransportRule -Identity '{RULE}' -FromMemberOf $null") in out
+    assert "SentToScope is 'NotInOrganization', should be None" in out
+    assert "ExceptIfMessageSizeOver is 1000000, should be None" in out
+    assert run(capsys, "connectors", "apply", *args)[0] == 0
+    assert (rule["FromMemberOf"], rule["SentToScope"], rule["ExceptIfMessageSizeOver"]) == (None, None, None)
+    assert run(capsys, "connectors", "check", *args)[0] == 0
+    # disabled behind the tool's back, then a validation that fails
+    rule["State"] = "Disabled"
+    st.objects[("OutboundConnector", "signature relay outbound connector")]["SmartHosts"] = ["old.example"]
+    st.validation_fails = True
+    rc, out, err = run(capsys, "connectors", "apply", *args)
+    assert rc == 1 and "Establish TLS connection: FAILED" in out and "NOT marked validated" in err
+    assert st.objects[("OutboundConnector", "signature relay outbound connector")]["IsValidated"] is False
+    rc, out, _ = run(capsys, "connectors", "check", *args)
+    assert rc == 1 and "is not validated" in out and "State is 'Disabled'" in out
+    st.validation_fails = False
+    assert run(capsys, "connectors", "apply", *args)[0] == 0
+    assert rule["State"] == "Enabled" and run(capsys, "connectors", "check", *args)[0] == 0
+    # remove without --except-oof still removes the out-of-office rule the narrow apply created
+    assert ("TransportRule", "signature relay out-of-office exception") in st.objects
+    assert run(capsys, "connectors", "remove", *args)[0] == 0
+    assert st.objects == {}
