@@ -479,6 +479,8 @@ def cmd_connectors(args: argparse.Namespace) -> int:
             api.close()
     except ApiError as e:
         print(f"signature-relay connectors {args.action}: {e}", file=sys.stderr)
+        if args.action == "check" and e.exit_code == 1:
+            return 6  # could not check (Exchange Online refused a read): not the same as drift (1)
         return e.exit_code
 
 

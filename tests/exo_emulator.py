@@ -112,6 +112,27 @@ class _Handler(BaseHTTPRequestHandler):
             if what == "302":
                 self._send(302, {}, {"Location": f"{st.base}/emea/adminapi/beta/{st.tenant_id}/InvokeCommand"})
                 return
+            if what in ("503", "504", "408"):
+                self._send(int(what), _error("ServiceUnavailable", "try later"), {"Retry-After": "0"})
+                return
+            if what == "302-loop":
+                st.inject[:0] = ["302-loop"]  # every request is redirected again
+                self._send(302, {}, {"Location": f"{st.base}/loop/adminapi/beta/{st.tenant_id}/InvokeCommand"})
+                return
+            if what == "302-http":
+                self._send(302, {}, {"Location": f"http://127.0.0.1:1/adminapi/beta/{st.tenant_id}/InvokeCommand"})
+                return
+            if what == "302-foreign":
+                self._send(302, {}, {"Location": f"https://attacker.example/adminapi/beta/{st.tenant_id}/InvokeCommand"})
+                return
+            if what == "html":
+                page = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+                self.send_response(502)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+                return
             if what == "401":
                 self._send(401, {}, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
                 return

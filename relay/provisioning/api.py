@@ -3,13 +3,15 @@
 ``POST {base}/adminapi/beta/{tenant}/InvokeCommand`` with ``{"CmdletInput": {"CmdletName": ...,
 "Parameters": {...}}}``; app-only auth with a certificate through MSAL (scope
 ``https://outlook.office365.com/.default``, app permission Exchange.ManageAsApp + an Exchange
-admin role). Paging follows ``@odata.nextLink`` (POSTing the same body), 429 backs off, a regional
-302 is followed with the same POST, and errors become sentences a person can act on.
+admin role). Paging follows ``@odata.nextLink`` (POSTing the same body), 408/429/503/504 back off
+(Retry-After, capped), a regional redirect is followed with the same POST only over https to an
+Exchange Online host, and errors become sentences a person can act on.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import ssl
 import time
 import uuid
@@ -22,6 +24,14 @@ import httpx
 
 ANCHOR_MAILBOX = "APP:SystemMailbox{{bb558c35-97f1-4cb9-8ff7-d53741dc928c}}@{tenant}"
 RESOURCE = "https://outlook.office365.com"
+# Answers worth the same request again (RFC 9110 §15.5.9 408, §15.6.4 503, §15.6.5 504; 429: RFC
+# 6585 §4), honouring Retry-After up to a cap so a bad header cannot stall a run for hours.
+RETRYABLE = {408: "request timeout", 429: "throttled", 503: "service unavailable", 504: "gateway timeout"}
+MAX_RETRY_AFTER = 120.0
+MAX_REDIRECTS = 3
+# Exchange Online admin hosts of every cloud (worldwide, GCC High, DoD, 21Vianet); a redirect
+# elsewhere would carry the bearer token to a stranger, so it is refused.
+EXO_HOST_SUFFIXES = ("office365.com", "office.com", "outlook.com", "office365.us", "partner.outlook.cn")
 
 
 class ApiError(Exception):
@@ -113,7 +123,7 @@ class AdminApi:
         return out
 
     def _post(self, url: str, body: dict[str, Any], cmdlet: str) -> dict[str, Any]:
-        redirects = 0
+        redirects, last = 0, 429
         for attempt in range(self.max_retries + 1):
             headers = {
                 "Authorization": f"Bearer {self.token()}",
@@ -126,30 +136,48 @@ class AdminApi:
                 r = self.http.post(url, json=body, headers=headers)
             except httpx.HTTPError as e:
                 raise ApiError(f"{cmdlet}: cannot reach {url}: {e}", exit_code=4) from e
-            if r.status_code in (301, 302, 307, 308) and "location" in r.headers and redirects < 3:
+            if r.status_code in (301, 302, 307, 308) and "location" in r.headers:
                 # The tenant lives in another region: the same POST goes to the regional endpoint.
                 redirects += 1
-                url = str(httpx.URL(url).join(r.headers["location"]))
+                url = self._redirect_target(url, r.headers["location"], cmdlet, redirects)
                 self.log(f"  … {cmdlet}: redirected to {httpx.URL(url).host}")
                 continue
-            if r.status_code == 429:
+            if r.status_code in RETRYABLE:
                 if attempt >= self.max_retries:
+                    last = r.status_code
                     break
                 wait = _retry_after(r, attempt)
-                self.log(f"  … {cmdlet}: throttled (429), retrying in {wait:.0f} s")
+                self.log(f"  … {cmdlet}: {RETRYABLE[r.status_code]} ({r.status_code}), retrying in {wait:.0f} s")
                 self.sleep(wait)
                 continue
             if r.status_code == 200:
                 payload: dict[str, Any] = r.json()
                 return payload
             raise _explain(r, cmdlet)
-        raise ApiError(f"{cmdlet}: still throttled after {self.max_retries} retries; try again later",
-                       status=429, exit_code=5)
+        what = "throttled" if last == 429 else f"answering {last} ({RETRYABLE.get(last, 'error')})"
+        raise ApiError(f"{cmdlet}: still {what} after {self.max_retries} retries; try again later",
+                       status=last, exit_code=5)
+
+    def _redirect_target(self, url: str, location: str, cmdlet: str, redirects: int) -> str:
+        """Where a redirect may go: https only, to this API's host or an Exchange Online host, at
+        most ``MAX_REDIRECTS`` times — never the bearer token to anyone else."""
+        if redirects > MAX_REDIRECTS:
+            raise ApiError(f"{cmdlet}: Exchange Online redirected more than {MAX_REDIRECTS} times (a redirect loop); "
+                           "check --admin-url", exit_code=4)
+        target = httpx.URL(url).join(location)
+        base_host = httpx.URL(self.base).host
+        host_ok = target.host == base_host or any(target.host == s or target.host.endswith("." + s)
+                                                  for s in EXO_HOST_SUFFIXES)
+        if target.scheme != "https" or not host_ok:
+            raise ApiError(f"{cmdlet}: refused to follow a redirect to {target.scheme}://{target.host} (only https to "
+                           f"{base_host} or an Exchange Online host); the sign-in token was not sent there",
+                           exit_code=4)
+        return str(target)
 
 
 def _retry_after(r: httpx.Response, attempt: int) -> float:
     try:
-        return max(0.0, float(r.headers.get("retry-after", "")))
+        return min(MAX_RETRY_AFTER, max(0.0, float(r.headers.get("retry-after", ""))))
     except ValueError:
         return min(60.0, 2.0 ** attempt)
 
@@ -163,6 +191,14 @@ def _explain(r: httpx.Response, cmdlet: str) -> ApiError:
         return ApiError(f"{cmdlet}: 403 Forbidden — the app signed in but may not run this cmdlet. Assign its service "
                         "principal the Exchange Administrator role (Entra ID → Roles and administrators).",
                         status=403, exit_code=3)
+    ctype = r.headers.get("content-type", "")
+    if "html" in ctype or r.text.lstrip()[:1] == "<":
+        # A proxy, a captive portal or a gateway answered instead of the API: say so in one sentence.
+        title = re.search(r"<title[^>]*>([^<]{1,200})</title>", r.text, re.I)
+        page = f" ({' '.join(title.group(1).split())})" if title else ""
+        return ApiError(f"{cmdlet}: {r.url.host} answered HTTP {r.status_code} with a web page{page} instead of the "
+                        "admin API; check --admin-url and any proxy in between", status=r.status_code,
+                        exit_code=4 if r.status_code >= 500 else 1)
     try:
         err = r.json().get("error", {})
     except ValueError:

@@ -128,8 +128,14 @@ def test_certificate_domain_must_be_accepted(env: tuple[Deployment, Emulator, li
                "Online application permission Exchange.ManageAsApp"),
     ("403", 3, "403 Forbidden — the app signed in but may not run this cmdlet. Assign its service principal the "
                "Exchange Administrator role"),
-    ("error", 1, "Exchange Online refused (400, BadRequest): The connector couldn't be saved because TlsDomain is "
+    # #13 defect 6: "could not check" (6) is not "drift found" (1)
+    ("error", 6, "Exchange Online refused (400, BadRequest): The connector couldn't be saved because TlsDomain is "
                  "invalid."),
+    ("302-loop", 4, "redirected more than 3 times (a redirect loop); check --admin-url"),
+    ("302-http", 4, "refused to follow a redirect to http://127.0.0.1 (only https to 127.0.0.1 or an Exchange "
+                    "Online host); the sign-in token was not sent there"),
+    ("302-foreign", 4, "refused to follow a redirect to https://attacker.example"),
+    ("html", 4, "127.0.0.1 answered HTTP 502 with a web page (502 Bad Gateway) instead of the admin API"),
 ])
 def test_errors_are_explained_with_exit_codes(env: tuple[Deployment, Emulator, list[str]],
                                               capsys: pytest.CaptureFixture[str], inject: str, code: int,
@@ -250,3 +256,22 @@ def test_widening_the_scope_clears_conditions_and_remove_takes_every_optional_ru
     assert ("TransportRule", "signature relay out-of-office exception") in st.objects
     assert run(capsys, "connectors", "remove", *args)[0] == 0
     assert st.objects == {}
+
+
+@pytest.mark.parametrize("status", ["408", "503", "504"])
+def test_transient_server_errors_are_retried(env: tuple[Deployment, Emulator, list[str]],
+                                             capsys: pytest.CaptureFixture[str], status: str) -> None:
+    _, emu, args = env
+    emu.state.inject = [status, status]
+    rc, out, err = run(capsys, "connectors", "apply", *args)
+    assert rc == 0, err
+    assert out.count(f"({status}), retrying in 0 s") == 2 and len(emu.state.objects) == 3
+
+
+def test_retry_after_is_capped() -> None:
+    import httpx
+
+    from relay.provisioning.api import MAX_RETRY_AFTER, _retry_after
+
+    r = httpx.Response(429, headers={"Retry-After": "86400"})
+    assert _retry_after(r, 0) == MAX_RETRY_AFTER == 120.0
