@@ -441,17 +441,19 @@ def cmd_connectors_plan(args: argparse.Namespace) -> int:
 def _api(args: argparse.Namespace, cfg: config.Config) -> Any:
     from pathlib import Path
 
-    from relay.provisioning.api import AdminApi, ApiError, msal_token_provider
+    from relay.provisioning.api import CLOUDS, AdminApi, ApiError, msal_token_provider
 
     tenant = _tenant_for(cfg, args.tenant, None)
     if not args.app_id or not args.certificate:
         raise ApiError("give --app-id and --certificate (PEM with the app registration's private key and "
                        "certificate); see README 'Exchange Online setup'", exit_code=2)
     verify: str | bool = args.ca_bundle or True
+    cloud = CLOUDS[args.cloud]
     token = msal_token_provider(tenant_id=args.tenant_id or tenant.id, app_id=args.app_id,
-                                certificate=Path(args.certificate), login_base=args.login_url, verify=verify)
-    return AdminApi(base_url=args.admin_url, tenant=args.tenant_id or tenant.id, token=token, verify=verify,
-                    log=lambda m: print(m, flush=True))
+                                certificate=Path(args.certificate), login_base=args.login_url or cloud.login_url,
+                                verify=verify, resource=cloud.resource)
+    return AdminApi(base_url=args.admin_url or cloud.admin_url, tenant=args.tenant_id or tenant.id, token=token,
+                    verify=verify, log=lambda m: print(m, flush=True), cloud=cloud)
 
 
 def cmd_connectors(args: argparse.Namespace) -> int:
@@ -676,8 +678,11 @@ def _add_connectors_command(sub: Any) -> None:
         ap.add_argument("--app-id", help="app registration (client) id with Exchange.ManageAsApp")
         ap.add_argument("--certificate", metavar="PEM", help="the app's private key and certificate")
         ap.add_argument("--tenant-id", help="Entra tenant id or initial domain (default: the tenant's id)")
-        ap.add_argument("--admin-url", default="https://outlook.office365.com", help="admin API base URL")
-        ap.add_argument("--login-url", default="https://login.microsoftonline.com", help="sign-in base URL")
+        ap.add_argument("--cloud", choices=["global", "gcc-high", "dod", "china"], default="global",
+                        help="Microsoft 365 cloud: sets the admin API URL, sign-in authority and token scope "
+                             "together (default: global)")
+        ap.add_argument("--admin-url", help="override the cloud's admin API base URL (e.g. a test emulator)")
+        ap.add_argument("--login-url", help="override the cloud's sign-in base URL")
         ap.add_argument("--ca-bundle", metavar="PEM", help="trust anchors for those URLs (default: system)")
         if action == "apply":
             ap.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")

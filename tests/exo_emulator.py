@@ -54,6 +54,7 @@ class ExoState:
     token_requests: int = 0
     base: str = ""
     validation_fails: bool = False  # Validate-OutboundConnector: the TLS task fails
+    scopes: list[str] = field(default_factory=list)  # the scope of each token request
 
     def mutations(self) -> list[str]:
         return [c for c, _ in self.calls if not c.startswith("Get-")]
@@ -172,10 +173,13 @@ class _Handler(BaseHTTPRequestHandler):
         st = self.state
         st.token_requests += 1
         f = {k: v[0] for k, v in form.items()}
+        st.scopes.append(f.get("scope", ""))
         try:
             assert f.get("grant_type") == "client_credentials"
             assert f.get("client_id") == st.app_id
-            assert f.get("scope") == "https://outlook.office365.com/.default"
+            # the resource of one of the clouds (app-only-auth-powershell-v2; see relay.provisioning.api.CLOUDS)
+            assert f.get("scope") in ("https://outlook.office365.com/.default", "https://outlook.office365.us/.default",
+                                      "https://webmail.apps.mil/.default", "https://partner.outlook.cn/.default")
             assert f.get("client_assertion_type") == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
             key = st.app_cert.public_key()
             assert isinstance(key, rsa.RSAPublicKey)  # the app's certificate is RSA (what Entra ID requires)

@@ -2,7 +2,7 @@
 
 ``POST {base}/adminapi/beta/{tenant}/InvokeCommand`` with ``{"CmdletInput": {"CmdletName": ...,
 "Parameters": {...}}}``; app-only auth with a certificate through MSAL (scope
-``https://outlook.office365.com/.default``, app permission Exchange.ManageAsApp + an Exchange
+``<cloud resource>/.default``, app permission Exchange.ManageAsApp + an Exchange
 admin role). Paging follows ``@odata.nextLink`` (POSTing the same body), 408/429/503/504 back off
 (Retry-After, capped), a regional redirect is followed with the same POST only over https to an
 Exchange Online host, and errors become sentences a person can act on.
@@ -23,15 +23,37 @@ from typing import Any
 import httpx
 
 ANCHOR_MAILBOX = "APP:SystemMailbox{{bb558c35-97f1-4cb9-8ff7-d53741dc928c}}@{tenant}"
-RESOURCE = "https://outlook.office365.com"
 # Answers worth the same request again (RFC 9110 §15.5.9 408, §15.6.4 503, §15.6.5 504; 429: RFC
 # 6585 §4), honouring Retry-After up to a cap so a bad header cannot stall a run for hours.
 RETRYABLE = {408: "request timeout", 429: "throttled", 503: "service unavailable", 504: "gateway timeout"}
 MAX_RETRY_AFTER = 120.0
 MAX_REDIRECTS = 3
-# Exchange Online admin hosts of every cloud (worldwide, GCC High, DoD, 21Vianet); a redirect
-# elsewhere would carry the bearer token to a stranger, so it is refused.
-EXO_HOST_SUFFIXES = ("office365.com", "office.com", "outlook.com", "office365.us", "partner.outlook.cn")
+
+
+@dataclass(frozen=True)
+class Cloud:
+    """One Microsoft 365 cloud: admin API, sign-in authority and token scope belong together
+    (Connect-ExchangeOnline -ExchangeEnvironmentName O365Default / O365USGovGCCHigh / O365USGovDoD /
+    O365China; app-only-auth-powershell-v2; the "Office 365 U.S. Government DoD endpoints" page lists
+    webmail.apps.mil). ``hosts``: where a regional redirect may lead (never the token elsewhere)."""
+
+    name: str
+    admin_url: str
+    login_url: str
+    resource: str
+    hosts: tuple[str, ...]
+
+
+CLOUDS = {
+    "global": Cloud("global", "https://outlook.office365.com", "https://login.microsoftonline.com",
+                    "https://outlook.office365.com", ("office365.com", "office.com", "outlook.com")),
+    "gcc-high": Cloud("gcc-high", "https://outlook.office365.us", "https://login.microsoftonline.us",
+                      "https://outlook.office365.us", ("office365.us",)),
+    "dod": Cloud("dod", "https://webmail.apps.mil", "https://login.microsoftonline.us",
+                 "https://webmail.apps.mil", ("webmail.apps.mil", "office365.us")),
+    "china": Cloud("china", "https://partner.outlook.cn", "https://login.partner.microsoftonline.cn",
+                   "https://partner.outlook.cn", ("partner.outlook.cn",)),
+}
 
 
 class ApiError(Exception):
@@ -50,7 +72,7 @@ class Result:
 
 
 def msal_token_provider(*, tenant_id: str, app_id: str, certificate: Path, login_base: str,
-                        verify: str | bool = True) -> Callable[[], str]:
+                        verify: str | bool = True, resource: str = CLOUDS["global"].resource) -> Callable[[], str]:
     """Bearer tokens for the admin API from an app registration's certificate (PEM: key + cert)."""
     import msal
     import requests
@@ -80,7 +102,7 @@ def msal_token_provider(*, tenant_id: str, app_id: str, certificate: Path, login
 
     def token() -> str:
         try:
-            res = app.acquire_token_for_client(scopes=[f"{RESOURCE}/.default"])
+            res = app.acquire_token_for_client(scopes=[f"{resource}/.default"])
         except (requests.RequestException, ValueError) as e:
             raise ApiError(f"Sign-in service {login_base} not reachable or not answering as expected: {e}",
                            exit_code=4) from e
@@ -96,8 +118,9 @@ def msal_token_provider(*, tenant_id: str, app_id: str, certificate: Path, login
 class AdminApi:
     def __init__(self, *, base_url: str, tenant: str, token: Callable[[], str], verify: str | bool = True,
                  max_retries: int = 5, log: Callable[[str], None] = lambda _m: None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, cloud: Cloud = CLOUDS["global"]) -> None:
         self.base = base_url.rstrip("/")
+        self.cloud = cloud
         self.tenant = tenant
         self.token = token
         tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
@@ -167,11 +190,11 @@ class AdminApi:
         target = httpx.URL(url).join(location)
         base_host = httpx.URL(self.base).host
         host_ok = target.host == base_host or any(target.host == s or target.host.endswith("." + s)
-                                                  for s in EXO_HOST_SUFFIXES)
+                                                  for s in self.cloud.hosts)
         if target.scheme != "https" or not host_ok:
             raise ApiError(f"{cmdlet}: refused to follow a redirect to {target.scheme}://{target.host} (only https to "
-                           f"{base_host} or an Exchange Online host); the sign-in token was not sent there",
-                           exit_code=4)
+                           f"{base_host} or an Exchange Online host of the {self.cloud.name} cloud); the sign-in "
+                           "token was not sent there", exit_code=4)
         return str(target)
 
 

@@ -133,7 +133,7 @@ def test_certificate_domain_must_be_accepted(env: tuple[Deployment, Emulator, li
                  "invalid."),
     ("302-loop", 4, "redirected more than 3 times (a redirect loop); check --admin-url"),
     ("302-http", 4, "refused to follow a redirect to http://127.0.0.1 (only https to 127.0.0.1 or an Exchange "
-                    "Online host); the sign-in token was not sent there"),
+                    "Online host of the global cloud); the sign-in token was not sent there"),
     ("302-foreign", 4, "refused to follow a redirect to https://attacker.example"),
     ("html", 4, "127.0.0.1 answered HTTP 502 with a web page (502 Bad Gateway) instead of the admin API"),
 ])
@@ -275,3 +275,23 @@ def test_retry_after_is_capped() -> None:
 
     r = httpx.Response(429, headers={"Retry-After": "86400"})
     assert _retry_after(r, 0) == MAX_RETRY_AFTER == 120.0
+
+
+def test_cloud_sets_admin_url_login_and_token_scope_together(env: tuple[Deployment, Emulator, list[str]],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """#13 defect 5: the token scope used to be the worldwide one whatever --admin-url said."""
+    from relay.provisioning.api import CLOUDS, AdminApi, ApiError
+
+    _, emu, args = env
+    assert run(capsys, "connectors", "check", *args, "--cloud", "gcc-high")[0] in (0, 1)
+    assert emu.state.scopes[-1] == "https://outlook.office365.us/.default"
+    assert run(capsys, "connectors", "check", *args, "--cloud", "china")[0] in (0, 1)
+    assert emu.state.scopes[-1] == "https://partner.outlook.cn/.default"
+    assert (CLOUDS["dod"].admin_url, CLOUDS["dod"].login_url) == ("https://webmail.apps.mil",
+                                                                  "https://login.microsoftonline.us")
+    # a redirect may only lead to the selected cloud's hosts
+    api = AdminApi(base_url=CLOUDS["gcc-high"].admin_url, tenant="t", token=lambda: "x", cloud=CLOUDS["gcc-high"])
+    assert api._redirect_target("https://outlook.office365.us/a", "https://nam.outlook.office365.us/b", "Get-X", 1)
+    with pytest.raises(ApiError, match="gcc-high cloud"):
+        api._redirect_target("https://outlook.office365.us/a", "https://outlook.office365.com/b", "Get-X", 1)
+    api.close()
