@@ -236,8 +236,8 @@ class _Handler(BaseHTTPRequestHandler):
                          "Microsoft.Exchange.Configuration.Tasks.ManagementObjectNotFoundException")
         if verb == "Get":
             if not name:
-                return 200, {"value": [o for (n, _), o in st.objects.items() if n == noun]}
-            return (200, {"value": [st.objects[key]]}) if key in st.objects else (404, missing)
+                return 200, {"value": [_readback(o) for (n, _), o in st.objects.items() if n == noun]}
+            return (200, {"value": [_readback(st.objects[key])]}) if key in st.objects else (404, missing)
         if verb == "New":
             if not name:
                 return 400, _error("BadRequest", "Name is required")
@@ -277,6 +277,28 @@ class _Handler(BaseHTTPRequestHandler):
             ]
             return 200, {"value": [{**t, "Identity": name, "Recipients": params.get("Recipients")} for t in tasks]}
         return 400, _error("BadRequest", f"The term '{cmd}' is not recognized as a cmdlet")
+
+
+def _size(n: int) -> str:
+    """A ByteQuantifiedSize as Exchange prints it: "22.5 MB (23,592,960 bytes)"."""
+    for unit, f in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= f:
+            return f"{n / f:.4g} {unit} ({n:,} bytes)"
+    return f"{n} B ({n:,} bytes)"
+
+
+def _readback(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object as Get-* shows it, not as Set-* took it: SenderDomains as address spaces
+    ("smtp:*;1", Get-InboundConnector), sizes as ByteQuantifiedSize strings (Get-TransportRule's
+    ExceptIfMessageSizeOver), TlsDomain as a plain string, SmartHosts as a collection."""
+    out = dict(obj)
+    if isinstance(out.get("SenderDomains"), list):
+        out["SenderDomains"] = [f"smtp:{d};1" for d in out["SenderDomains"]]
+    if isinstance(out.get("ExceptIfMessageSizeOver"), int):
+        out["ExceptIfMessageSizeOver"] = _size(out["ExceptIfMessageSizeOver"])
+    if isinstance(out.get("SmartHosts"), str):
+        out["SmartHosts"] = [out["SmartHosts"]]
+    return out
 
 
 class Emulator:

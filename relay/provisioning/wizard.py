@@ -4,6 +4,7 @@ trace like the vendor wizard's. Idempotent: what already matches the plan is lef
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,14 @@ class Change:
     current: dict[str, Any] | None = None
 
 
+# Exchange Online reads values back in its own formats (Get-* output, not what Set-* took):
+# ByteQuantifiedSize "22.5 MB (23,592,960 bytes)", address spaces "smtp:*;1" (type:address;cost).
+_BYTES = re.compile(r"^[\d.,]+\s*[KMGT]?B\s*\(([\d,]+)\s*bytes\)$", re.I)
+_ADDRESS_SPACE = re.compile(r"^(?:smtp|x400|x500|ex):(.+?)(?:;\d+)?$", re.I)
+
+
 def _norm(v: Any) -> Any:
+    """A value as compared: semantically, so a tenant that matches the plan never shows drift."""
     if isinstance(v, bool) or v is None:
         return v
     if isinstance(v, int | float):
@@ -32,7 +40,21 @@ def _norm(v: Any) -> Any:
     s = str(v).strip()
     if s.isdigit():
         return int(s)
+    m = _BYTES.match(s)
+    if m:
+        return int(m.group(1).replace(",", ""))
+    m = _ADDRESS_SPACE.match(s)
+    if m:
+        return m.group(1).lower()
     return s.lower()
+
+
+def _same(have: Any, want: Any) -> bool:
+    if isinstance(want, list | tuple) and isinstance(have, str):
+        have = [have]  # a one-element collection read back as a plain string
+    if isinstance(have, list | tuple) and len(have) == 1 and not isinstance(want, list | tuple):
+        have = have[0]
+    return bool(_norm(have) == _norm(want))
 
 
 def _empty(v: Any) -> bool:
@@ -53,7 +75,7 @@ def get(api: AdminApi, kind: str, name: str) -> dict[str, Any] | None:
 def compare(obj: Obj, have: dict[str, Any] | None) -> Change:
     if have is None:
         return Change(obj, "create")
-    diffs = [(k, have.get(k), want) for k, want in obj.params.items() if _norm(have.get(k)) != _norm(want)]
+    diffs = [(k, have.get(k), want) for k, want in obj.params.items() if not _same(have.get(k), want)]
     diffs += [(k, have.get(k), None) for k in obj.absent if not _empty(have.get(k))]
     if obj.kind == "TransportRule" and str(have.get("State", "Enabled")).lower() != "enabled":
         # A disabled rule stops stamping for the whole tenant, and Set-TransportRule cannot

@@ -236,7 +236,7 @@ def test_widening_the_scope_clears_conditions_and_remove_takes_every_optional_ru
     assert (f"TransportRule '{RULE}': FromMemberOf is ['Sales'], should be None. "
             f"Fix: Set-TransportRule -Identity '{RULE}' -FromMemberOf $null") in out
     assert "SentToScope is 'NotInOrganization', should be None" in out
-    assert "ExceptIfMessageSizeOver is 1000000, should be None" in out
+    assert "ExceptIfMessageSizeOver is '976.6 KB (1,000,000 bytes)', should be None" in out  # as Get- shows it
     assert run(capsys, "connectors", "apply", *args)[0] == 0
     assert (rule["FromMemberOf"], rule["SentToScope"], rule["ExceptIfMessageSizeOver"]) == (None, None, None)
     assert run(capsys, "connectors", "check", *args)[0] == 0
