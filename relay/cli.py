@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -456,6 +457,22 @@ def _api(args: argparse.Namespace, cfg: config.Config) -> Any:
                     verify=verify, log=lambda m: print(m, flush=True), cloud=cloud)
 
 
+def _apply_command(args: argparse.Namespace) -> str:
+    """The full `connectors apply` that fixes what `check` found: same tenant, credentials, cloud
+    and scope flags (a bare `apply` would widen a narrowed scope)."""
+    parts = ["signature-relay", "connectors", "apply"]
+    for flag, value in (("-c", args.config), ("--tenant", args.tenant), ("--app-id", args.app_id),
+                        ("--certificate", args.certificate), ("--tenant-id", args.tenant_id),
+                        ("--cloud", None if args.cloud == "global" else args.cloud), ("--admin-url", args.admin_url),
+                        ("--login-url", args.login_url), ("--ca-bundle", args.ca_bundle),
+                        ("--scope", None if args.scope == "all" else args.scope), ("--size-cap", args.size_cap)):
+        if value:
+            parts += [flag, shlex.quote(str(value))]
+    parts += [f for f, on in (("--exclude-internal", args.exclude_internal), ("--except-oof", args.except_oof),
+                              ("--except-recall", args.except_recall)) if on]
+    return " ".join(parts)
+
+
 def cmd_connectors(args: argparse.Namespace) -> int:
     from relay.provisioning import wizard
     from relay.provisioning.api import ApiError
@@ -469,7 +486,7 @@ def cmd_connectors(args: argparse.Namespace) -> int:
                              validation_recipient=args.validation_recipient)
                 return 0
             if args.action == "check":
-                problems = wizard.check(api, p)
+                problems = wizard.check(api, p, apply_cmd=_apply_command(args))
                 for prob in problems:
                     print(f"DRIFT: {prob}")
                 print(f"{len(problems)} problem(s)" if problems else f"OK: tenant {p.tenant} matches the plan")

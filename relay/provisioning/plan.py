@@ -192,8 +192,20 @@ def ps_value(v: Any) -> str:
     return "'" + str(v).replace("'", "''") + "'"
 
 
+def prerequisite(plan: Plan) -> str:
+    """What ``apply`` checks before it changes anything, and why (issue #13: the plan tells all)."""
+    return (f"the certificate domain {plan.certificate_name} must be within an accepted (verified) domain of the "
+            "tenant: Exchange Online attributes mail from the inbound connector to the tenant only when its "
+            "TlsSenderCertificateName belongs to one of the tenant's accepted domains; otherwise the relayed mail "
+            "is not recognised as the tenant's own. Add and verify it in the Microsoft 365 admin center → "
+            "Settings → Domains (DNS verification), then apply.")
+
+
 def to_powershell(plan: Plan) -> str:
-    lines = ["# Exchange Online PowerShell (ExchangeOnlineManagement V3). Run: Connect-ExchangeOnline", ""]
+    lines = ["# Exchange Online PowerShell (ExchangeOnlineManagement V3). Run: Connect-ExchangeOnline", "",
+             f"# Prerequisite: {prerequisite(plan)}",
+             f"# Check: Get-AcceptedDomain | Where-Object {{ '{plan.certificate_name}' -like \"*$($_.DomainName)\" }}",
+             ""]
     for o in plan.objects:
         args = " ".join(f"-{k} {ps_value(v)}" for k, v in o.new_params().items())
         lines.append(f"New-{o.kind} {args}")
@@ -210,13 +222,15 @@ def to_json(plan: Plan) -> str:
     return json.dumps({
         "tenant": plan.tenant, "smart_host": plan.smart_host, "certificate_name": plan.certificate_name,
         "tls_domain": plan.tls_domain, "scope": plan.scope, "senders_in_scope": plan.senders_in_scope,
+        "prerequisites": [prerequisite(plan)],
         "objects": [{"cmdlet": f"New-{o.kind}", "parameters": o.new_params()} for o in plan.objects],
         "notes": list(plan.notes),
     }, indent=2)
 
 
 def to_text(plan: Plan) -> str:
-    out = [f"Exchange Online setup for tenant {plan.tenant} (manual route, Exchange admin center → Mail flow)", ""]
+    out = [f"Exchange Online setup for tenant {plan.tenant} (manual route, Exchange admin center → Mail flow)", "",
+           f"0. Prerequisite: {prerequisite(plan)}", ""]
     for n, o in enumerate(plan.objects, 1):
         out.append(f"{n}. {o.kind}: {o.name}")
         out += [f"   - {g}" for g in o.gui]

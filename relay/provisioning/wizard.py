@@ -202,7 +202,7 @@ def _validation_failures(results: list[dict[str, Any]], log: Log) -> list[str]:
     return failed
 
 
-def check(api: AdminApi, plan: Plan) -> list[str]:
+def check(api: AdminApi, plan: Plan, apply_cmd: str = "signature-relay connectors apply") -> list[str]:
     """Every setting that differs from the plan, each with the command that fixes it."""
     problems = []
     domain = check_accepted_domain(api, plan)
@@ -210,13 +210,13 @@ def check(api: AdminApi, plan: Plan) -> list[str]:
         problems.append(domain)
     for c in diff(api, plan):
         if c.action == "create":
-            problems.append(f"{c.obj.kind} '{c.obj.name}' is missing. Fix: signature-relay connectors apply")
+            problems.append(f"{c.obj.kind} '{c.obj.name}' is missing. Fix: {apply_cmd}")
         elif c.action == "update":
             for k, have, want in c.diffs:
                 problems.append(f"{c.obj.kind} '{c.obj.name}': {k} is {have!r}, should be {want!r}. "
                                 f"Fix: {_fix_line(c, k, have, want)}")
         if c.obj.kind == "OutboundConnector" and c.current is not None and not c.current.get("IsValidated"):
-            problems.append(f"OutboundConnector '{c.obj.name}' is not validated. Fix: signature-relay connectors apply")
+            problems.append(f"OutboundConnector '{c.obj.name}' is not validated. Fix: {apply_cmd}")
     return problems
 
 

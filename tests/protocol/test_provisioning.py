@@ -295,3 +295,25 @@ def test_cloud_sets_admin_url_login_and_token_scope_together(env: tuple[Deployme
     with pytest.raises(ApiError, match="gcc-high cloud"):
         api._redirect_target("https://outlook.office365.us/a", "https://outlook.office365.com/b", "Get-X", 1)
     api.close()
+
+
+def test_plan_states_the_accepted_domain_prerequisite_and_fixes_carry_every_flag(
+        env: tuple[Deployment, Emulator, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    """#13 defect 7 (part): what apply enforces is in the plan, with why; a "Fix:" is a command an
+    admin can paste (a bare `apply` would widen a narrowed scope)."""
+    dep, _, args = env
+    for fmt, needle in (("text", "0. Prerequisite: the certificate domain " + CERT_DOMAIN),
+                        ("powershell", "# Check: Get-AcceptedDomain | Where-Object"),
+                        ("json", '"prerequisites": [')):
+        rc, out, _ = run(capsys, "connectors", "plan", "-c", str(dep.config_path), "--tenant", "contoso",
+                         "--format", fmt)
+        assert rc == 0 and needle in out and "accepted" in out
+    narrow = ["--scope", "group:Sales", "--size-cap", "1000000", "--except-oof"]
+    rc, out, _ = run(capsys, "connectors", "check", *args, *narrow)
+    assert rc == 1
+    fix = next(line for line in out.splitlines() if "is missing. Fix: " in line).split("Fix: ", 1)[1]
+    assert fix.startswith(f"signature-relay connectors apply -c {dep.config_path} --tenant contoso --app-id {APP_ID}")
+    assert "--scope group:Sales --size-cap 1000000 --except-oof" in fix and "--certificate" in fix
+    rc, _, err = run(capsys, *fix.split()[1:])  # pasting it works
+    assert rc == 0, err
+    assert run(capsys, "connectors", "check", *args, *narrow)[0] == 0
