@@ -67,6 +67,11 @@ def build(cfg: Config, tenant: Tenant, *, scope: str = "all", exclude_internal: 
     group = scope[6:].strip() if scope.startswith("group:") else None
     if group == "":
         raise ValueError("scope group:<name> needs a group name")
+    if group and tenant.policy is not None and group.lower() not in tenant.policy.directory.members:
+        # A misspelt group would scope the rule to nobody: stamping silently stops (issue #13).
+        known = ", ".join(sorted(tenant.policy.directory.members)) or "none"
+        raise ValueError(f"group {group!r} is not in tenant {tenant.name}'s directory (groups: {known}); "
+                         f"add it to rules/{tenant.name}/groups.toml or fix the name")
     smart_host = f"{tenant.subdomain}.{'de-smtp' if tenant.region == 'de' else 'smtp'}.{cfg.service_domain}"
     tls_domain = f"*.{cfg.service_domain}"
     header = cfg.processed_header

@@ -16,6 +16,7 @@ from tests.support import CONTOSO_ID, Deployment, make_deployment
 
 APP_ID = "6c1a7f5e-0d2b-4e8a-9b3f-2a4c5d6e7f80"
 CERT_DOMAIN = "contoso-7q4k2m.smtp.signature-relay.test"
+SALES = '[[group]]\nname = "Sales"\nmembers = []\n'
 
 
 def app_pem(cfg: config.Config, name: str, path: Path) -> x509.Certificate:
@@ -30,6 +31,7 @@ def app_pem(cfg: config.Config, name: str, path: Path) -> x509.Certificate:
 @pytest.fixture
 def env(tmp_path: Path, pki_dir: Path) -> Iterator[tuple[Deployment, Emulator, list[str]]]:
     dep = make_deployment(tmp_path, pki_from=pki_dir)
+    (tmp_path / "rules" / "contoso" / "groups.toml").write_text(SALES)
     cfg = dep.load()
     pem = tmp_path / "app.pem"
     app_cert = app_pem(cfg, "signature-relay-provisioning", pem)
@@ -317,3 +319,14 @@ def test_plan_states_the_accepted_domain_prerequisite_and_fixes_carry_every_flag
     rc, _, err = run(capsys, *fix.split()[1:])  # pasting it works
     assert rc == 0, err
     assert run(capsys, "connectors", "check", *args, *narrow)[0] == 0
+
+
+def test_an_unknown_group_in_scope_is_an_error(env: tuple[Deployment, Emulator, list[str]],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """#13 defect 7: a misspelt group used to plan a rule scoped to nobody ("unknown number of senders")."""
+    dep, emu, args = env
+    rc, _, err = run(capsys, "connectors", "plan", "-c", str(dep.config_path), "--tenant", "contoso",
+                     "--scope", "group:Salse")
+    assert rc == 2 and "group 'Salse' is not in tenant contoso's directory (groups: sales)" in err
+    rc, _, err = run(capsys, "connectors", "apply", *args, "--scope", "group:Salse")
+    assert rc == 2 and emu.state.mutations() == []

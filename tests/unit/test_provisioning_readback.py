@@ -32,6 +32,7 @@ READBACK: dict[str, Any] = {
 
 def test_every_managed_parameter_read_back_in_exchange_format_matches(tmp_path: Path, pki_dir: Path) -> None:
     dep = make_deployment(tmp_path, pki_from=pki_dir)
+    (tmp_path / "rules" / "contoso" / "groups.toml").write_text('[[group]]\nname = "Sales"\nmembers = []\n')
     cfg = dep.load()
     p = planmod.build(cfg, cfg.tenants[0], scope="group:Sales", exclude_internal=True, size_cap=23_592_960)
     covered = set()
