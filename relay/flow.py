@@ -282,6 +282,9 @@ class MessageFlow:
             return "failed"
         try:
             await self.ctx.delivery.deliver(tenant, "", [m.mail_from], msg, smtputf8=smtputf8)
+        except PermanentError as e:  # the sender's own address is refused for good: retrying cannot help
+            log.error("DSN for %s to <%s> refused: %s", m.qid, msglog.safe(m.mail_from), msglog.safe(e.detail))
+            return "refused"
         except Exception as e:
             why = e.detail if isinstance(e, RelayError) else f"{type(e).__name__}: {e}"
             return await self._spool_dsn(tenant, m, msg, smtputf8, why)

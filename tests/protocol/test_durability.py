@@ -257,3 +257,13 @@ async def test_a_copy_held_before_the_rescan_noticed_is_just_dropped(make_stack:
     assert "unexpected failure" not in caplog.text
     [held] = admin.items(spool)
     assert held.state == "held" and held.reason == "held by an operator"
+
+
+async def test_a_dsn_refused_for_good_is_not_spooled(make_stack: MakeStack, deployment: Deployment,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    st = await make_stack(SinkBehavior(reject_rcpt=re.compile("gone@|alice@")))
+    assert (await send(st, message(), rcpts=("gone@example.net", "ok@example.net")))[0] == 250
+    await until(lambda: "dsn=refused" in caplog.text)
+    assert spooled(deployment) == []  # retrying a DSN the endpoint refused for good cannot help
+    assert "DSN for" in caplog.text and "refused" in caplog.text and "dsn=refused" in caplog.text
