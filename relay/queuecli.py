@@ -99,8 +99,16 @@ def cmd_queue(args: argparse.Namespace) -> int:
             if not args.all and not args.id:
                 print("signature-relay queue retry: give an ID or --all", file=sys.stderr)
                 return 2
-            ids = [i.entry.id for i in admin.items(spool) if i.state == "queued"] if args.all else [args.id]
-            done = [admin.retry(spool, eid).entry.id for eid in ids]
+            if args.all:
+                done = []
+                for it in admin.items(spool):
+                    if it.state == "queued":
+                        try:
+                            done.append(admin.retry(spool, it.entry.id).entry.id)
+                        except admin.NotInSpool:
+                            continue  # delivered or removed by the running relay meanwhile
+            else:
+                done = [admin.retry(spool, args.id).entry.id]
             _done(args, "retry", done, note)
         else:  # hold, release, delete
             it = {"hold": admin.hold, "release": admin.release, "delete": admin.delete}[verb](spool, args.id)
