@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shlex
@@ -46,6 +47,18 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", metavar="FILE",
                    help="service config (TOML). Default: $SIGNATURE_RELAY_CONFIG or the embedded dev profile")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text: logfmt lines (default); json: one JSON object per line, the per-message "
+                        "line with its fields as keys")
+
+
+def _say(args: argparse.Namespace, msg: str, level: int = logging.INFO) -> None:
+    """A lifecycle line for the operator: plain on stderr, or a JSON log line with --log-format json
+    (so a log pipeline sees only JSON)."""
+    if getattr(args, "log_format", "text") == "json":
+        logging.getLogger("relay").log(level, msg)
+    else:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -59,8 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if sink:
             await sink.start()
         await relay.start()
-        print(f"signature-relay {__version__} ready: {len(cfg.tenants)} tenant(s) "
-              f"[{', '.join(t.name for t in cfg.tenants)}], config {cfg.source}", file=sys.stderr, flush=True)
+        _say(args, f"signature-relay {__version__} ready: {len(cfg.tenants)} tenant(s) "
+                   f"[{', '.join(t.name for t in cfg.tenants)}], config {cfg.source}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -72,14 +85,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 relay.reload(new)
                 if sink:
                     sink.reload(new)
-                print("signature-relay: configuration reloaded", file=sys.stderr, flush=True)
+                _say(args, "signature-relay: configuration reloaded")
             except ConfigError as e:
-                print(f"signature-relay: reload refused, still running the previous configuration: {e}",
-                      file=sys.stderr, flush=True)
+                _say(args, f"signature-relay: reload refused, still running the previous configuration: {e}",
+                     logging.ERROR)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
-        print("signature-relay: shutting down (finishing messages in flight)", file=sys.stderr, flush=True)
+        _say(args, "signature-relay: shutting down (finishing messages in flight)")
         await relay.stop()
         if sink:
             await sink.stop()
@@ -730,7 +743,7 @@ def _add_check_command(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logsetup.setup(getattr(args, "log_level", "info"))
+    logsetup.setup(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     try:
         rc: int = args.func(args)
         return rc

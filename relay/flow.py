@@ -314,7 +314,8 @@ class MessageFlow:
         result = "accepted" if reply.startswith("2") else "deferred" if reply.startswith("4") else "refused"
         tenant = m.prepared.binding.tenant.name if m.prepared else "-"
         metric.messages.labels(tenant, result).inc()
-        log.info("message %s", msglog.fmt(log_fields(m, reply, elapsed)))
+        fields = log_fields(m, reply, elapsed)
+        log.info("message %s", msglog.fmt(fields), extra={"fields": fields})  # "fields": for --log-format json
 
 
 def log_fields(m: _Message, reply: str, elapsed: float) -> dict[str, Any]:

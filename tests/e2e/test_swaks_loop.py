@@ -320,3 +320,29 @@ def test_queue_mode_survives_kill_9(tmp_path: Path, pki_dir: Path) -> None:
         assert not list((dep.root / "var" / "spool").glob("*.json"))
     finally:
         procs.stop_all()
+
+
+def test_json_log_lines_parse_and_carry_no_body_text(tmp_path: Path, pki_dir: Path) -> None:
+    """Issue #15 (logs, in part): `--log-format json` gives one JSON object per stderr line; the
+    per-message line has its fields as keys; no body text ever appears."""
+    import json
+
+    dep = make_deployment(tmp_path, pki_from=pki_dir)
+    procs = Procs(dep)
+    procs.start("sink", "sink", port=dep.sink_port)
+    procs.start("relay", "serve", "--no-sink", "--log-format", "json", port=dep.relay_port)
+    try:
+        body = b"Hello Bob,\r\nSECRET-BODY-MARKER caf\xc3\xa9\r\n"
+        raw = (b"From: Alice <alice@contoso.com>\r\nTo: <bob@example.net>\r\nSubject: json log test\r\n"
+               b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + body)
+        rc, out = swaks(dep, "--tls", "--from", "alice@contoso.com", "--to", "bob@example.net", data=raw)
+        assert rc == 0, out
+    finally:
+        err = procs.stop("relay")
+        procs.stop_all()
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]  # every line is JSON
+    assert any("ready" in str(r.get("msg", "")) for r in lines)
+    [msg] = [r for r in lines if r.get("event") == "message"]
+    assert msg["from"] == "<alice@contoso.com>" and msg["reply"].startswith("250 ") and msg["tenant"] == "contoso"
+    assert all(k in msg for k in ("ts", "level", "qid", "decision", "latency_ms"))
+    assert "SECRET-BODY-MARKER" not in err
