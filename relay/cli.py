@@ -50,6 +50,9 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="text: logfmt lines (default); json: one JSON object per line, the per-message "
                         "line with its fields as keys")
+    p.add_argument("--log-privacy", action="store_true",
+                   help="replace every address in the logs with a keyed hash (HMAC-SHA256 with the key in "
+                        "$SIGNATURE_RELAY_LOG_KEY, at least 16 characters): lines still correlate, names do not show")
 
 
 def _say(args: argparse.Namespace, msg: str, level: int = logging.INFO) -> None:
@@ -743,7 +746,14 @@ def _add_check_command(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logsetup.setup(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
+    key = None
+    if getattr(args, "log_privacy", False):
+        key = os.environ.get("SIGNATURE_RELAY_LOG_KEY", "").encode()
+        if len(key) < 16:
+            print("signature-relay: --log-privacy needs a key of at least 16 characters in $SIGNATURE_RELAY_LOG_KEY "
+                  "(keep it secret and stable: the same key gives the same tokens)", file=sys.stderr)
+            return 2
+    logsetup.setup(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"), key)
     try:
         rc: int = args.func(args)
         return rc

@@ -9,8 +9,11 @@ for values built into other strings.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -29,15 +32,40 @@ class SafeFormatter(logging.Formatter):
     """Escapes the message part of every record (the traceback of ``exc_info`` stays multi-line:
     it is ours, not the peer's)."""
 
+    privacy: Privacy | None = None
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = safe(record.message)
+        if self.privacy is not None:
+            record.message = self.privacy.scrub(record.message)
         return super().formatMessage(record)
+
+
+# Anything shaped like an address (local@domain), also inside <…> and in Message-IDs.
+_ADDRESS = re.compile(r"[^\s<>\"'(),;:\[\]]+@[^\s<>\"'(),;:\[\]]+")
+
+
+class Privacy:
+    """Privacy mode: every address in every log line becomes a keyed hash (HMAC-SHA256, 12 hex
+    digits) — the same address gives the same token, so lines still correlate, but the log does
+    not reveal who wrote to whom without the key."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def token(self, address: str) -> str:
+        return "h:" + hmac.new(self.key, address.lower().encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:12]
+
+    def scrub(self, text: str) -> str:
+        return _ADDRESS.sub(lambda m: self.token(m.group(0)), text)
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line (``--log-format json``). The per-message line carries its fields
     as keys (``"event": "message"``), so a log pipeline needs no logfmt parser. JSON escaping
     covers CR/LF/ESC, and message bodies are never logged in any format."""
+
+    privacy: Privacy | None = None
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
@@ -52,17 +80,21 @@ class JsonFormatter(logging.Formatter):
             out["msg"] = record.getMessage()
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
+        if self.privacy is not None:
+            out = {k: self.privacy.scrub(v) if isinstance(v, str) else v for k, v in out.items()}
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
-def setup(level: str = "info", fmt: str = "text") -> None:
+def setup(level: str = "info", fmt: str = "text", privacy_key: bytes | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    formatter: JsonFormatter | SafeFormatter
     if fmt == "json":
-        json_formatter = JsonFormatter()
-        json_formatter.converter = time.gmtime
-        handler.setFormatter(json_formatter)
+        formatter = JsonFormatter()
+        formatter.converter = time.gmtime
     else:
-        handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        formatter = SafeFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    formatter.privacy = Privacy(privacy_key) if privacy_key else None
+    handler.setFormatter(formatter)
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     # aiosmtpd logs every command line at INFO; that is per-line noise in a hot loop.
     logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -346,3 +346,41 @@ def test_json_log_lines_parse_and_carry_no_body_text(tmp_path: Path, pki_dir: Pa
     assert msg["from"] == "<alice@contoso.com>" and msg["reply"].startswith("250 ") and msg["tenant"] == "contoso"
     assert all(k in msg for k in ("ts", "level", "qid", "decision", "latency_ms"))
     assert "SECRET-BODY-MARKER" not in err
+
+
+def test_privacy_mode_hashes_every_address(tmp_path: Path, pki_dir: Path) -> None:
+    """Issue #15 (logs, in part): with --log-privacy no address appears in the log; each becomes the
+    same keyed token wherever it occurs, so lines still correlate."""
+    import json
+    import os
+
+    from relay.log import Privacy
+
+    key = "k" * 24
+    dep = make_deployment(tmp_path, pki_from=pki_dir)
+    procs = Procs(dep)
+    procs.start("sink", "sink", "--reject-rcpt", "gone@", port=dep.sink_port)
+    os.environ["SIGNATURE_RELAY_LOG_KEY"] = key
+    try:
+        procs.start("relay", "serve", "--no-sink", "--log-format", "json", "--log-privacy", port=dep.relay_port)
+    finally:
+        del os.environ["SIGNATURE_RELAY_LOG_KEY"]
+    try:
+        rc, out = swaks(dep, "--tls", "--from", "alice@contoso.com", "--to", "gone@example.net,bob@example.net")
+        assert rc == 0, out
+    finally:
+        err = procs.stop("relay")
+        procs.stop_all()
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    [msg] = [r for r in lines if r.get("event") == "message"]
+    p = Privacy(key.encode())
+    assert msg["from"] == f"<{p.token('alice@contoso.com')}>" and msg["refused"] == p.token("gone@example.net")
+    for address in ("alice@contoso.com", "gone@example.net", "bob@example.net", "@contoso.com"):
+        assert address not in err
+
+
+def test_privacy_mode_without_a_key_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from relay import cli
+
+    monkeypatch.delenv("SIGNATURE_RELAY_LOG_KEY", raising=False)
+    assert cli.main(["check", "--log-privacy"]) == 2
