@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping
+from typing import Any
 
 
 def safe(value: object) -> str:
@@ -39,6 +40,10 @@ class SafeFormatter(logging.Formatter):
         if self.privacy is not None:
             record.message = self.privacy.scrub(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        text = super().formatException(ei)
+        return self.privacy.scrub(text) if self.privacy is not None else text  # exception texts name addresses too
 
 
 # Anything shaped like an address (local@domain), also inside <…> and in Message-IDs.

@@ -69,3 +69,23 @@ def test_domains_compare_as_a_labels(domain: str, expected: str) -> None:
 def test_lookalike_domains_are_refused(domain: str) -> None:
     with pytest.raises(addresses.BadDomain):
         addresses.normalise_domain(domain)
+
+
+def test_privacy_scrubs_addresses_in_messages_and_tracebacks() -> None:
+    """Issue #15: --log-privacy covers every line, tracebacks included (text format)."""
+    import logging
+
+    from relay.log import Privacy, SafeFormatter
+
+    f = SafeFormatter("%(message)s")
+    f.privacy = Privacy(b"0123456789abcdef")
+    addr = "Bob@" + "Example.net"  # not in the source line the traceback quotes
+    try:
+        raise ValueError(f"cannot reach <{addr}>")
+    except ValueError:
+        import sys
+
+        rec = logging.LogRecord("relay", logging.ERROR, __file__, 1, "from=<%s>", ("bob@example.net",), sys.exc_info())
+    out = f.format(rec)
+    token = f.privacy.token("bob@example.net")
+    assert "example.net" not in out.lower() and out.count(token) == 2  # same token, any case
