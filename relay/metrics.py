@@ -12,6 +12,9 @@ One registry per relay (no process-global state, so tests and reloads stay indep
 * ``signature_relay_connections`` — sessions open now
 * ``signature_relay_queued`` — copies waiting in the spool (queue mode, and DSNs spooled in inline mode)
 * ``signature_relay_held`` — entries in the spool's ``hold/`` area, waiting for an operator
+* ``signature_relay_certificate_expiry_seconds{certificate}`` — seconds until each certificate the
+  relay presents expires (``server``, ``tenant:<name>`` client certificates), read at scrape time
+  so a renewed file shows at once; negative once expired; an unreadable file is left out (and logged)
 
 ``GET /healthz`` answers 200 while the SMTP listeners are open, 503 otherwise.
 """
@@ -19,18 +22,24 @@ One registry per relay (no process-global state, so tests and reloads stay indep
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("relay.metrics")
 
 
 class Metrics:
     def __init__(self, connections: Callable[[], int], queued: Callable[[], int] = lambda: 0,
-                 held: Callable[[], int] = lambda: 0) -> None:
+                 held: Callable[[], int] = lambda: 0,
+                 certificates: Callable[[], Mapping[str, Path]] | None = None) -> None:
         self.registry = CollectorRegistry()
         # Two counters, two units (issue #11: one counter mixed messages and copies).
         self.messages = Counter("signature_relay_messages", "Messages (DATA transactions) by tenant and result",
@@ -49,8 +58,31 @@ class Metrics:
         h = Gauge("signature_relay_held", "Spool entries held for an operator (hold/)", registry=self.registry)
         h.set_function(lambda: float(held()))
 
+        if certificates is not None:
+            self.registry.register(_CertificateExpiry(certificates))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CertificateExpiry(Collector):
+    """A scrape-time collector: the files are read when Prometheus asks, never cached."""
+
+    def __init__(self, certificates: Callable[[], Mapping[str, Path]]) -> None:
+        self.certificates = certificates
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily("signature_relay_certificate_expiry_seconds",
+                              "Seconds until the certificate expires (negative: expired)", labels=["certificate"])
+        now = dt.datetime.now(dt.UTC)
+        for name, path in sorted(self.certificates().items()):
+            try:
+                cert = x509.load_pem_x509_certificate(path.read_bytes())
+            except (OSError, ValueError) as e:
+                log.warning("metrics: certificate %s (%s) unreadable: %s", name, path, e)
+                continue
+            g.add_metric([name], (cert.not_valid_after_utc - now).total_seconds())
+        yield g
 
 
 async def serve(host: str, port: int, metrics: Metrics, healthy: Callable[[], bool]) -> asyncio.Server:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -93,7 +94,7 @@ class Relay:
         self.runner = QueueRunner(Spool(cfg.delivery.spool_dir, cfg.delivery.min_free_space),
                                   lambda: self.delivery, lambda: self.cfg, rescan=cfg.delivery.rescan_interval)
         self.metrics = metrics.Metrics(connections=lambda: self.guard.active, queued=lambda: len(self.runner),
-                                       held=self.runner.held)
+                                       held=self.runner.held, certificates=self._certificates)
         self._metrics_server: asyncio.Server | None = None
         self.flow = MessageFlow(self)  # one message through the relay (relay/flow.py)
 
@@ -136,6 +137,12 @@ class Relay:
         self.tls_context = tls_context
         self.cfg = new
         log.info("configuration reloaded: %d tenant(s) [%s]", len(new.tenants), ", ".join(t.name for t in new.tenants))
+
+    def _certificates(self) -> dict[str, Path]:
+        """The certificates this relay presents, from the configuration in force (reload-aware)."""
+        out = {"server": self.cfg.tls.cert}
+        out.update({f"tenant:{t.name}": t.client_cert for t in self.cfg.tenants})
+        return out
 
     def healthy(self) -> bool:
         return bool(self.servers) and all(s.is_serving() for s in self.servers)

@@ -414,3 +414,17 @@ async def test_metrics_count_messages_and_copies_in_their_own_units(make_stack: 
     assert 'signature_relay_messages_total{result="accepted",tenant="contoso"} 1.0' in body
     assert 'signature_relay_copies_total{decision="stamped",tenant="contoso"} 2.0' in body
     assert 'signature_relay_messages_total{result="refused",tenant="-"} 1.0' in body
+
+
+async def test_certificate_expiry_is_exported_per_certificate(stack: Stack) -> None:
+    """Issue #15 (in part): seconds until each presented certificate expires, read at scrape time."""
+    import datetime as dt
+
+    from cryptography import x509
+
+    body = stack.relay.metrics.render().decode()
+    values = dict(re.findall(r'signature_relay_certificate_expiry_seconds\{certificate="([^"]+)"\} (\S+)', body))
+    assert set(values) == {"server", "tenant:contoso", "tenant:fabrikam"}
+    cert = x509.load_pem_x509_certificate(stack.cfg.tls.cert.read_bytes())
+    expected = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
+    assert abs(float(values["server"]) - expected) < 60
