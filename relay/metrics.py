@@ -12,6 +12,7 @@ One registry per relay (no process-global state, so tests and reloads stay indep
 * ``signature_relay_connections`` — sessions open now
 * ``signature_relay_queued`` — copies waiting in the spool (queue mode, and DSNs spooled in inline mode)
 * ``signature_relay_held`` — entries in the spool's ``hold/`` area, waiting for an operator
+* ``signature_relay_queue_oldest_seconds`` — age of the oldest copy waiting in the spool (0 when empty)
 * ``signature_relay_certificate_expiry_seconds{certificate}`` — seconds until each certificate the
   relay presents expires (``server``, ``tenant:<name>`` client certificates), read at scrape time
   so a renewed file shows at once; negative once expired; an unreadable file is left out (and logged)
@@ -39,7 +40,8 @@ log = logging.getLogger("relay.metrics")
 class Metrics:
     def __init__(self, connections: Callable[[], int], queued: Callable[[], int] = lambda: 0,
                  held: Callable[[], int] = lambda: 0,
-                 certificates: Callable[[], Mapping[str, Path]] | None = None) -> None:
+                 certificates: Callable[[], Mapping[str, Path]] | None = None,
+                 oldest: Callable[[], float] = lambda: 0.0) -> None:
         self.registry = CollectorRegistry()
         # Two counters, two units (issue #11: one counter mixed messages and copies).
         self.messages = Counter("signature_relay_messages", "Messages (DATA transactions) by tenant and result",
@@ -57,6 +59,9 @@ class Metrics:
         q.set_function(lambda: float(queued()))
         h = Gauge("signature_relay_held", "Spool entries held for an operator (hold/)", registry=self.registry)
         h.set_function(lambda: float(held()))
+        o = Gauge("signature_relay_queue_oldest_seconds", "Age of the oldest copy waiting in the spool",
+                  registry=self.registry)
+        o.set_function(oldest)
 
         if certificates is not None:
             self.registry.register(_CertificateExpiry(certificates))

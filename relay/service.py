@@ -94,7 +94,8 @@ class Relay:
         self.runner = QueueRunner(Spool(cfg.delivery.spool_dir, cfg.delivery.min_free_space),
                                   lambda: self.delivery, lambda: self.cfg, rescan=cfg.delivery.rescan_interval)
         self.metrics = metrics.Metrics(connections=lambda: self.guard.active, queued=lambda: len(self.runner),
-                                       held=self.runner.held, certificates=self._certificates)
+                                       held=self.runner.held, certificates=self._certificates,
+                                       oldest=self.runner.oldest_age)
         self._metrics_server: asyncio.Server | None = None
         self.flow = MessageFlow(self)  # one message through the relay (relay/flow.py)
 

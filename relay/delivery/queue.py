@@ -187,6 +187,10 @@ class QueueRunner:
         finally:
             self._inflight.discard(e.id)
 
+    def oldest_age(self) -> float:
+        """Seconds the oldest waiting copy has been in the spool (0 when none waits)."""
+        return max(0.0, now() - min(e.created for e in self._entries.values())) if self._entries else 0.0
+
     def held(self) -> int:
         return len(list(self.spool.held.glob("*.json"))) if self.spool.held.exists() else 0
 

@@ -43,6 +43,8 @@ async def test_accepted_while_endpoint_down_then_delivered_once(make_stack: Make
     assert len([n for n in spooled(deployment) if n.endswith(".json")]) == 1  # on disk before the 250
     assert b"signature_relay_queued 1.0" in st.relay.metrics.render()
     await asyncio.sleep(0.5)  # a few attempts fail: the endpoint is down
+    oldest = re.search(rb"^signature_relay_queue_oldest_seconds (\S+)", st.relay.metrics.render(), re.M)
+    assert oldest and 0.4 < float(oldest.group(1)) < 30  # the copy has waited about half a second
     assert st.deployment.delivered() == []
     st.sink = Sink(st.cfg)
     await st.sink.start()
