@@ -117,8 +117,10 @@ class Spool:
                 self._set_aside(e.id, self.quarantine, "metadata without its message file")
         committed = {e.id for e in entries}
         for eml in self.root.glob("*.eml"):
-            if eml.stem not in committed:
-                eml.unlink()  # written before a crash, never acknowledged with 250
+            # Written before a crash, never acknowledged with 250 -- unless `queue release` is
+            # moving it back from hold/ right now (message first, metadata last).
+            if eml.stem not in committed and not (self.held / f"{eml.stem}.json").exists():
+                eml.unlink()
         return entries
 
     def scan(self) -> tuple[list[Entry], set[str]]:

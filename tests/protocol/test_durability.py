@@ -267,3 +267,18 @@ async def test_a_dsn_refused_for_good_is_not_spooled(make_stack: MakeStack, depl
     await until(lambda: "dsn=refused" in caplog.text)
     assert spooled(deployment) == []  # retrying a DSN the endpoint refused for good cannot help
     assert "DSN for" in caplog.text and "refused" in caplog.text and "dsn=refused" in caplog.text
+
+
+def test_a_release_in_progress_at_start_is_not_mistaken_for_a_crash_leftover(tmp_path: Path) -> None:
+    """`queue release` moves the message back first and the metadata last; a relay starting in
+    between must not delete the message as an uncommitted leftover."""
+    spool = Spool(tmp_path)
+    e = Entry(id="R-0", tenant="t", mail_from="", rcpts=["x@example.net"], smtputf8=False, created=0, next_attempt=0)
+    spool.prepare()
+    spool.put(e, b"Subject: x\r\n\r\nx\r\n")
+    spool.hold(e, "test")
+    (tmp_path / "hold" / "R-0.eml").rename(tmp_path / "R-0.eml")  # the release's first step
+    assert spool.prepare() == []
+    assert (tmp_path / "R-0.eml").exists()
+    (tmp_path / "hold" / "R-0.json").rename(tmp_path / "R-0.json")  # its last step
+    assert [x.id for x in spool.prepare()] == ["R-0"]
