@@ -28,7 +28,6 @@ import os
 import random
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -41,20 +40,10 @@ import aiosmtplib
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import Deployment, make_deployment  # noqa: E402
+from tests.support import Deployment, make_deployment, wait_port  # noqa: E402
 
 CLI = [sys.executable, "-m", "relay"]
 MID = re.compile(rb"^Message-ID: <(chaos-[0-9a-z-]+)@contoso\.com>", re.M | re.I)
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise RuntimeError(f"port {port} never opened")
 
 
 class Relay:
@@ -68,7 +57,7 @@ class Relay:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen([*CLI, "serve", "--no-sink", "-c", str(self.dep.config_path)],
                                          cwd=ROOT, stdout=out, stderr=out)
-        wait_port(self.dep.relay_port)
+        wait_port(self.dep.relay_port, self.proc, timeout=30)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -88,7 +77,7 @@ class Relay:
 def start_sink(dep: Deployment, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         p = subprocess.Popen([*CLI, "sink", "-c", str(dep.config_path)], cwd=ROOT, stdout=out, stderr=out)
-    wait_port(dep.sink_port)
+    wait_port(dep.sink_port, p, timeout=30)
     return p
 
 

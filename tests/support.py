@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,3 +123,16 @@ def message(*, frm: str = "alice@contoso.com", to: str = "bob@example.net", extr
     return (f"From: Alice <{frm}>\r\nTo: <{to}>\r\nSubject: Lunch\r\n"
             f"Message-ID: <test.{free_port()}@contoso.com>\r\nMIME-Version: 1.0\r\n"
             f"Content-Type: text/plain; charset=utf-8\r\n{extra_headers}\r\n{body}").encode()
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Until ``proc`` listens on ``port`` (127.0.0.1); fails at once if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited early: {proc.stderr.read().decode() if proc.stderr else ''}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"port {port} never opened")

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from relay.mime import headers
-from tests.support import Deployment, make_deployment
+from tests.support import Deployment, make_deployment, wait_port
 
 pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "relay"]
@@ -34,18 +33,6 @@ def need(tool: str) -> str:
     if path is None:  # `make test` installs these; a missing tool is a failure, never a skip
         pytest.fail(f"{tool} not installed: run `make test` (it installs swaks and openssl from Debian)")
     return path
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited early: {proc.stderr.read().decode() if proc.stderr else ''}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"port {port} never opened")
 
 
 class Procs:
