@@ -210,7 +210,7 @@ class MessageFlow:
                 # Earlier copies are with the tenant: a 4xx now would make the client send them
                 # again. Spool the rest instead and answer 250; only if that fails, 451 (a
                 # duplicate, never a loss).
-                queued = await self._spool_rest(t, m, copies, i, smtputf8, e)
+                queued = await self._spool_rest(t, m, i, smtputf8, e)
                 break
             delivered.append(outcome)
             refused.update(outcome.refused)
@@ -221,35 +221,33 @@ class MessageFlow:
         return Delivered(str(Reply(250, "2.0.0", f"Ok {m.qid} accepted by tenant endpoint")), delivered[0].endpoint,
                          ";".join(o.reply[:120] for o in delivered), tuple(refused), sent, queued)
 
-    async def _spool_rest(self, t: Tenant, m: _Message, copies: Sequence[pipeline.Copy], first: int, smtputf8: bool,
-                          why: TransientError) -> int:
-        """Spool ``copies[first:]`` (deferred after earlier copies were delivered); how many."""
-        now = spool_now()
-        rest = copies[first:]
-        entries = [(Entry(id=f"{m.qid}-{i}", tenant=t.name, mail_from=m.mail_from, rcpts=list(c.recipients),
-                          smtputf8=smtputf8, created=now, next_attempt=now), c.processed.data)
-                   for i, c in enumerate(rest, start=first)]
+    async def _spool_rest(self, t: Tenant, m: _Message, first: int, smtputf8: bool, why: TransientError) -> int:
+        """Spool the copies from ``first`` on (deferred after earlier copies were delivered); how many."""
         try:
-            await self.ctx.runner.ensure_started()
-            await self.ctx.runner.enqueue(entries)
+            n = await self._spool_copies(t.name, m, smtputf8, first)
         except Exception as e:
-            log.warning("%s: %d cop(ies) deferred (%s) after earlier ones were delivered, and spooling them failed "
-                        "(%s): a retry duplicates the delivered ones (never loses any)", m.qid, len(rest),
+            log.warning("%s: cop(ies) from %d deferred (%s) after earlier ones were delivered, and spooling them "
+                        "failed (%s): a retry duplicates the delivered ones (never loses any)", m.qid, first + 1,
                         msglog.safe(why.detail), e)
             raise why from e
         log.info("%s: %d cop(ies) deferred (%s) after earlier ones were delivered; spooled for retry", m.qid,
-                 len(rest), msglog.safe(why.detail))
-        return len(entries)
+                 n, msglog.safe(why.detail))
+        return n
 
     async def _enqueue(self, tenant: str, m: _Message, smtputf8: bool) -> Delivered:
         """Queue mode: 250 once every copy is fsync'd in the spool (RFC 5321 §6.1). A write error
         (ENOSPC, EIO...) is a 4xx: nothing is half-accepted, the client keeps the message."""
+        n = await self._spool_copies(tenant, m, smtputf8)
+        return Delivered(str(Reply(250, "2.0.0", f"Ok {m.qid} queued")), queued=n)
+
+    async def _spool_copies(self, tenant: str, m: _Message, smtputf8: bool, first: int = 0) -> int:
+        """Commit the message's copies from ``first`` on to the spool, all or none; how many."""
         queue = self.ctx.runner
         assert m.prepared is not None
         t = spool_now()
         entries = [(Entry(id=f"{m.qid}-{i}", tenant=tenant, mail_from=m.mail_from, rcpts=list(c.recipients),
                           smtputf8=smtputf8, created=t, next_attempt=t), c.processed.data)
-                   for i, c in enumerate(m.prepared.copies)]
+                   for i, c in enumerate(m.prepared.copies[first:], start=first)]
         try:
             await queue.ensure_started()
             await queue.enqueue(entries)
@@ -259,7 +257,7 @@ class MessageFlow:
             full = e.errno in (errno.ENOSPC, errno.EDQUOT)
             raise TransientError(replies.SPOOL_FULL if full else replies.QUEUE_WRITE_FAILED,
                                  f"spool {queue.spool.root}: {e}") from e
-        return Delivered(str(Reply(250, "2.0.0", f"Ok {m.qid} queued")), queued=len(entries))
+        return len(entries)
 
     async def _send_dsn(self, tenant: Tenant, m: _Message, refused: dict[str, dsn.Refusal],
                         delivered: Sequence[str]) -> str:
