@@ -436,9 +436,12 @@ def _plan(args: argparse.Namespace) -> tuple[config.Config, Any]:
     tenant = _tenant_for(cfg, args.tenant, None)
     try:
         p = planmod.build(cfg, tenant, scope=args.scope, exclude_internal=args.exclude_internal,
-                          size_cap=args.size_cap, except_oof=args.except_oof, except_recall=args.except_recall)
+                          size_cap=args.size_cap, except_oof=args.except_oof, except_recall=args.except_recall,
+                          recall_subjects=tuple(args.recall_subject or planmod.RECALL_SUBJECTS),
+                          except_m365_groups=args.except_m365_groups)
     except ValueError as e:
-        raise ConfigError("--scope", "", str(e)) from e
+        flag = "--except-m365-groups" if str(e).startswith("--except-m365-groups") else "--scope"
+        raise ConfigError(flag, "", str(e).removeprefix("--except-m365-groups: ")) from e
     return cfg, p
 
 
@@ -485,7 +488,10 @@ def _apply_command(args: argparse.Namespace) -> str:
         if value:
             parts += [flag, shlex.quote(str(value))]
     parts += [f for f, on in (("--exclude-internal", args.exclude_internal), ("--except-oof", args.except_oof),
-                              ("--except-recall", args.except_recall)) if on]
+                              ("--except-recall", args.except_recall),
+                              ("--except-m365-groups", args.except_m365_groups)) if on]
+    for prefix in args.recall_subject or ():
+        parts += ["--recall-subject", shlex.quote(prefix)]
     return " ".join(parts)
 
 
@@ -695,7 +701,15 @@ def _add_connectors_command(sub: Any) -> None:
         p.add_argument("--exclude-internal", action="store_true", help="only mail with external recipients")
         p.add_argument("--size-cap", type=int, metavar="BYTES", help="skip messages larger than this (e.g. 23592960)")
         p.add_argument("--except-oof", action="store_true", help="add a rule that keeps automatic replies away")
-        p.add_argument("--except-recall", action="store_true", help="add a rule that keeps recall messages away")
+        p.add_argument("--except-recall", action="store_true",
+                       help="add rules that keep Outlook recall requests away (Content-Class, and the subject "
+                            "prefix 'Recall:')")
+        p.add_argument("--recall-subject", action="append", metavar="PREFIX",
+                       help="subject prefix of a recall request in your users' Outlook language, e.g. "
+                            "'Rückruf:' (repeatable; replaces the default 'Recall:', so list it too)")
+        p.add_argument("--except-m365-groups", action="store_true",
+                       help="keep mail sent as a Microsoft 365 group away (groups with groupTypes = [\"Unified\"] "
+                            "and a mail in groups.toml)")
 
     pl = cnsub.add_parser("plan", help="print every value to set, as admin-center steps, PowerShell and JSON",
                           description="What the tenant needs in Exchange Online, for an admin who prefers the manual "

@@ -58,6 +58,13 @@ class Group:
     mail: str | None
     hidden: bool
     members: tuple[str, ...]  # users (addresses) and "group:<name>"
+    # Entra ID's groupTypes: "Unified" marks a Microsoft 365 group (one with its own mailbox that
+    # redistributes conversations); absent for distribution and security groups.
+    group_types: tuple[str, ...] = ()
+
+    @property
+    def microsoft365(self) -> bool:
+        return any(t.lower() == "unified" for t in self.group_types)
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,7 @@ def _read_groups(gpath: Path, errors: list[str]) -> dict[str, Group]:
 
 
 def _group(g: dict[str, Any], where: str, errors: list[str]) -> Group | None:
-    extra = set(g) - {"name", "mail", "hidden", "members"}
+    extra = set(g) - {"name", "mail", "hidden", "members", "groupTypes"}
     if extra:
         errors.append(f"{where}.{sorted(extra)[0]}: unknown key")
     name = str(g.get("name", "")).strip()
@@ -174,8 +181,17 @@ def _group(g: dict[str, Any], where: str, errors: list[str]) -> Group | None:
     if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
         errors.append(f"{where}.members: expected a list of addresses and 'group:<name>'")
         return None
-    return Group(name, g.get("mail"), bool(g.get("hidden", False)),
-                 tuple(m.strip().lower() if not m.startswith("group:") else m.strip() for m in members))
+    types = g.get("groupTypes", [])
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        errors.append(f'{where}.groupTypes: expected a list of strings, as in Entra ID (e.g. ["Unified"])')
+        types = []
+    mail = g.get("mail")
+    if mail is not None and (not isinstance(mail, str) or "@" not in mail):
+        errors.append(f"{where}.mail: expected an address like sales@contoso.com")
+        mail = None
+    return Group(name, mail.strip().lower() if mail else None, bool(g.get("hidden", False)),
+                 tuple(m.strip().lower() if not m.startswith("group:") else m.strip() for m in members),
+                 tuple(types))
 
 
 class _Closure:

@@ -36,7 +36,7 @@ PARAMS = {
                       "ExceptIfMessageTypeMatches", "ExceptIfFromAddressMatchesPatterns", "ExceptIfMessageSizeOver",
                       "SenderAddressLocation", "RuleErrorAction", "StopRuleProcessing", "Priority", "Mode",
                       "MessageTypeMatches", "HeaderMatchesMessageHeader", "HeaderMatchesPatterns", "SetHeaderName",
-                      "SetHeaderValue"},
+                      "SetHeaderValue", "SubjectMatchesPatterns"},
 }
 
 
@@ -265,8 +265,9 @@ class _Handler(BaseHTTPRequestHandler):
             del st.objects[key]
             return 200, {"value": []}
         if verb == "Validate" and noun == "OutboundConnector":
-            # Per-task results (TaskName, IsTaskSuccessful, details), as issue #13 describes the
-            # real cmdlet's output; there is no "Status" field.
+            # Per-task results (TaskName, IsTaskSuccessful, details): the shape of the cmdlet's
+            # output objects (learn.microsoft.com/powershell/module/exchange/validate-outboundconnector;
+            # shared/reference/exchange-online.md); there is no "Status" field.
             tls_ok = not st.validation_fails
             tasks = [
                 {"TaskName": "Resolve smart host", "IsTaskSuccessful": True, "Details": None},

@@ -8,14 +8,19 @@ admin-center steps, as PowerShell, as JSON, applied through the admin API and ch
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from relay.config import Config, Tenant
 
 BRAND = "Signature Relay"
 # Exclaimer's default cap: larger messages skip the relay (Exchange Online's own limit is 150 MB).
 DEFAULT_SIZE_CAP = 23_592_960
+
+# Outlook's recall request subject, "Recall: <original subject>" (Learn, Work with Cloud-based
+# Message Recall). Localised Outlook writes a localised prefix: add it with --recall-subject.
+RECALL_SUBJECTS: Final = ("Recall:",)
 
 
 @dataclass(frozen=True)
@@ -58,10 +63,14 @@ class Plan:
         return [o for o in self.objects if o.kind == "TransportRule"]
 
 
-def build(cfg: Config, tenant: Tenant, *, scope: str = "all", exclude_internal: bool = False,
-          size_cap: int | None = None, except_oof: bool = False, except_recall: bool = False,
-          brand: str = BRAND) -> Plan:
-    """``scope`` is ``all`` or ``group:<name>`` (a distribution or hidden group)."""
+def build(  # noqa: PLR0913 -- keyword-only options, one per CLI flag
+        cfg: Config, tenant: Tenant, *, scope: str = "all", exclude_internal: bool = False,
+        size_cap: int | None = None, except_oof: bool = False, except_recall: bool = False,
+        recall_subjects: tuple[str, ...] = RECALL_SUBJECTS, except_m365_groups: bool = False,
+        brand: str = BRAND) -> Plan:
+    """``scope`` is ``all`` or ``group:<name>`` (a distribution or hidden group).
+    ``except_m365_groups`` keeps mail sent as a Microsoft 365 group (``groupTypes = ["Unified"]``
+    in ``groups.toml``) away from the relay: the group is not a person with a signature."""
     if scope != "all" and not scope.startswith("group:"):
         raise ValueError("scope must be 'all' or 'group:<name>'")
     group = scope[6:].strip() if scope.startswith("group:") else None
@@ -76,14 +85,29 @@ def build(cfg: Config, tenant: Tenant, *, scope: str = "all", exclude_internal: 
     tls_domain = f"*.{cfg.service_domain}"
     header = cfg.processed_header
     inbound, outbound = _connectors(tenant, brand, smart_host, tls_domain)
-    rules = _exception_rules(brand, header, except_oof, except_recall)
-    rules.append(_main_rule(brand, header, outbound.name, group, exclude_internal, size_cap, priority=len(rules)))
-    notes = (
+    rules = _exception_rules(brand, header, except_oof, except_recall, recall_subjects)
+    m365 = _m365_group_mails(tenant) if except_m365_groups else ()
+    rules.append(_main_rule(brand, header, outbound.name, group, exclude_internal, size_cap, priority=len(rules),
+                            except_from=m365))
+    notes: tuple[str, ...] = (
         "Every sender in the transport rule's scope uses one licence, whether or not a signature rule applies.",
         "Exchange Online's '<>' sender-address exception does not reliably match an empty sender (Microsoft "
         "documents this); the relay itself passes null-sender mail through unstamped, so nothing is lost.",
         "Changes to connectors and rules can take from a few minutes to more than an hour to propagate.",
     )
+    if except_recall:
+        notes += (
+            "Recall: Outlook's recall request has message class IPM.Outlook.Recall and the subject 'Recall: "
+            "<original subject>' (learn.microsoft.com/exchange/mail-flow-best-practices/work-with-cloud-based-"
+            "message-recall). Exchange does not copy the message class into a MIME header ([MS-OXCMAIL]: a pure "
+            "MIME writer leaves PidTagMessageClass out; TNEF carries it as attMessageClass, and the relay passes "
+            "TNEF through untouched), so one rule matches a recall Content-Class "
+            "(urn:content-classes:recallmessage or recallreport) and one the subject prefix. A user's own message "
+            "whose subject starts with one of those prefixes also goes unstamped; add localised prefixes with "
+            "--recall-subject (Outlook writes the prefix in the sender's language).",)
+    if m365:
+        notes += (f"Mail sent as a Microsoft 365 group is excluded: {', '.join(m365)}. The list is fixed in the "
+                  "rule; run apply again after adding a group (check reports the difference).",)
     return Plan(tenant.name, (inbound, outbound, *rules), smart_host, tenant.certificate_name, tls_domain,
                 scope, _in_scope(tenant, group), notes)
 
@@ -112,13 +136,37 @@ def _connectors(tenant: Tenant, brand: str, smart_host: str, tls_domain: str) ->
     return inbound, outbound
 
 
-def _exception_rules(brand: str, header: str, except_oof: bool, except_recall: bool) -> list[Obj]:
+def recall_patterns(prefixes: tuple[str, ...]) -> list[str]:
+    r"""Anchored SubjectMatchesPatterns for the prefixes (Exchange's pattern syntax is a regex subset:
+    ``^``, ``\s``, escaped punctuation)."""
+    return [f"^{re.escape(p.strip()).replace(chr(92) + ' ', chr(92) + 's')}" for p in prefixes if p.strip()]
+
+
+def _m365_group_mails(tenant: Tenant) -> tuple[str, ...]:
+    groups = tenant.policy.directory.groups.values() if tenant.policy else ()
+    mails = tuple(sorted(g.mail for g in groups if g.microsoft365 and g.mail))
+    if not mails:
+        raise ValueError(f"--except-m365-groups: tenant {tenant.name}'s directory has no Microsoft 365 group with "
+                         f"an address; mark them in rules/{tenant.name}/groups.toml with groupTypes = [\"Unified\"] "
+                         "and mail = \"...\"")
+    return mails
+
+
+def _exception_rules(brand: str, header: str, except_oof: bool, except_recall: bool,
+                     recall_subjects: tuple[str, ...] = RECALL_SUBJECTS) -> list[Obj]:
     rules: list[Obj] = []
     priority = 0
+    subjects = recall_patterns(recall_subjects)
     for enabled, suffix, cond, what in (
         (except_oof, "out-of-office exception", {"MessageTypeMatches": "OOF"}, "automatic replies"),
+        # Content-Class of a recall request or report (urn:content-classes:recallmessage / recallreport)
+        # where a MIME writer sets it.
         (except_recall, "message recall exception",
-         {"HeaderMatchesMessageHeader": "Content-Class", "HeaderMatchesPatterns": ["recall"]}, "recall messages"),
+         {"HeaderMatchesMessageHeader": "Content-Class", "HeaderMatchesPatterns": ["recall"]},
+         "the message header 'Content-Class' matches 'recall'"),
+        # The documented signal that survives MIME conversion: the subject prefix.
+        (except_recall and bool(subjects), "message recall exception (subject)",
+         {"SubjectMatchesPatterns": subjects}, f"the subject matches {', '.join(subjects)}"),
     ):
         if enabled:
             # A transport rule cannot OR conditions of different kinds: a small rule that marks the
@@ -131,7 +179,7 @@ def _exception_rules(brand: str, header: str, except_oof: bool, except_recall: b
 
 
 def _main_rule(brand: str, header: str, outbound: str, group: str | None, exclude_internal: bool,
-               size_cap: int | None, priority: int) -> Obj:
+               size_cap: int | None, priority: int, except_from: tuple[str, ...] = ()) -> Obj:
     main: dict[str, Any] = {"FromScope": "InOrganization"}
     if group:
         main["FromMemberOf"] = [group]
@@ -141,7 +189,8 @@ def _main_rule(brand: str, header: str, outbound: str, group: str | None, exclud
         "RouteMessageOutboundConnector": outbound,
         "ExceptIfHeaderMatchesMessageHeader": header, "ExceptIfHeaderMatchesPatterns": ["true"],
         "ExceptIfMessageTypeMatches": "Calendaring",
-        "ExceptIfFromAddressMatchesPatterns": ["<>"],
+        # '<>' (null sender), and each excluded Microsoft 365 group's address, anchored.
+        "ExceptIfFromAddressMatchesPatterns": ["<>", *(f"^{re.escape(m)}$" for m in except_from)],
     }
     if size_cap:
         main["ExceptIfMessageSizeOver"] = size_cap
@@ -154,7 +203,7 @@ def _main_rule(brand: str, header: str, outbound: str, group: str | None, exclud
     if exclude_internal:
         gui.append("  and: The recipient is located 'Outside the organization'")
     gui += [f"Do the following: Redirect the message to the connector '{outbound}'",
-            "Except if: the sender address matches '<>'",
+            "Except if: the sender address matches '<>'" + "".join(f", '^{re.escape(m)}$'" for m in except_from),
             "Except if: the message type is 'Calendaring'",
             f"Except if: the message header '{header}' matches 'true'"]
     if size_cap:
@@ -169,7 +218,8 @@ def _main_rule(brand: str, header: str, outbound: str, group: str | None, exclud
 def optional_rule_names(brand: str = BRAND) -> tuple[str, ...]:
     """Every rule a plan may create besides the main one (``remove`` removes them whatever flags
     it is given: a rule created by an earlier apply must not be left behind)."""
-    return (f"{brand} out-of-office exception", f"{brand} message recall exception")
+    return (f"{brand} out-of-office exception", f"{brand} message recall exception",
+            f"{brand} message recall exception (subject)")
 
 
 def _in_scope(tenant: Tenant, group: str | None) -> int | None:

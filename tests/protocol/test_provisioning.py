@@ -330,3 +330,54 @@ def test_an_unknown_group_in_scope_is_an_error(env: tuple[Deployment, Emulator, 
     assert rc == 2 and "group 'Salse' is not in tenant contoso's directory (groups: sales)" in err
     rc, _, err = run(capsys, "connectors", "apply", *args, "--scope", "group:Salse")
     assert rc == 2 and emu.state.mutations() == []
+
+
+M365 = ('[[group]]\nname = "Sales"\nmembers = []\n\n'
+        '[[group]]\nname = "Project Falcon"\nmail = "falcon@contoso.com"\ngroupTypes = ["Unified"]\nmembers = []\n\n'
+        '[[group]]\nname = "All Staff"\nmail = "allstaff@contoso.com"\nmembers = []\n')
+
+
+def test_recall_rules_match_the_documented_signals_and_m365_groups_can_be_excluded(
+        env: tuple[Deployment, Emulator, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    """#13 defect 7: recall requests carry the message class IPM.Outlook.Recall (not a MIME header,
+    MS-OXCMAIL) and the subject "Recall: …" (Learn, cloud-based message recall); mail sent as a
+    Microsoft 365 group (groupTypes Unified) can be kept away from the relay."""
+    dep, emu, args = env
+    (dep.config_path.parent / "rules" / "contoso" / "groups.toml").write_text(M365)
+    st = emu.state
+    flags = ["--except-recall", "--recall-subject", "Recall:", "--recall-subject", "Rückruf:",
+             "--except-m365-groups"]
+    rc, out, err = run(capsys, "connectors", "apply", *args, *flags)
+    assert rc == 0, err
+    content = st.objects[("TransportRule", "signature relay message recall exception")]
+    subject = st.objects[("TransportRule", "signature relay message recall exception (subject)")]
+    assert (content["HeaderMatchesMessageHeader"], content["HeaderMatchesPatterns"]) == ("Content-Class", ["recall"])
+    assert subject["SubjectMatchesPatterns"] == ["^Recall:", "^Rückruf:"]
+    assert subject["SetHeaderName"] == "X-CodeTwoProcessed" and (content["Priority"], subject["Priority"]) == (0, 1)
+    main = st.objects[("TransportRule", RULE.lower())]
+    # only the Unified group, anchored and escaped; a plain distribution group keeps its signature
+    assert main["ExceptIfFromAddressMatchesPatterns"] == ["<>", r"^falcon@contoso\.com$"]
+    assert main["Priority"] == 2
+    assert run(capsys, "connectors", "check", *args, *flags)[0] == 0
+    # without the option the group pattern is drift that apply removes
+    rc, out, _ = run(capsys, "connectors", "check", *args, "--except-recall")
+    assert rc == 1 and "ExceptIfFromAddressMatchesPatterns" in out
+    assert run(capsys, "connectors", "apply", *args, "--except-recall")[0] == 0
+    assert main["ExceptIfFromAddressMatchesPatterns"] == ["<>"]
+    # the plan says why the subject rule exists and what it costs
+    rc, out, _ = run(capsys, "connectors", "plan", "-c", str(dep.config_path), "--tenant", "contoso",
+                     "--format", "text", *flags)
+    assert rc == 0 and "IPM.Outlook.Recall" in out and "falcon@contoso.com" in out
+    assert "if the subject matches ^Recall:, ^Rückruf:, set the message header X-CodeTwoProcessed" in out
+    assert r"Except if: the sender address matches '<>', '^falcon@contoso\.com$'" in out
+    # remove takes the subject rule too, whatever flags it is given
+    assert run(capsys, "connectors", "remove", *args)[0] == 0
+    assert st.objects == {}
+
+
+def test_except_m365_groups_without_any_such_group_is_an_error(env: tuple[Deployment, Emulator, list[str]],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    _, emu, args = env
+    rc, _, err = run(capsys, "connectors", "apply", *args, "--except-m365-groups")
+    assert rc == 2 and "no Microsoft 365 group with an address" in err and 'groupTypes = ["Unified"]' in err
+    assert emu.state.mutations() == []

@@ -66,11 +66,17 @@ def test_transport_rule_for_each_scope(cfg: config.Config, kwargs: dict[str, obj
 
 def test_out_of_office_and_recall_exceptions_come_first(cfg: config.Config) -> None:
     p = planmod.build(cfg, cfg.tenants[0], except_oof=True, except_recall=True)
-    oof, recall, main = p.rules
+    oof, recall, recall_subject, main = p.rules
     assert oof.params == {"MessageTypeMatches": "OOF", "SetHeaderName": "X-CodeTwoProcessed",
                           "SetHeaderValue": "true", "Priority": 0, "Mode": "Enforce"}
     assert recall.params["HeaderMatchesMessageHeader"] == "Content-Class" and recall.params["Priority"] == 1
-    assert main.params["Priority"] == 2
+    assert recall_subject.params["SubjectMatchesPatterns"] == ["^Recall:"] and recall_subject.params["Priority"] == 2
+    assert main.params["Priority"] == 3
+
+
+def test_recall_subject_patterns_are_anchored_and_escaped() -> None:
+    assert planmod.recall_patterns(("Recall:", " Rappel : ", "RE(1):", "")) == [
+        "^Recall:", r"^Rappel\s:", r"^RE\(1\):"]
 
 
 def test_licence_counts_from_the_directory(cfg: config.Config) -> None:
@@ -125,3 +131,18 @@ def test_tenants_add(tmp_path: Path, pki_dir: Path, capsys: pytest.CaptureFixtur
     assert t.client_cert.exists() and "dev client certificate" in out
     assert cli.main(["tenants", "add", "northwind", "-c", str(dep.config_path), "--id",
                      "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d", "--initial-domain", "x.onmicrosoft.com"]) == 2
+
+
+def test_group_types_and_mail_are_checked(tmp_path: Path) -> None:
+    from relay.directory import DirectoryError, load
+
+    (tmp_path / "groups.toml").write_text('[[group]]\nname = "A"\nmail = "nope"\ngroupTypes = "Unified"\n'
+                                          'members = []\n')
+    with pytest.raises(DirectoryError) as e:
+        load(tmp_path)
+    text = str(e.value)
+    assert "group[0].mail: expected an address" in text and "group[0].groupTypes: expected a list" in text
+    (tmp_path / "groups.toml").write_text('[[group]]\nname = "A"\nmail = "A@Contoso.com"\ngroupTypes = ["Unified"]\n'
+                                          'members = []\n')
+    g = load(tmp_path).groups["a"]
+    assert g.microsoft365 and g.mail == "a@contoso.com"
