@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests drive for real (binary → package).
 SYSTEM_TOOLS := swaks:swaks openssl:openssl chromium:chromium
 
-.PHONY: serve test lint typecheck unit system-deps bench clean
+.PHONY: serve test lint typecheck unit system-deps bench bench-deps bench-e2e clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,15 @@ unit: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/run.py
+
+# The end-to-end benchmark's baselines (issue #14): Postfix (smtp-source, smtp-sink) and alterMIME.
+bench-deps:
+	@command -v altermime >/dev/null 2>&1 && [ -x /usr/sbin/smtp-source ] || { \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postfix altermime >/dev/null; }
+
+bench-e2e: $(VENV)/.installed-test bench-deps
+	$(BIN)/python benchmarks/e2e.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

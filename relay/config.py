@@ -112,6 +112,10 @@ class DeliveryConfig:
     min_free_space: int = 64 * 1024 * 1024
     # How often the runner re-reads the spool: picks up strays and `queue retry/hold/delete`.
     rescan_interval: float = 15.0
+    # Benchmark profile only: deliver without STARTTLS when the endpoint is a loopback address, so
+    # the relay can be compared like with like with a plaintext Postfix (issue #14). Any other
+    # endpoint still requires STARTTLS (RFC 3207 §4).
+    plaintext_loopback_benchmark: bool = False
 
 
 @dataclass(frozen=True)
@@ -318,6 +322,7 @@ def _delivery(root: _Section, var_dir: Path) -> DeliveryConfig:
         lifetime=d.number("lifetime", 432_000.0, 1.0, 30 * 86_400.0),
         min_free_space=d.integer("min_free_space", 64 * 1024 * 1024, 0, 2**50),
         rescan_interval=d.number("rescan_interval", 15.0, 0.1, 3600.0),
+        plaintext_loopback_benchmark=d.boolean("plaintext_loopback_benchmark", False),
     )
     for i, s in enumerate(delivery.dns_servers):
         try:

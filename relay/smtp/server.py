@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from relay import replies
 from relay.config import Listener, Network, SecurityConfig
@@ -199,14 +199,85 @@ class RelaySMTP(SMTP):
                 await super().push("421 4.7.0 Too many errors, closing connection")
                 self._close()
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
+        # The checks before 354 are aiosmtpd's (state, RCPT given, no argument); the content is
+        # read by :meth:`_read_content`, buffer-wise instead of aiosmtpd's line-by-line loop.
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._in_data = True
         self._data_t0 = time.monotonic()
         self._data_bytes = 0
         try:
-            await super().smtp_DATA(arg)
+            content, problem = await self._read_content()
+            if problem is not None:
+                await self.push(problem)  # push() maps "500 Line too long" to our 451 while in DATA
         finally:
             self._in_data = False
+        if problem is not None:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_content(self) -> tuple[bytes, str | None]:
+        """The message content of one DATA, as aiosmtpd would produce it, at C speed.
+
+        RFC 5321 §4.1.1.4 / §2.3.8: the content ends at the first line that is exactly "." — a
+        line being what ends in CRLF, so only ``<CRLF>.<CRLF>`` ends it (a bare LF or CR before
+        the dot does not: the smuggling variants of issue #10 stay inside the message, where
+        ingress normalises them). The DATA line's own CRLF precedes the content, so the stream
+        is searched as if it began with CRLF, which also finds an empty message (".\r\n").
+        §4.5.2: a leading dot of any line is removed. Over-long lines (``line_length_limit``,
+        CRLF included, as aiosmtpd counts) and content over ``data_size_limit`` (dot-stuffed
+        bytes, as aiosmtpd counts) are read to the end and discarded, then refused.
+
+        Pipelined commands after the final dot stay in the reader for the next command.
+        """
+        reader = self._reader
+        limit = self.data_size_limit or 0
+        sep = b"\r\n.\r\n"
+        # StreamReader.readuntil searches its buffer incrementally for a separator of any
+        # length, but refuses one further away than its limit (aiosmtpd's line limit): raise the
+        # limit for the content, and put back the CRLF of the DATA line in front of it.
+        saved = reader._limit  # type: ignore[attr-defined]
+        reader._limit = max(saved, (limit or 2**31) + len(sep))  # type: ignore[attr-defined]
+        reader._buffer[:0] = b"\r\n"  # type: ignore[attr-defined]
+        too_much = False
+        try:
+            while True:
+                try:
+                    raw = await reader.readuntil(sep)
+                    break
+                except asyncio.LimitOverrunError as e:
+                    # over data_size_limit: drop what cannot hold the separator, keep reading
+                    too_much = True
+                    await reader.readexactly(e.consumed)
+        except (asyncio.CancelledError, asyncio.IncompleteReadError):
+            # aiosmtpd cancels this coroutine on EOF or reset; either way the session is over.
+            log.info("Connection lost during DATA")
+            self._writer.close()
+            raise asyncio.CancelledError from None
+        finally:
+            reader._limit = saved  # type: ignore[attr-defined]
+        # raw is CRLF + content + ".\r\n"; content is dot-stuffed.
+        if too_much or (limit and len(raw) - 5 > limit):
+            return b"", "552 Error: Too much mail data"
+        if max(map(len, raw.split(b"\r\n"))) + 2 > self.line_length_limit:
+            return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
+        # One pass removes every leading dot, the first line's included (raw starts with CRLF),
+        # and turns the final ".\r\n" into "\r\n": what remains is CRLF + content + CRLF.
+        return raw.replace(b"\r\n.", b"\r\n")[2:-2], None
 
     def data_received(self, data: bytes) -> None:
         if self._in_data:

@@ -1,0 +1,656 @@
+"""End-to-end benchmark (issue #14): the relay against real baselines, measured in the same run.
+
+    make bench-e2e                      # or: .venv/bin/python benchmarks/e2e.py [--quick]
+
+Starts everything itself on loopback in a private directory and sends the same messages with
+Postfix's ``smtp-source`` through each system into Postfix's ``smtp-sink``:
+
+* ``direct``      smtp-source → smtp-sink (the ceiling: what the load generator and sink can do);
+* ``postfix``     Postfix as a plain relay (its own instance: ``postfix -c <dir>``);
+* ``altermime``   Postfix with alterMIME as a pipe content filter (FILTER.README's simple filter;
+  the filtered message is re-injected over SMTP into a filter-free listener, because Postfix's
+  ``sendmail -C`` refuses a private configuration directory to an unprivileged user);
+* ``relay``       signature-relay, stamping, in a benchmark profile that turns STARTTLS off on
+  loopback on both sides (``require_starttls = false``; ``[delivery]
+  plaintext_loopback_benchmark = true``), so it is compared like with like with plaintext Postfix.
+
+Before timing, a few messages go through each system into a sink that keeps them, and the harness
+checks that alterMIME's output carries its footer and the relay's the signature (the baselines do
+real work). Writes ``benchmarks/RESULTS.md`` (machine, versions, date, every figure and its ratio
+to the baselines of the same run). Needs Debian's ``postfix`` and ``altermime`` (``make bench-deps``).
+
+Not covered (yet, see the issue note): STARTTLS on both sides for every system (smtp-source has no
+TLS), open-loop latency at 50 %/80 % load, ``--workers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from run import outlook_reply  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+SENDER, RCPT = "alice@contoso.com", "bob@example.net"
+FILTER_USER = "srbench"  # Postfix's pipe(8) refuses to run a filter as root
+SIG_MARK = b"Wilber"  # Alice's surname appears only in her signature, never in the test messages
+FOOTER_MARK = b"altermime-bench-footer"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
+    if not path:
+        raise SystemExit(f"e2e benchmark: {tool} not found; run `make bench-deps` (Debian: postfix altermime)")
+    return path
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+def html_with_images(size: int = 200_000) -> bytes:
+    """A 200 KB HTML message with two inline (cid:) images, as Outlook sends a newsletter-style mail."""
+    import base64
+
+    img = base64.encodebytes(os.urandom((size // 2 - 4000) * 3 // 4)).replace(b"\n", b"\r\n")
+    html = (b"<html><body><p>Quarterly update</p>" + b"<p>Figures and commentary.</p>" * 60 +
+            b'<img src="cid:i1@x"><img src="cid:i2@x"></body></html>\r\n')
+    parts = [b"--r\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + html]
+    for i in (1, 2):
+        parts.append(b"--r\r\nContent-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n"
+                     b"Content-ID: <i%d@x>\r\nContent-Disposition: inline\r\n\r\n" % i + img)
+    return (b"From: Alice <alice@contoso.com>\r\nTo: bob@example.net\r\nSubject: update\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/related; boundary="r"; type="text/html"\r\n\r\n' + b"".join(parts) + b"--r--\r\n")
+
+
+def with_attachment(mb: int = 25) -> bytes:
+    line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0\r\n"
+    att = line * (mb * 1024 * 1024 // len(line))
+    return (b"From: Alice <alice@contoso.com>\r\nTo: bob@example.net\r\nSubject: file\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/mixed; boundary="m"\r\n\r\n--m\r\nContent-Type: text/html; charset=utf-8\r\n'
+            b"\r\n<html><body><p>See the file.</p></body></html>\r\n"
+            b"--m\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+            b'Content-Disposition: attachment; filename="a.bin"\r\n\r\n' + att + b"--m--\r\n")
+
+
+def reply_10k() -> bytes:
+    return outlook_reply()  # From: Alice <alice@contoso.com>, multipart/alternative, QP
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+class Sink:
+    """Postfix's smtp-sink; ``-c`` prints a running count we read to know when all mail arrived."""
+
+    def __init__(self, port: int, dump: Path | None = None) -> None:
+        argv = [need("smtp-sink"), "-c", "-u", "nobody"]
+        if dump:
+            dump.mkdir(parents=True, exist_ok=True)
+            os.chmod(dump, 0o777)  # smtp-sink writes as nobody
+            argv += ["-d", f"{dump}/%M."]
+        self.port, self.count = port, 0
+        self.proc = subprocess.Popen([*argv, f"127.0.0.1:{port}", "1024"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+        wait_port(port)
+
+    def _read(self) -> None:
+        assert self.proc.stdout
+        buf = b""
+        while chunk := self.proc.stdout.read1(4096):
+            buf = (buf + chunk)[-200:]
+            found = re.findall(rb"mesg=(\d+)", buf)
+            if found:
+                self.count = int(found[-1])
+
+    def wait_for(self, n: int, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while self.count < n and time.monotonic() < end:
+            time.sleep(0.005)
+        return self.count >= n
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+@dataclass
+class Postfix:
+    """A private Postfix instance (``postfix -c``) relaying everything to ``127.0.0.1:<sink>``."""
+
+    work: Path
+    name: str
+    port: int
+    sink_port: int
+    altermime: bool = False
+    reinject_port: int = field(default_factory=free_port)
+
+    @property
+    def conf(self) -> Path:
+        return self.work / self.name / "conf"
+
+    def pids(self) -> list[int]:
+        """The master and every process under it (smtpd, cleanup, qmgr, smtp, pipe → filter)."""
+        pidfile = self.work / self.name / "queue" / "pid" / "master.pid"
+        master = int(pidfile.read_text().split()[0])
+        return [master, *descendants(master)]
+
+    def start(self) -> None:
+        base = self.work / self.name
+        for d in ("conf", "queue", "data", "filter"):
+            (base / d).mkdir(parents=True, exist_ok=True)
+        shutil.chown(base / "data", "postfix")
+        master = Path("/etc/postfix/master.cf").read_text()
+        smtpd = f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
+        extra = ""
+        if self.altermime:
+            os.chmod(base / "filter", 0o1777)
+            script = self._filter_script(base)
+            smtpd = f"127.0.0.1:{self.port} inet n - n - - smtpd -o content_filter=altermime:dummy\n"
+            extra = (f"altermime unix - n n - 20 pipe flags=Rq user={FILTER_USER} null_sender= "
+                     f"argv={script} ${{sender}} ${{recipient}}\n"
+                     f"127.0.0.1:{self.reinject_port} inet n - n - - smtpd -o content_filter=\n")
+        master = re.sub(r"(?m)^smtp\s+inet.*\n", smtpd, master) + extra
+        (self.conf / "master.cf").write_text(master)
+        (self.conf / "main.cf").write_text(f"""compatibility_level = 3.6
+queue_directory = {base}/queue
+data_directory = {base}/data
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = {self.name}.bench.test
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:{self.sink_port}
+smtpd_relay_restrictions = permit_mynetworks, reject
+maillog_file_prefixes = {self.work}
+maillog_file = {base}/maillog
+message_size_limit = 157286400
+default_process_limit = 200
+altermime_destination_concurrency_limit = 20
+""")
+        self._postfix("start")
+        wait_port(self.port)
+
+    def _filter_script(self, base: Path) -> Path:
+        txt, html = base / "footer.txt", base / "footer.html"
+        txt.write_text(f"-- \n{FOOTER_MARK.decode()}: Alice Wilber, Contoso\n")
+        html.write_text(f'<p class="{FOOTER_MARK.decode()}"><b>Alice Wilber</b> · Contoso</p>\n')
+        script = base / "filter.sh"
+        script.write_text(f"""#!/bin/sh
+# FILTER.README's simple content filter, with alterMIME adding a footer to text and HTML parts.
+cd {base}/filter || exit 75
+f=in.$$
+trap 'rm -f $f' 0 1 2 3 15
+cat > $f || exit 75
+/usr/bin/altermime --input=$f --disclaimer={txt} --disclaimer-html={html} >/dev/null 2>&1 || exit 75
+exec {need("smtp-source")} -F $f -m 1 -s 1 -f "$1" -t "$2" 127.0.0.1:{self.reinject_port}
+""")
+        script.chmod(0o755)
+        return script
+
+    def _postfix(self, action: str) -> None:
+        # postfix(1) reports to the terminal only; script(1) gives it one so errors show.
+        r = subprocess.run(["script", "-qc", f"postfix -c {self.conf} {action}", "/dev/null"],
+                           capture_output=True, text=True)
+        if r.returncode and action == "start":
+            raise RuntimeError(f"postfix {self.name}: {r.stdout.strip()}")
+
+    def stop(self) -> None:
+        self._postfix("stop")
+
+
+class Relay:
+    def __init__(self, work: Path, port: int, sink_port: int, metrics_port: int) -> None:
+        self.work, self.port = work / "relay", port
+        self.work.mkdir(parents=True, exist_ok=True)
+        rules = self.work / "rules"
+        shutil.copytree(ROOT / "rules", rules, dirs_exist_ok=True)
+        tenant = rules / "contoso" / "tenant.toml"
+        tenant.write_text(re.sub(r'(?m)^endpoint = .*$', f'endpoint = "127.0.0.1:{sink_port}"', tenant.read_text()))
+        certs = self.work / "certs"
+        conf = self.work / "bench.toml"
+        conf.write_text(f"""# Benchmark profile: STARTTLS off on loopback on both sides, explicitly (issue #14).
+[service]
+hostname = "smtp.signature-relay.test"
+service_domain = "signature-relay.test"
+tenants_dir = "{rules}"
+signatures_dir = "{ROOT / 'signatures'}"
+var_dir = "{self.work / 'var'}"
+[listen]
+smtp = ["127.0.0.1:{port}"]
+require_starttls = false
+[tls]
+cert = "{certs}/server.crt"
+key = "{certs}/server.key"
+[binding]
+sender_domain = true
+[security]
+allowed_networks = ["127.0.0.0/8"]
+max_connections_per_ip = 1000
+[delivery]
+ca_bundle = "{certs}/ca.crt"
+pool_size = 20
+plaintext_loopback_benchmark = true
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+[certs]
+dir = "{certs}"
+[sink]
+enabled = false
+""")
+        self.conf = conf
+        subprocess.run([VENV_BIN / "signature-relay", "certs", "init", "-c", str(conf), "--missing-only"],
+                       check=True, capture_output=True)
+        self.log = (self.work / "relay.log").open("wb")
+        self.proc = subprocess.Popen([VENV_BIN / "signature-relay", "serve", "-c", str(conf), "--log-level",
+                                      "warning"], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(port)
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *descendants(self.proc.pid)]
+
+    def restart(self) -> None:
+        """A fresh process (empty pools, peak RSS from zero)."""
+        self.stop()
+        self.proc = subprocess.Popen([VENV_BIN / "signature-relay", "serve", "-c", str(self.conf), "--log-level",
+                                      "warning"], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# --- measurement ------------------------------------------------------------------------------
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime of the processes and their reaped children (/proc/<pid>/stat fields 14-17)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in f[11:15]) / tick
+    return total
+
+
+def machine_busy() -> float:
+    """Seconds of CPU the whole machine spent busy (all processes), from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM (proc(5))
+
+
+@dataclass
+class Run:
+    system: str
+    message: str
+    per_conn: int
+    sessions: int
+    n: int
+    seconds: float
+    cpu: float | None  # CPU seconds of the system under test (all its processes)
+    machine_cpu: float
+    complete: bool
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.seconds
+
+
+def send(port: int, msg: Path, n: int, sessions: int, per_conn: int) -> subprocess.Popen[bytes]:
+    argv = [need("smtp-source"), "-F", str(msg), "-m", str(n), "-s", str(sessions), "-f", SENDER, "-t", RCPT,
+            "-M", "bench-client.test"]
+    if per_conn > 1:
+        argv.append("-d")  # many messages per connection, as Exchange Online sends
+    return subprocess.Popen([*argv, f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def measure(system: str, port: int, sink: Sink, msg: Path, label: str, n: int, sessions: int, per_conn: int,  # noqa: PLR0913
+            pids: Callable[[], list[int]] | None, timeout: float, *, until_sent: bool = False) -> Run:
+    """One closed-loop run. It ends when the sink has all ``n`` messages, or (``until_sent``, for
+    the relay alone: its 250 comes only after the sink's) when smtp-source has sent them all."""
+    start_count = sink.count
+    cpu_pids = pids() if pids else None
+    cpu0 = cpu_seconds(cpu_pids) if cpu_pids else None
+    busy0 = machine_busy()
+    t0 = time.perf_counter()
+    src = send(port, msg, n, sessions, per_conn)
+    if until_sent:
+        _, err = src.communicate(timeout=timeout)
+        done = src.returncode == 0
+        elapsed = time.perf_counter() - t0
+    else:
+        done = sink.wait_for(start_count + n, timeout)
+        elapsed = time.perf_counter() - t0
+        _, err = src.communicate(timeout=60)
+    if src.returncode:
+        print(f"  {system}: smtp-source: {err.decode(errors='replace').strip()[:300]}", flush=True)
+    relay_cpu = (cpu_seconds(pids()) - cpu0) if pids and cpu0 is not None else None
+    return Run(system, label, per_conn, sessions, n, elapsed, relay_cpu, machine_busy() - busy0, done)
+
+
+def probe(port: int, raw: bytes, stop: threading.Event, out: list[float]) -> None:
+    """Small messages one after another while big ones are in flight: the latency other sessions see."""
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=120) as c:
+                c.sendmail(SENDER, [RCPT], raw)
+        except (OSError, smtplib.SMTPException) as e:
+            print(f"  probe: {e}", flush=True)
+            return
+        out.append(time.perf_counter() - t0)
+
+
+def verify(work: Path, sink_port: int, ports: dict[str, int], raw: bytes) -> dict[str, str]:
+    """Send a message through each system into a sink that keeps it; check the work was done
+    (alterMIME's footer, the relay's signature and processed header, nothing added by the others)."""
+    dump = work / "verify"
+    sink = Sink(sink_port, dump)
+    results: dict[str, str] = {}
+    try:
+        for system, port in ports.items():
+            before = set(dump.iterdir())
+            with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:
+                c.sendmail(SENDER, [RCPT], raw)
+            if not sink.wait_for(len(before) + 1, 60):
+                raise SystemExit(f"verify: the message sent through {system} never reached the sink")
+            time.sleep(0.2)
+            [new] = set(dump.iterdir()) - before
+            got = new.read_bytes()
+            checks = {
+                "direct": SIG_MARK not in got and FOOTER_MARK not in got,
+                "postfix": SIG_MARK not in got and FOOTER_MARK not in got,
+                "altermime": FOOTER_MARK in got,
+                "relay": SIG_MARK in got and b"X-CodeTwoProcessed: true" in got,
+            }
+            if not checks[system]:
+                raise SystemExit(f"verify: {system}'s output does not show its work; see {new}")
+            results[system] = {"direct": "untouched", "postfix": "untouched", "altermime": "footer added",
+                               "relay": "signature stamped, X-CodeTwoProcessed: true"}[system]
+    finally:
+        sink.stop()
+    return results
+
+
+@contextlib.contextmanager
+def environment(work: Path, sink_port: int) -> Iterator[dict[str, object]]:
+    started: list[object] = []
+    try:
+        ports = {"direct": sink_port, "postfix": free_port(), "altermime": free_port(), "relay": free_port()}
+        pf = Postfix(work, "postfix", ports["postfix"], sink_port)
+        pf.start()
+        started.append(pf)
+        am = Postfix(work, "altermime", ports["altermime"], sink_port, altermime=True)
+        am.start()
+        started.append(am)
+        relay = Relay(work, ports["relay"], sink_port, free_port())
+        started.append(relay)
+        yield {"ports": ports, "postfix": pf, "altermime": am, "relay": relay}
+    finally:
+        for s in reversed(started):
+            with contextlib.suppress(Exception):
+                s.stop()  # type: ignore[attr-defined]
+
+
+def ensure_filter_user() -> None:
+    if subprocess.run(["id", FILTER_USER], capture_output=True).returncode:
+        subprocess.run(["useradd", "-r", "-M", "-s", "/usr/sbin/nologin", FILTER_USER], check=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer messages (a smoke run; figures are noisier)")
+    ap.add_argument("--sessions", type=int, default=20, help="concurrent smtp-source sessions (default 20)")
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("e2e benchmark: run as root (private Postfix instances need it)")
+    for tool in ("postfix", "smtp-source", "smtp-sink", "altermime", "script"):
+        need(tool)
+    ensure_filter_user()
+    work = Path(tempfile.mkdtemp(prefix="sr-bench-"))
+    os.chmod(work, 0o755)
+    msgs = {"10 KB reply": reply_10k(), "200 KB HTML + inline images": html_with_images(),
+            "25 MB attachment": with_attachment(25)}
+    files = {}
+    for i, (label, raw) in enumerate(msgs.items()):
+        files[label] = work / f"m{i}.eml"
+        # smtp-source -F sends each line of the file with CRLF: a CRLF file would arrive as CR CR LF.
+        files[label].write_bytes(raw.replace(b"\r\n", b"\n"))
+    try:
+        return bench(work, files, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+SYSTEMS = ("direct", "postfix", "altermime", "relay")
+
+
+def bench(work: Path, files: dict[str, Path], args: argparse.Namespace) -> int:
+    sink_port = free_port()
+    q = args.quick
+    plan = [  # (message, messages per run, sessions, per-connection modes)
+        ("10 KB reply", 600 if q else 3000, args.sessions, (1, 0)),
+        ("200 KB HTML + inline images", 100 if q else 400, args.sessions, (1,)),
+        ("25 MB attachment", 4 if q else 8, 4, (1,)),
+    ]
+    reps = 1 if q else 2
+    runs: list[Run] = []
+    extra: dict[str, str] = {}
+    with environment(work, sink_port) as env:
+        ports: dict[str, int] = env["ports"]  # type: ignore[assignment]
+        relay: Relay = env["relay"]  # type: ignore[assignment]
+        pids: dict[str, Callable[[], list[int]] | None] = {
+            "direct": None, "postfix": env["postfix"].pids, "altermime": env["altermime"].pids,  # type: ignore[attr-defined]
+            "relay": relay.pids}
+        print("verifying that every system does its work ...", flush=True)
+        checked = verify(work, sink_port, ports, files["10 KB reply"].read_bytes())
+        relay.restart()
+        time.sleep(3)  # Postfix's connection cache (2 s) lets go of the verification sink
+        sink = Sink(sink_port)
+        try:
+            for label, n, sessions, modes in plan:
+                for per_conn in modes:
+                    for rep in range(reps):
+                        for system in SYSTEMS:
+                            if rep == 0:  # warm-up: processes started, pools and caches filled
+                                measure(system, ports[system], sink, files[label], label, min(n, 40), sessions,
+                                        per_conn or 2, None, 600)
+                            r = measure(system, ports[system], sink, files[label], label, n, sessions,
+                                        per_conn or 2, pids[system], 900)
+                            r.per_conn = per_conn
+                            runs.append(r)
+                            print(f"  {label:28} {'1/conn' if per_conn else 'many/conn':9} {system:9} "
+                                  f"{r.rate:8.1f} msg/s  {'' if r.complete else 'INCOMPLETE '}"
+                                  f"cpu {1000 * (r.cpu or 0) / n:6.2f} ms/msg", flush=True)
+            extra |= big_message_figures(relay, ports["relay"], sink, files)
+        finally:
+            sink.stop()
+    write_report(args.out, runs, checked, extra, files)
+    return 0 if all(r.complete for r in runs) else 1
+
+
+def big_message_figures(relay: Relay, port: int, sink: Sink, files: dict[str, Path]) -> dict[str, str]:
+    """Peak RSS while four 25 MB messages are relayed at once, and what a small message sees meanwhile."""
+    size = files["25 MB attachment"].stat().st_size
+    small = files["10 KB reply"].read_bytes()
+    out: dict[str, str] = {}
+    for parallel in (1, 4):
+        relay.restart()
+        latencies: list[float] = []
+        stop = threading.Event()
+        t = threading.Thread(target=probe, args=(port, small, stop, latencies), daemon=True)
+        base_rss = peak_rss(relay.proc.pid)
+        t.start()
+        r = measure("relay", port, sink, files["25 MB attachment"], "25 MB attachment", parallel * 2, parallel, 1,
+                    relay.pids, 900, until_sent=True)
+        stop.set()
+        t.join(130)
+        peak = peak_rss(relay.proc.pid)
+        lat = sorted(latencies) or [float("nan")]
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        out[f"{parallel} × 25 MB"] = (
+            f"{r.rate * size / 1e6:.1f} MB/s; peak RSS {peak / 1e6:.0f} MB (start {base_rss / 1e6:.0f} MB) = "
+            f"{peak / (parallel * size):.2f} × the {parallel} message(s) in flight; small messages meanwhile: "
+            f"{len(latencies)} sent, p50 {1000 * statistics.median(lat):.0f} ms, p99 {1000 * p99:.0f} ms, "
+            f"max {1000 * lat[-1]:.0f} ms")
+        print(f"  {parallel} × 25 MB: {out[f'{parallel} × 25 MB']}", flush=True)
+    return out
+
+
+def versions() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (r.stdout or r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+
+    import aiosmtpd
+    import aiosmtplib
+
+    return {
+        "python": platform.python_version(),
+        "postfix": first_line(["postconf", "-d", "mail_version"]),
+        "altermime": first_line(["dpkg-query", "-W", "-f", "${Version}", "altermime"]),
+        "aiosmtpd": aiosmtpd.__version__,
+        "aiosmtplib": aiosmtplib.__version__,
+        "kernel": platform.release(),
+        "cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name")), "?"),
+        "cores": str(os.cpu_count()),
+    }
+
+
+def write_report(path: Path, runs: list[Run], checked: dict[str, str], extra: dict[str, str],
+                 files: dict[str, Path]) -> None:
+    def med(system: str, label: str, per_conn: int) -> Run | None:
+        rs = [r for r in runs if (r.system, r.message, r.per_conn) == (system, label, per_conn)]
+        if not rs:
+            return None
+        return sorted(rs, key=lambda r: r.rate)[len(rs) // 2]
+
+    v = versions()
+    lines = [
+        "# signature-relay end-to-end benchmark",
+        "",
+        f"Generated by `benchmarks/e2e.py` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC. "
+        f"Machine: {v['cpu']}, {v['cores']} cores, Linux {v['kernel']}. Python {v['python']}, "
+        f"Postfix {v['postfix']}, alterMIME {v['altermime']}, aiosmtpd {v['aiosmtpd']}, aiosmtplib {v['aiosmtplib']}.",
+        "",
+        "Closed loop: Postfix's `smtp-source` with the given sessions sends the message to each system, which "
+        "delivers to Postfix's `smtp-sink`; a run ends when the sink has them all. Plaintext on loopback on both "
+        "sides for every system (the relay in its explicitly named benchmark profile). Every system ran in the "
+        "same run, interleaved; the figure is the median of the repetitions. CPU is the system under test's own "
+        "processes (Postfix: master and every process under it, alterMIME and the re-injection included).",
+        "",
+        "Baselines checked before timing: " + "; ".join(f"{k}: {v_}" for k, v_ in checked.items()) + ".",
+        "",
+        "| message | connection | direct sink | Postfix relay | Postfix + alterMIME | signature-relay | "
+        "relay ÷ alterMIME | relay ÷ Postfix |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label in files:
+        for per_conn in (1, 0):
+            rs = {s: med(s, label, per_conn) for s in SYSTEMS}
+            if not all(rs.values()):
+                continue
+            rate = {s: r.rate for s, r in rs.items() if r}
+            cell = {s: f"{rate[s]:.1f} msg/s" + (f" ({1000 * r.cpu / r.n:.2f} ms CPU)" if r and r.cpu else "")
+                    + ("" if r and r.complete else " INCOMPLETE") for s, r in rs.items()}
+            lines.append(f"| {label} | {'one message' if per_conn else 'many messages'} | " +
+                         " | ".join(cell[s] for s in SYSTEMS) +
+                         f" | {rate['relay'] / rate['altermime']:.2f} | {rate['relay'] / rate['postfix']:.2f} |")
+    if extra:
+        lines += ["", "Large messages through signature-relay (fresh process each; a probe sends 10 KB messages "
+                  "one after another meanwhile):", ""]
+        lines += [f"- {k}: {v_}" for k, v_ in extra.items()]
+    ten = {s: med(s, "10 KB reply", 1) for s in SYSTEMS}
+    if all(ten.values()):
+        r, a, p = ten["relay"], ten["altermime"], ten["postfix"]
+        assert r and a and p
+        lines += ["", "Targets (issue #14), 10 KB reply, one message per connection:", "",
+                  f"- ≥ 10 × Postfix + alterMIME: {r.rate / a.rate:.2f} ×",
+                  f"- ≥ 1.5 × Postfix plain relay: {r.rate / p.rate:.2f} ×",
+                  f"- relay CPU ≤ 1.5 ms per message: {1000 * (r.cpu or 0) / r.n:.2f} ms"]
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

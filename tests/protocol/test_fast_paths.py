@@ -1,0 +1,96 @@
+"""The fast DATA paths of issue #14 against real peers: what the endpoint receives is exactly what
+aiosmtplib's own DATA path would have sent, and the benchmark profile's plaintext delivery is
+confined to loopback endpoints."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.controller import Controller
+
+from relay.delivery.client import send_data
+from tests.protocol.test_relay_protocol import _NoTlsEndpoint, message, send
+from tests.support import Deployment, free_port
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
+        self.got.append(envelope.original_content)
+        return "250 OK"
+
+
+BODIES = [
+    b"Subject: x\r\n\r\n.leading dot on the first body line\r\n..two\r\n.\r\nend\r\n",
+    b".From a dot\r\n\r\nbody\r\n",
+    b"Subject: y\r\n\r\nno dots at all\r\n",
+    b"Subject: bare\n\nbare LF and a bare CR\r here\r\n.dot after\n",  # not CRLF-clean: aiosmtplib's path
+    b"Subject: z\r\n\r\nno final line break",
+]
+
+
+@pytest.mark.parametrize("body", BODIES)
+async def test_send_data_delivers_what_aiosmtplib_would(body: bytes) -> None:
+    rec = _Recorder()
+    ctl = Controller(rec, hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    try:
+        for sender in ("ours", "aiosmtplib"):
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=ctl.port, start_tls=False) as c:
+                await c.mail("a@contoso.com")
+                await c.rcpt("b@example.net")
+                if sender == "ours":
+                    r = await send_data(c, body, 10)
+                else:
+                    r = await c.data(body)
+                assert r.code == 250
+        ours, theirs = rec.got
+        assert ours == theirs
+    finally:
+        ctl.stop()
+
+
+async def test_a_refused_data_is_an_smtp_data_error() -> None:
+    class Refuse:
+        async def handle_DATA(self, *_a: Any) -> str:
+            return "554 5.6.0 no"
+
+    ctl = Controller(Refuse(), hostname="127.0.0.1", port=free_port())
+    ctl.start()
+    try:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=ctl.port, start_tls=False) as c:
+            await c.mail("a@contoso.com")
+            await c.rcpt("b@example.net")
+            with pytest.raises(aiosmtplib.SMTPDataError) as e:
+                await send_data(c, b"Subject: x\r\n\r\nhi\r\n", 10)
+            assert e.value.code == 554
+            assert (await c.noop()).code == 250  # the session is still in step
+    finally:
+        ctl.stop()
+
+
+async def test_benchmark_profile_sends_plaintext_to_loopback_only(make_stack: Any, deployment: Deployment) -> None:
+    """``[delivery] plaintext_loopback_benchmark`` (the e2e benchmark's like-with-like profile)
+    delivers without STARTTLS to a loopback endpoint; a named endpoint still needs STARTTLS."""
+    port = free_port()
+    ctl = Controller(_NoTlsEndpoint(), hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        cfg = deployment.config_path
+        cfg.write_text(cfg.read_text().replace("[delivery]\n", "[delivery]\nplaintext_loopback_benchmark = true\n"))
+        tenant = deployment.root / "rules" / "contoso" / "tenant.toml"
+        tenant.write_text(re.sub(r'endpoint = ".*"', f'endpoint = "127.0.0.1:{port}"', tenant.read_text()))
+        st = await make_stack(with_sink=False)
+        code, _ = await send(st, message())
+        assert code == 250
+        # the same endpoint by name ("localhost" resolves to loopback, but a name is never trusted)
+        from relay.delivery.client import _is_loopback
+
+        assert _is_loopback("127.0.0.1") and _is_loopback("::1") and not _is_loopback("localhost")
+    finally:
+        ctl.stop()

@@ -1,0 +1,108 @@
+"""The buffer-wise DATA reader (issue #14) gives exactly what aiosmtpd's line-by-line loop gives.
+
+The reference below is aiosmtpd 1.4.6's ``smtp_DATA`` loop (line-by-line ``readuntil(b"\\r\\n")``,
+size and line limits, dot-unstuffing), reduced to its result. Both read the same bytes, fed to a
+real ``asyncio.StreamReader`` in random chunk sizes; whatever follows the final dot must stay in
+the reader for the next command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.smtp.server import RelaySMTP
+
+LINE_LIMIT = 64
+SIZE_LIMIT = 400
+
+
+async def reference(reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
+    data: list[bytearray] = []
+    num, state, fragments = 0, "ok", []
+    while True:
+        try:
+            line = await reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError as e:
+            state = "long" if state == "ok" else state
+            data = []
+            line = await reader.read(e.consumed)
+        if not fragments and line == b".\r\n":
+            break
+        num += len(line)
+        if state == "ok" and num > SIZE_LIMIT:
+            state = "much"
+            data = []
+        fragments.append(line)
+        if line.endswith(b"\r\n"):
+            if state == "ok":
+                joined = b"".join(fragments)
+                if len(joined) > LINE_LIMIT:
+                    state, data = "long", []
+                else:
+                    data.append(bytearray(joined))
+            fragments = []
+    if state == "long":
+        return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
+    if state == "much":
+        return b"", "552 Error: Too much mail data"
+    for text in data:
+        if text.startswith(b"."):
+            del text[0]
+    return b"".join(data), None
+
+
+def feed(stream: bytes, cuts: list[int]) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+    pos = 0
+    for c in sorted(set(cuts)):
+        reader.feed_data(stream[pos:c])
+        pos = c
+    reader.feed_data(stream[pos:])
+    reader.feed_eof()
+    return reader
+
+
+async def ours(reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
+    fake: Any = SimpleNamespace(_reader=reader, data_size_limit=SIZE_LIMIT, line_length_limit=LINE_LIMIT,
+                                _writer=None)
+    return await RelaySMTP._read_content(fake)
+
+
+PIECES = st.sampled_from([b"a", b"x" * 30, b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b".\r\n", b"\r\r\n",
+                          b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\xc3\xa9", b"\x00", b" "])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(PIECES, max_size=40), st.lists(st.integers(0, 2000), max_size=6),
+       st.sampled_from([b"", b"QUIT\r\n", b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"]))
+def test_same_content_and_verdict_as_aiosmtpd(pieces: list[bytes], cuts: list[int], after: bytes) -> None:
+    body = b"".join(pieces)
+    stream = body + b"\r\n.\r\n" + after  # ends like every message; may also end earlier inside body
+
+    async def both() -> None:
+        r1, r2 = feed(stream, cuts), feed(stream, cuts)
+        want = await reference(r1)
+        got = await ours(r2)
+        assert got == want
+        # the rest (pipelined commands) is left for the command loop, byte for byte
+        assert await r2.read() == await r1.read()
+
+    asyncio.run(both())
+
+
+def test_empty_message_and_leading_dots() -> None:
+    async def run(stream: bytes) -> tuple[bytes, str | None]:
+        return await ours(feed(stream, []))
+
+    assert asyncio.run(run(b".\r\n")) == (b"", None)
+    assert asyncio.run(run(b"..\r\n...x\r\n.\r\n")) == (b".\r\n..x\r\n", None)
+    assert asyncio.run(run(b"a\r\n.\r\nQUIT\r\n")) == (b"a\r\n", None)
+    # a dot after a bare LF or CR is not the end (the smuggling shapes stay inside the message)
+    assert asyncio.run(run(b"a\n.\nb\r.\r\n\r\n.\r\n")) == (b"a\n.\nb\r.\r\n\r\n", None)
+    assert asyncio.run(run(b"x" * 70 + b"\r\n.\r\n"))[1] == "500 Line too long (see RFC5321 4.5.3.1.6)"
+    assert asyncio.run(run(b"y\r\n" * 200 + b".\r\n"))[1] == "552 Error: Too much mail data"
