@@ -47,11 +47,16 @@ class Inbound:
     normalised: bool  # True when line endings had to be rewritten (logged as an anomaly)
 
 
-def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
-    """``raw`` with every line break as CRLF, and whether anything changed. Three C-speed counts
-    decide the common case (already CRLF) without copying the message."""
+def crlf_only(raw: bytes) -> bool:
+    """Every CR and LF in ``raw`` is part of a CRLF pair (three C-speed counts, no copy)."""
     crlf = raw.count(b"\r\n")
-    if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf:
+    return raw.count(b"\n") == crlf and raw.count(b"\r") == crlf
+
+
+def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
+    """``raw`` with every line break as CRLF, and whether anything changed; the common case
+    (already CRLF) is decided by :func:`crlf_only` without copying the message."""
+    if crlf_only(raw):
         return raw, False
     return _LINE_ENDINGS.sub(b"\r\n", raw), True
 

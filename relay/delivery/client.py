@@ -4,8 +4,9 @@ The promise (DESIGN "Never lose mail"): the relay answers 250 only after the ten
 250. Every outcome we are unsure of becomes a :class:`TransientError` (4xx to Exchange Online,
 which retries); duplicates beat loss.
 
-* STARTTLS is mandatory: a server that does not offer it fails the attempt (no downgrade to
-  plaintext, the "STARTTLS stripping" attack). The server certificate is verified against the
+* STARTTLS is mandatory (except to a loopback IP in the benchmark profile, see DeliveryConfig):
+  a server that does not offer it fails the attempt (no downgrade to plaintext, the "STARTTLS
+  stripping" attack). The server certificate is verified against the
   tenant's ``tls_server_name`` and CA bundle; the tenant's client certificate is presented.
 * MAIL/RCPT are sent as raw addresses (no re-quoting). If any recipient is deferred (4xx) we send
   no DATA at all and defer the whole message: nothing is delivered twice and nothing is lost.
@@ -35,6 +36,7 @@ from relay.config import DeliveryConfig, Tenant
 from relay.delivery.dsn import Refusal
 from relay.delivery.endpoints import Resolver, Target
 from relay.errors import ConfigError, PermanentError, RelayError, Reply, TransientError
+from relay.ingress import crlf_only
 
 log = logging.getLogger("relay.delivery")
 
@@ -338,13 +340,6 @@ def _is_loopback(address: str) -> bool:
         return False  # a name: never trusted to be loopback
 
 
-def _crlf_only(data: bytes) -> bool:
-    """Every CR and LF is part of a CRLF pair, and the data ends with one (what ingress and the
-    stamper produce); then aiosmtplib's line-ending normalisation would change nothing."""
-    crlf = data.count(b"\r\n")
-    return data.endswith(b"\r\n") and data.count(b"\r") == crlf and data.count(b"\n") == crlf
-
-
 async def send_data(smtp: aiosmtplib.SMTP, data: bytes, reply_timeout: float) -> SMTPResponse:
     """``smtp.data(data)`` at C speed for CRLF-clean data (issue #14).
 
@@ -358,7 +353,8 @@ async def send_data(smtp: aiosmtplib.SMTP, data: bytes, reply_timeout: float) ->
     """
     proto = smtp.protocol
     lock = getattr(proto, "_command_lock", None)
-    if proto is None or lock is None or not hasattr(proto, "_response_pending") or not _crlf_only(data):
+    clean = data.endswith(b"\r\n") and crlf_only(data)
+    if proto is None or lock is None or not hasattr(proto, "_response_pending") or not clean:
         return await smtp.data(data, timeout=reply_timeout)
     payload = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
     try:

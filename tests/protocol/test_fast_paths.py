@@ -12,8 +12,8 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from relay.delivery.client import send_data
-from tests.protocol.test_relay_protocol import _NoTlsEndpoint, message, send
-from tests.support import Deployment, free_port
+from tests.protocol.test_relay_protocol import _NoTlsEndpoint, send
+from tests.support import Deployment, free_port, message
 
 
 class _Recorder:

@@ -23,7 +23,8 @@ SIZE_LIMIT = 400
 
 async def reference(reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
     data: list[bytearray] = []
-    num, state, fragments = 0, "ok", []
+    num, state = 0, "ok"
+    fragments: list[bytes] = []
     while True:
         try:
             line = await reader.readuntil(b"\r\n")
