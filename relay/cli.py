@@ -64,8 +64,31 @@ def _say(args: argparse.Namespace, msg: str, level: int = logging.INFO) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _serve_argv(args: argparse.Namespace) -> list[str]:
+    """The serve options a worker process gets from its supervisor."""
+    argv = ["--log-level", args.log_level, "--log-format", args.log_format]
+    if args.config:
+        argv[:0] = ["-c", args.config]
+    if args.log_privacy:
+        argv.append("--log-privacy")
+    return argv
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    from relay import supervisor
+
+    if args.workers > 1 and args.worker_index is None:
+        _say(args, f"signature-relay {__version__}: starting {args.workers} workers on "
+                   f"{', '.join(f'{lst.host}:{lst.port}' for lst in cfg.listeners)}, config {cfg.source}")
+        return supervisor.Supervisor(cfg, _serve_argv(args), args.workers, args.no_sink).run()
+
+    def view(c: config.Config) -> config.Config:  # a worker's own spool and metrics port
+        if args.worker_index is None:
+            return c
+        return supervisor.worker_config(c, args.worker_index, args.worker_metrics_port)
+
+    cfg = view(cfg)
     from relay.service import Relay
     from relay.sink import Sink
 
@@ -84,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         def reload() -> None:
             try:
-                new = _config(args)
+                new = view(_config(args))
                 relay.reload(new)
                 if sink:
                     sink.reload(new)
@@ -616,6 +639,12 @@ def _add_serve_command(sub: Any) -> None:
                        description="Run the relay. 250 is answered only after the tenant endpoint said 250.")
     _add_config(s)
     s.add_argument("--no-sink", action="store_true", help="do not start the dev tenant-inbound sink")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run N relay processes on the same ports (SO_REUSEPORT), supervised: a dead one is "
+                        "restarted, SIGHUP/SIGTERM are passed on, /metrics shows every worker (label worker=I). "
+                        "One per core is the usual choice")
+    s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--worker-metrics-port", type=int, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
 

@@ -215,6 +215,9 @@ class Config:
     security: SecurityConfig = field(default_factory=lambda: _default_security())
     mime_limits: Limits = field(default_factory=Limits)
     metrics_listen: tuple[str, int] | None = None  # [metrics] listen; None = off
+    # Not a file setting: `serve --workers N` sets it so every worker binds the same ports
+    # (SO_REUSEPORT; the kernel spreads connections over them).
+    reuse_port: bool = False
     _by_id: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
     _by_domain: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
 

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from relay.delivery import admin
@@ -52,6 +53,8 @@ def add_queue_command(sub: Any, add_config: Callable[[argparse.ArgumentParser], 
             v.add_argument("id", nargs="?", help="the copy's id")
             v.add_argument("--all", action="store_true", help="every queued copy")
         v.add_argument("--json", action="store_true", help="machine-readable output")
+        v.add_argument("--worker", type=int, metavar="I",
+                       help="the spool of worker I (serve --workers N gives each worker its own)")
         v.set_defaults(func=cmd_queue)
 
 
@@ -80,11 +83,21 @@ def _print_list(its: list[admin.Item]) -> None:
     print(f"{len(its)} cop(ies)")
 
 
+def _spool_root(root: Path, worker: int | None) -> Path:
+    if worker is not None:
+        return root / f"worker-{worker}"  # serve --workers N: each worker has its own spool
+    if any(root.glob("worker-*")):
+        others = ", ".join(sorted(p.name for p in root.glob("worker-*")))
+        print(f"note: this relay runs several workers, each with its own spool ({others}): add --worker I",
+              file=sys.stderr)
+    return root
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     from relay.cli import _config
 
     cfg = _config(args, policies=False)
-    spool = Spool(cfg.delivery.spool_dir, cfg.delivery.min_free_space)
+    spool = Spool(_spool_root(cfg.delivery.spool_dir, args.worker), cfg.delivery.min_free_space)
     verb = args.queue_command
     note = f"the running relay picks this up within {cfg.delivery.rescan_interval:g} s"
     try:

@@ -115,7 +115,8 @@ class Relay:
             factory = functools.partial(self.smtp_factory, lst.implicit_tls)
             # Implicit-TLS listeners keep the context they started with (asyncio binds it to the
             # server); STARTTLS ones pick up a reloaded certificate for each new session.
-            self.servers.append(await start_listener(factory, lst, self.tls_context, self.guard))
+            self.servers.append(await start_listener(factory, lst, self.tls_context, self.guard,
+                                                     reuse_port=self.cfg.reuse_port))
             log.info("listening on %s:%s (%s)", lst.host, lst.port, "implicit TLS" if lst.implicit_tls else "STARTTLS")
         if self.cfg.metrics_listen:
             host, port = self.cfg.metrics_listen

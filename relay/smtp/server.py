@@ -389,6 +389,7 @@ class TlsGate(asyncio.Protocol):
 
 async def start_listener(
     factory: Callable[..., SMTP], listener: Listener, tls_context: ssl.SSLContext | None, guard: Guard,
+    *, reuse_port: bool = False,
 ) -> asyncio.Server:
     """Bind one listener. STARTTLS listeners get plain TCP (admission happens in the SMTP
     protocol's ``connection_made``, at accept); implicit-TLS ones go through a :class:`TlsGate`."""
@@ -398,5 +399,7 @@ async def start_listener(
             raise ValueError("an implicit-TLS listener needs a TLS context")
         ctx = tls_context
         return await loop.create_server(lambda: TlsGate(lambda slot: factory(slot=slot), guard, ctx),
-                                        host=listener.host, port=listener.port, reuse_address=True)
-    return await loop.create_server(factory, host=listener.host, port=listener.port, reuse_address=True)
+                                        host=listener.host, port=listener.port, reuse_address=True,
+                                        reuse_port=reuse_port or None)
+    return await loop.create_server(factory, host=listener.host, port=listener.port, reuse_address=True,
+                                    reuse_port=reuse_port or None)
