@@ -8,6 +8,9 @@ One registry per relay (no process-global state, so tests and reloads stay indep
 * ``signature_relay_copies_total{tenant, decision}`` — one per copy delivered or queued (a message
   split by rules is several copies): ``stamped``, ``marked``, ``pass-through:<reason>``
 * ``signature_relay_replies_total{code}`` — the replies given to Exchange Online after DATA
+* ``signature_relay_delivery_errors_total{tenant, reason}`` — failed attempts to a tenant endpoint
+  (inline and queue mode): ``tls`` (handshake, certificate or no STARTTLS), ``timeout``,
+  ``unavailable``, ``dns``, ``deferred`` (a 4xx), ``refused`` (a 5xx), ``other``
 * ``signature_relay_message_seconds`` — DATA received to reply, including inline delivery
 * ``signature_relay_connections`` — sessions open now
 * ``signature_relay_queued`` — copies waiting in the spool (queue mode, and DSNs spooled in inline mode)
@@ -50,6 +53,9 @@ class Metrics:
                               ["tenant", "decision"], registry=self.registry)
         self.replies = Counter("signature_relay_replies", "Replies to DATA by code", ["code"],
                                registry=self.registry)
+        self.delivery_errors = Counter("signature_relay_delivery_errors",
+                                       "Failed delivery attempts to tenant endpoints by reason",
+                                       ["tenant", "reason"], registry=self.registry)
         self.latency = Histogram("signature_relay_message_seconds", "DATA received to reply (incl. delivery)",
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
                                  registry=self.registry)

@@ -98,6 +98,7 @@ class Relay:
                                        oldest=self.runner.oldest_age)
         self._metrics_server: asyncio.Server | None = None
         self.flow = MessageFlow(self)  # one message through the relay (relay/flow.py)
+        self.delivery.on_error = lambda tenant, reason: self.metrics.delivery_errors.labels(tenant, reason).inc()
 
     def smtp_factory(self, implicit_tls: bool = False, slot: Slot | None = None) -> SMTP:
         # On an implicit-TLS listener TLS is already up: no STARTTLS to offer or require.

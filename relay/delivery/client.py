@@ -25,7 +25,7 @@ import ipaddress
 import logging
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -100,6 +100,14 @@ def _downstream(code: int, message: str) -> Reply:
     return Reply(code, f"{klass}.0.0", f"Tenant endpoint said: {message}")
 
 
+# Why an attempt failed, as a small label set (signature_relay_delivery_errors_total{reason}).
+ERROR_REASONS: Mapping[Reply, str] = {
+    replies.ENDPOINT_TLS_FAILED: "tls", replies.ENDPOINT_TIMEOUT: "timeout",
+    replies.ENDPOINT_UNAVAILABLE: "unavailable", replies.ENDPOINT_DNS_FAILED: "dns",
+    replies.ENDPOINT_DEFERRED: "deferred",
+}
+
+
 class Delivery:
     def __init__(
         self, cfg: DeliveryConfig, tenants: Sequence[Tenant], *, local_hostname: str,
@@ -112,6 +120,8 @@ class Delivery:
         # file and key named, instead of deferring every message at run time.
         self._contexts = {t.name: client_context(cfg, t) for t in tenants}
         self._pool: dict[tuple[str, str, int], list[_Conn]] = {}
+        # (tenant, reason) for every failed attempt: the delivery-errors metric (relay/metrics.py)
+        self.on_error: Callable[[str, str], None] | None = None
 
     # --- public --------------------------------------------------------------------------------
 
@@ -128,6 +138,11 @@ class Delivery:
             for c in conns:
                 self._discard(c)
 
+    def _count(self, tenant: Tenant, e: RelayError) -> None:
+        if self.on_error is not None:
+            self.on_error(tenant.name, ERROR_REASONS.get(e.reply, "refused" if isinstance(e, PermanentError)
+                                                         else "other"))
+
     async def deliver(
         self, tenant: Tenant, mail_from: str, rcpts: Sequence[str], data: bytes, *, smtputf8: bool = False,
     ) -> Outcome:
@@ -140,6 +155,7 @@ class Delivery:
                 conn, reused = await self._checkout(tenant, target)
             except TransientError as e:
                 log.warning("endpoint %s:%s (%s) failed: %s", target.address, target.port, target.mx_host, e.detail)
+                self._count(tenant, e)
                 last = e
                 continue
             try:
@@ -149,11 +165,13 @@ class Delivery:
                     self._discard(conn)
                     conn, reused = await self._connect(tenant, target), False
                     return await self._transaction(conn, reused, mail_from, rcpts, data, smtputf8)
-            except BaseException:
+            except BaseException as e:
                 # Unless the transaction ended on a clean reply (and checked the connection back
                 # in), the session is in an unknown state: never reuse it.
                 if not self._pooled(conn):
                     self._discard(conn)
+                if isinstance(e, RelayError):
+                    self._count(tenant, e)
                 raise
         assert last is not None
         raise last
