@@ -28,6 +28,10 @@ ENV SIGNATURE_RELAY_CONFIG=/etc/signature-relay/relay.toml \
 WORKDIR /var/lib/signature-relay
 USER 10025:10025
 EXPOSE 2525
+# /healthz answers 200 while every listener is open; it is on [metrics] listen, 127.0.0.1:9025 in
+# deploy/relay.example.toml (keep that, or change the port here too).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9025/healthz', timeout=4)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["signature-relay"]
 CMD ["serve"]

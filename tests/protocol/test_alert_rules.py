@@ -3,6 +3,7 @@ on the relay's /metrics (a renamed metric must not silently disable an alert).""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -46,3 +47,25 @@ async def test_endpoint_tls_failures_are_counted_for_the_alert(make_stack: MakeS
     doc = yaml.safe_load(RULES.read_text("utf-8"))
     exprs = {r["alert"]: r["expr"] for g in doc["groups"] for r in g["rules"]}
     assert 'reason="tls"' in exprs["SignatureRelayEndpointTlsFailures"]
+
+
+DASHBOARD = RULES.parents[1] / "grafana" / "signature-relay.json"
+
+
+async def test_every_metric_on_the_dashboard_exists(stack: Stack) -> None:
+    """#15: the Grafana dashboard parses as a dashboard and uses only metrics the relay exposes."""
+    dash = json.loads(DASHBOARD.read_text("utf-8"))
+    assert dash["uid"] == "signature-relay" and dash["schemaVersion"] >= 36 and dash["panels"]
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in dash["panels"])
+    assert (await send(stack, message()))[0] == 250
+    text = stack.relay.metrics.render().decode()
+    exposed = set(re.findall(r"^(?:# TYPE )?(signature_relay_[a-z_]+)", text, re.M)) | SUPERVISOR_METRICS
+    exposed |= {f"{m}_total" for m in re.findall(r"^# TYPE (signature_relay_[a-z_]+) counter", text, re.M)}
+    used = {m for e in exprs for m in re.findall(r"signature_relay_[a-z_]+", e)}
+    assert len(used) >= 10 and used <= exposed, used - exposed
+    # the alerts and the dashboard watch the same failure modes
+    alerts = " ".join(r["expr"] for g in yaml.safe_load(RULES.read_text("utf-8"))["groups"] for r in g["rules"])
+    for m in ("signature_relay_delivery_errors_total", "signature_relay_queue_oldest_seconds",
+              "signature_relay_certificate_expiry_seconds"):
+        assert m in alerts and any(m in e for e in exprs)
