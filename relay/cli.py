@@ -76,12 +76,15 @@ def _serve_argv(args: argparse.Namespace) -> list[str]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from relay import supervisor
+    from relay import dircli, supervisor
 
-    if args.workers > 1 and args.worker_index is None:
+    main_process = args.worker_index is None  # not a worker: owns the pidfile and the directory syncs
+    if args.workers > 1 and main_process:
         _say(args, f"signature-relay {__version__}: starting {args.workers} workers on "
                    f"{', '.join(f'{lst.host}:{lst.port}' for lst in cfg.listeners)}, config {cfg.source}")
-        return supervisor.Supervisor(cfg, _serve_argv(args), args.workers, args.no_sink).run()
+        with dircli.pidfile(cfg):
+            dircli.start_scheduler(cfg, lambda m: _say(args, m))
+            return supervisor.Supervisor(cfg, _serve_argv(args), args.workers, args.no_sink).run()
 
     def view(c: config.Config) -> config.Config:  # a worker's own spool and metrics port
         if args.worker_index is None:
@@ -117,13 +120,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      logging.ERROR)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
+        if main_process:
+            dircli.start_scheduler(cfg, lambda m: _say(args, m))
         await stop.wait()
         _say(args, "signature-relay: shutting down (finishing messages in flight)")
         await relay.stop()
         if sink:
             await sink.stop()
 
-    asyncio.run(run())
+    with dircli.pidfile(cfg, enabled=main_process):
+        asyncio.run(run())
     return 0
 
 
@@ -216,7 +222,7 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"{len(p.directory.people) if p else 0} user(s), {len(p.directory.groups) if p else 0} group(s), "
               f"{len(p.rules.rules) if p else 0} rule(s), {len(p.templates.templates) if p else 0} template(s)")
         if p is not None:
-            renders += _render_all(t.name, p, errors)
+            renders += p.render_all(errors)
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
     if errors:
@@ -224,27 +230,6 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     print(f"OK: {cfg.source}, {len(cfg.tenants)} tenant(s), {renders} template render(s) checked")
     return 0
-
-
-def _render_all(tenant: str, p: Any, errors: list[str]) -> int:
-    """Render every template for every directory user, new and reply: the renders that worked;
-    each failure (file, line, user) is appended to ``errors``."""
-    import datetime as dt
-
-    from relay.rules import Message
-    from relay.signatures import RenderError
-
-    renders = 0
-    for user in p.directory.people:
-        for kind in ("new", "reply"):
-            msg = Message(sender=user.mail, subject="check", body="", kind=kind, at=dt.datetime.now(dt.UTC))
-            for name in p.templates.templates:
-                try:
-                    p.templates.render(name, p.context(msg, ["someone@example.net"]))
-                    renders += 1
-                except RenderError as e:
-                    errors.append(f"{tenant}: {e} (user {user.mail}, {kind} message)")
-    return renders
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
@@ -628,9 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_serve_command, _add_sink_command, _add_certs_command, _add_stamp_command, _add_preview_command,
                 _add_connectors_command, _add_tenants_command, _add_check_command):
         add(sub)
+    from relay.dircli import add_directory_command
     from relay.queuecli import add_queue_command
 
     add_queue_command(sub, _add_config)
+    add_directory_command(sub, _add_config)
     return p
 
 

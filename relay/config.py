@@ -169,6 +169,35 @@ class SecurityConfig:
     max_header_fields: int = 2000  # top-level header fields (552 5.3.4 beyond)
 
 
+GRAPH_CLOUDS: Final = ("global", "gcc-high", "dod", "china")  # relay.provisioning.api.CLOUDS
+# The sizes Microsoft Graph keeps a user's photo in (profilephoto-get: "Supported sizes").
+PHOTO_SIZES: Final = ("48x48", "64x64", "96x96", "120x120", "240x240", "360x360", "432x432", "504x504", "648x648")
+
+
+@dataclass(frozen=True)
+class GraphDirectory:
+    """``[directory] source = "graph"``: the tenant's users, groups and photos come from Microsoft
+    Graph (``signature-relay directory sync``), into ``root`` (``<var_dir>/directory/<tenant>``):
+    ``state.json`` (what Graph said, and the delta links) and the snapshot ``current/``
+    (``directory.csv``, ``groups.toml``, ``photos/``: the file source's own model)."""
+
+    root: Path
+    app_id: str
+    certificate: Path  # PEM: the app registration's private key and certificate
+    cloud: str = "global"
+    sync_interval: float = 0.0  # serve syncs this often (seconds); 0 = only `directory sync`
+    max_drop: float = 0.2  # refuse a snapshot with this fraction fewer users than the last one
+    photos: bool = True
+    photo_size: str = "96x96"
+    graph_url: str = ""  # overrides the cloud's (a test emulator)
+    login_url: str = ""
+    ca_bundle: Path | None = None
+
+    @property
+    def current(self) -> Path:
+        return self.root / "current"
+
+
 @dataclass(frozen=True)
 class Tenant:
     name: str
@@ -191,6 +220,12 @@ class Tenant:
     images_base_url: str = ""
     policy: Policy | None = None  # directory + rules + templates, loaded by relay.policy.attach
     delivery_mode: str = ""  # "" = the service's delivery.mode
+    graph: GraphDirectory | None = None  # None: the directory is rules/<name>/directory.csv + groups.toml
+
+    @property
+    def directory_dir(self) -> Path:
+        """Where the directory files are read: the Graph snapshot, or beside tenant.toml."""
+        return self.graph.current if self.graph else self.source.parent
 
 
 @dataclass(frozen=True)
@@ -436,7 +471,8 @@ def _load_text(text: str, name: str, base: Path) -> Config:
     metrics_listen = _metrics(root)
     mime_limits = _mime(root)
     root.done()
-    tenants = _load_tenants(svc.tenants_dir, svc.signatures_dir, svc.service_domain, certs.dir, bind_by_sender)
+    tenants = _load_tenants(svc.tenants_dir, svc.signatures_dir, svc.service_domain, certs.dir, bind_by_sender,
+                            svc.var_dir)
     by_id, by_domain = _index_tenants(tenants)
     return Config(
         source=name, hostname=svc.hostname, service_domain=svc.service_domain,
@@ -484,14 +520,35 @@ def certificate_name(subdomain: str, region: str, service_domain: str) -> str:
 
 
 def _load_tenants(
-    tdir: Path, sigdir: Path, service_domain: str, certs_dir: Path, bind_default: bool,
+    tdir: Path, sigdir: Path, service_domain: str, certs_dir: Path, bind_default: bool, var_dir: Path,
 ) -> list[Tenant]:
     if not tdir.is_dir():
         raise ConfigError(str(tdir), "", "tenants directory does not exist (service.tenants_dir)")
-    return [_tenant(f, sigdir, service_domain, certs_dir, bind_default) for f in sorted(tdir.glob("*/tenant.toml"))]
+    return [_tenant(f, sigdir, service_domain, certs_dir, bind_default, var_dir)
+            for f in sorted(tdir.glob("*/tenant.toml"))]
 
 
-def _tenant(f: Path, sigdir: Path, service_domain: str, certs_dir: Path, bind_default: bool) -> Tenant:
+def _graph_directory(root: _Section, name: str, var_dir: Path) -> GraphDirectory | None:
+    ds = root.section("directory")
+    if ds.choice("source", ("file", "graph"), "file") == "file":
+        ds.done()
+        return None
+    g = GraphDirectory(
+        root=var_dir / "directory" / name, app_id=ds.string("app_id", _REQUIRED),
+        certificate=ds.path("certificate", _REQUIRED), cloud=ds.choice("cloud", GRAPH_CLOUDS, "global"),
+        sync_interval=ds.number("sync_interval", 0.0, 0.0, 30 * 86_400.0),
+        max_drop=ds.number("max_drop", 0.2, 0.0, 1.0), photos=ds.boolean("photos", True),
+        photo_size=ds.choice("photo_size", PHOTO_SIZES, "96x96"), graph_url=ds.string("graph_url", ""),
+        login_url=ds.string("login_url", ""), ca_bundle=ds.opt_path("ca_bundle"),
+    )
+    if 0 < g.sync_interval < 300:
+        raise ConfigError(root.file, ds.key("sync_interval"), "at least 300 seconds (or 0: sync by hand only)")
+    ds.done()
+    return g
+
+
+def _tenant(f: Path, sigdir: Path, service_domain: str, certs_dir: Path, bind_default: bool,
+            var_dir: Path = Path("var")) -> Tenant:
     """One ``rules/<name>/tenant.toml``: [tenant], [inbound] and [binding]."""
     try:
         data = tomllib.loads(f.read_text("utf-8"))
@@ -536,6 +593,7 @@ def _tenant(f: Path, sigdir: Path, service_domain: str, certs_dir: Path, bind_de
     by_sender, tnets = bs.boolean("sender_domain", bind_default), _networks(bs, "networks", [])
     from_dom, t_mtls = bs.boolean("require_from_domain", True), bs.boolean("require_client_cert", False)
     bs.done()
+    graph = _graph_directory(root, name, var_dir)
     root.done()
     return Tenant(
         name=name, id=tid, initial_domain=initial, accepted_domains=frozenset(accepted),
@@ -543,7 +601,7 @@ def _tenant(f: Path, sigdir: Path, service_domain: str, certs_dir: Path, bind_de
         endpoint=endpoint, tls_server_name=tls_name, client_cert=client_cert, client_key=client_key,
         bind_by_sender_domain=by_sender, source=f, networks=tnets, require_from_domain=from_dom,
         require_client_cert=t_mtls, signature_dir=sigdir / name, images_base_url=images_base_url,
-        delivery_mode=mode,
+        delivery_mode=mode, graph=graph,
     )
 
 

@@ -8,6 +8,7 @@ objects. The model is what a Microsoft Graph sync would fill later: users keyed 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import re
 import tomllib
@@ -19,6 +20,7 @@ from typing import Any, Final
 
 from relay.errors import ErrorList
 from relay.textfile import read_utf8
+from relay.values import Image
 
 # Entra ID (Microsoft Graph user resource) attribute names we know. Others are refused at load:
 # a typo in a column header must not silently render as nothing.
@@ -47,6 +49,7 @@ class User:
     attributes: Mapping[str, str]  # single values; multi-valued ones joined by ", "
     aliases: frozenset[str]
     groups: frozenset[str] = frozenset()  # every group the user is in, nested ones included
+    photo_image: Image | None = None  # photos/<mail>.jpg|png beside directory.csv (a Graph sync writes them)
 
     def get(self, name: str) -> str:
         return self.attributes.get(name, "")
@@ -103,11 +106,29 @@ def load(tenant_dir: Path) -> Directory:
         for m in mails:
             member_groups.setdefault(primary_of.get(m, m), set()).add(gkey)
     users: dict[str, User] = {}
+    photos = _photos(tenant_dir / "photos")
     for mail, attrs, aliases in raw_users:
-        u = User(mail, MappingProxyType(attrs), frozenset(aliases), frozenset(member_groups.get(mail, ())))
+        u = User(mail, MappingProxyType(attrs), frozenset(aliases), frozenset(member_groups.get(mail, ())),
+                 photos.get(mail))
         for a in (mail, *aliases):
             users[a] = u
     return Directory(MappingProxyType(users), MappingProxyType(groups), MappingProxyType(closure))
+
+
+def _photos(pdir: Path) -> dict[str, Image]:
+    """``photos/<mail>.<jpg|png>`` → the user's photo as a signature image. The image's name
+    carries a content hash, so a changed photo never reuses a cached render or cid."""
+    out: dict[str, Image] = {}
+    if not pdir.is_dir():
+        return out
+    for f in pdir.iterdir():
+        ctype = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}.get(f.suffix.lower())
+        if ctype is None or not f.is_file():
+            continue
+        data = f.read_bytes()
+        name = f"photo-{hashlib.sha256(data).hexdigest()[:16]}{f.suffix.lower()}"
+        out[f.stem.lower()] = Image(name, ctype, data)
+    return out
 
 
 def _read_users(csv_path: Path, errors: list[str]) -> list[_RawUser]:

@@ -125,17 +125,18 @@ class Policy:
     """A tenant's loaded directory, rules and templates (data; :meth:`load` reads the files)."""
 
     def __init__(self, name: str, directory: Directory, templates: Templates, rules: RuleSet,
-                 accepted_domains: frozenset[str], has_rules: bool) -> None:
+                 accepted_domains: frozenset[str], has_rules: bool, images_base_url: str = "") -> None:
         self.name, self.directory, self.templates, self.rules = name, directory, templates, rules
-        self.accepted_domains, self.has_rules = accepted_domains, has_rules
+        self.accepted_domains, self.has_rules, self.images_base_url = accepted_domains, has_rules, images_base_url
 
     @classmethod
     def load(cls, name: str, tenant_dir: Path, sig_dir: Path, accepted_domains: frozenset[str],
-             images_base_url: str = "") -> Policy:
-        """Read ``rules/<tenant>/`` and ``signatures/<tenant>/``; every error at once (PolicyError)."""
+             images_base_url: str = "", directory_dir: Path | None = None) -> Policy:
+        """Read ``rules/<tenant>/`` and ``signatures/<tenant>/``; every error at once (PolicyError).
+        ``directory_dir``: where directory.csv and groups.toml are (a Graph snapshot), if not there."""
         errors: list[str] = []
         try:
-            directory = directory_mod.load(tenant_dir)
+            directory = directory_mod.load(directory_dir or tenant_dir)
         except directory_mod.DirectoryError as e:
             errors += e.errors
             directory = Directory()
@@ -148,7 +149,25 @@ class Policy:
             rules = RuleSet((), accepted_domains)
         if errors:
             raise PolicyError(errors)
-        return cls(name, directory, templates, rules, accepted_domains, (tenant_dir / "rules.toml").exists())
+        return cls(name, directory, templates, rules, accepted_domains, (tenant_dir / "rules.toml").exists(),
+                   images_base_url)
+
+    def render_all(self, errors: list[str]) -> int:
+        """Render every template for every directory user, new and reply (``check``, and a Graph
+        sync before it swaps a snapshot in): the renders that worked; each failure (file, line,
+        user) is appended to ``errors``."""
+        renders = 0
+        for user in self.directory.people:
+            for kind in ("new", "reply"):
+                msg = rules_mod.Message(sender=user.mail, subject="check", body="", kind=kind,
+                                        at=dt.datetime.now(dt.UTC))
+                for name in self.templates.templates:
+                    try:
+                        self.templates.render(name, self.context(msg, ["someone@example.net"]))
+                        renders += 1
+                    except RenderError as e:
+                        errors.append(f"{self.name}: {e} (user {user.mail}, {kind} message)")
+        return renders
 
     def plan(self, msg: Message, recipients: Sequence[str]) -> list[tuple[Outcome, list[str]]]:
         return self.rules.split(self.directory, msg, recipients)
@@ -156,6 +175,13 @@ class Policy:
     def context(self, msg: Message, recipients: Sequence[str]) -> dict[str, Any]:
         user = self.directory.user(msg.sender)
         attrs = dict(user.attributes) if user else {"mail": msg.sender}
+        photo = user.photo_image if user else None
+        if photo is not None:
+            # user.photo: the photo as an embedded image (cid:), user.photoUrl: linked, under the
+            # tenant's images_base_url (publish the snapshot's photos/ there); nothing without one.
+            attrs["photo"] = f"cid:{photo.name}"
+            if self.images_base_url:
+                attrs["photoUrl"] = f"{self.images_base_url}/photos/{photo.name}"
         internal = all(self.rules.internal(r) for r in recipients)
         return {
             "user": attrs,
@@ -175,6 +201,10 @@ class Policy:
         for p in parts:
             for img in p.images:
                 images.setdefault(img.name, img)
+        user = self.directory.user(msg.sender)
+        photo = user.photo_image if user else None
+        if photo is not None and any(f"cid:{photo.name}" in p.html for p in parts):
+            images.setdefault(photo.name, photo)  # embedded only where a template shows it
         sig = Signature(html="".join(p.html for p in parts), text="\n".join(p.text.rstrip("\n") for p in parts) + "\n",
                         images=tuple(images.values()))
         return sig, outcome[0].placement == "bottom"
@@ -192,7 +222,7 @@ def attach(cfg: Config) -> Config:
     for t in cfg.tenants:
         try:
             p: Policy | None = Policy.load(t.name, t.source.parent, t.signature_dir or cfg.signatures_dir / t.name,
-                                           t.accepted_domains, t.images_base_url)
+                                           t.accepted_domains, t.images_base_url, t.directory_dir)
         except PolicyError as e:
             errors += e.errors
             p = None

@@ -302,22 +302,33 @@ def _readback(obj: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class Emulator:
-    def __init__(self, state: ExoState, cert: Path, key: Path) -> None:
-        handler = type("H", (_Handler,), {"state": state})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+class TlsServer:
+    """An HTTPS server on a free loopback port for one handler class and its ``state`` (whose
+    ``base`` gets the server's URL); a context manager that runs it in a thread."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], state: Any, cert: Path, key: Path) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (handler,), {"state": state}))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(cert), str(key))
         self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         state.base = f"https://127.0.0.1:{self.port}"
-        self.state = state
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> Emulator:
+    def __enter__(self) -> TlsServer:
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class Emulator(TlsServer):
+    def __init__(self, state: ExoState, cert: Path, key: Path) -> None:
+        super().__init__(_Handler, state, cert, key)
+        self.state = state
+
+    def __enter__(self) -> Emulator:
+        super().__enter__()
+        return self

@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from relay.atomicfile import fsync_dir, write_atomic
+
 
 @dataclass
 class Entry:
@@ -48,31 +50,6 @@ class SpoolFull(OSError):
 
     def __init__(self, free: int, wanted: int) -> None:
         super().__init__(errno.ENOSPC, f"{free} bytes free, below the {wanted}-byte minimum")
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)  # a half-written file would hold the space a full disk needs back
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_entry(meta: Path) -> Entry:
@@ -160,7 +137,7 @@ class Spool:
         os.replace(self.held / f"{eid}.eml", self.root / f"{eid}.eml")
         os.replace(meta, self.root / f"{eid}.json")
         (self.held / f"{eid}.reason").unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return e
 
     def _set_aside(self, eid: str, where: Path, reason: str) -> None:
@@ -169,9 +146,9 @@ class Spool:
             src = self.root / f"{eid}{suffix}"
             if src.exists():
                 os.replace(src, where / src.name)
-        _write(where / f"{eid}.reason", (reason + "\n").encode("utf-8", "replace"))
-        _fsync_dir(where)
-        _fsync_dir(self.root)
+        write_atomic(where / f"{eid}.reason", (reason + "\n").encode("utf-8", "replace"))
+        fsync_dir(where)
+        fsync_dir(self.root)
         log.error("queue %s: moved to %s/: %s", eid, where.name, reason)
 
     def check_space(self) -> None:
@@ -187,16 +164,16 @@ class Spool:
     def put(self, entry: Entry, data: bytes) -> None:
         """Durably store one copy. Raises OSError (ENOSPC, EIO...): the caller answers 4xx."""
         self.check_space()
-        _write(self.root / f"{entry.id}.eml", data)
-        _write(self.root / f"{entry.id}.json", json.dumps(asdict(entry)).encode())
-        _fsync_dir(self.root)
+        write_atomic(self.root / f"{entry.id}.eml", data)
+        write_atomic(self.root / f"{entry.id}.json", json.dumps(asdict(entry)).encode())
+        fsync_dir(self.root)
 
     def update(self, entry: Entry) -> bool:
         """Rewrite an entry's metadata; False (and nothing written) when an operator removed or
         held it meanwhile, so a deleted entry is never brought back as metadata alone."""
         if not (self.root / f"{entry.id}.eml").exists():
             return False
-        _write(self.root / f"{entry.id}.json", json.dumps(asdict(entry)).encode())
+        write_atomic(self.root / f"{entry.id}.json", json.dumps(asdict(entry)).encode())
         return True
 
     def data(self, entry: Entry) -> bytes:
@@ -207,7 +184,7 @@ class Spool:
         (self.root / f"{entry.id}.json").unlink(missing_ok=True)
         (self.root / f"{entry.id}.eml").unlink(missing_ok=True)
         with contextlib.suppress(OSError):
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
 
 
 def backoff(attempts: int, lo: float, hi: float) -> float:
