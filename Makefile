@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the tests drive for real (binary → package).
-SYSTEM_TOOLS := swaks:swaks openssl:openssl chromium:chromium kubectl:kubernetes-client
+SYSTEM_TOOLS := swaks:swaks openssl:openssl chromium:chromium kubectl:kubernetes-client \
+	podman:podman runc:runc debootstrap:debootstrap
 
 .PHONY: serve test lint typecheck unit system-deps bench bench-deps bench-e2e clean
 

@@ -33,6 +33,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -238,8 +239,7 @@ def sync(graph: Graph, root: Path, check: Callable[[Path], list[str]], opts: Opt
         raise SyncRefused(f"the sync would drop the directory from {before} to {users} users (more than "
                           f"{opts.max_drop:.0%}); kept the current snapshot. If that is right, run "
                           "`signature-relay directory sync --force`")
-    snap = root / f"snapshot-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    snap.mkdir()
+    snap = Path(tempfile.mkdtemp(prefix=f"snapshot-{time.strftime('%Y%m%dT%H%M%S')}-", dir=root))
     fetched = 0
     try:
         write_atomic(snap / "directory.csv", csv_text.encode("utf-8"))
