@@ -200,3 +200,37 @@ def test_sync_asks_the_running_relay_to_reload(env: tuple[Deployment, GraphEmula
         assert rc == 0 and f"asked the running relay (pid {os.getpid()}) to reload" in out and got == [signal.SIGHUP]
     finally:
         signal.signal(signal.SIGHUP, old)
+
+
+def test_serve_schedules_syncs_and_links_photos(env: tuple[Deployment, GraphEmulator],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve` syncs a tenant whose sync_interval has passed (never more often, even after a
+    failure); user.photoUrl links the photo under images_base_url."""
+    import datetime as dt
+    import time
+
+    from relay.dircli import Scheduler
+    from relay.dirsync import State
+    from relay.rules import Message
+
+    dep, _ = env
+    t = dep.root / "rules" / "contoso" / "tenant.toml"
+    t.write_text(t.read_text().replace("[directory]\n", "[directory]\nsync_interval = 3600\n", 1)
+                 .replace("[tenant]\n", '[tenant]\nimages_base_url = "https://img.contoso.example"\n', 1))
+    cfg = config.load(str(dep.config_path))
+    s = Scheduler(cfg, lambda _m: None)
+    assert [x.name for x in s.due()] == ["contoso"]  # never synced
+    assert sync(dep, capsys)[0] == 0
+    assert s.due() == []  # synced just now
+    root = cfg.tenant_by_name("contoso").graph.root  # type: ignore[union-attr]
+    st = State.load(root / "state.json")
+    st.synced_at = time.time() - 3601
+    st.save(root / "state.json")
+    assert [x.name for x in s.due()] == ["contoso"]
+    s.tried["contoso"] = time.time()  # a failed attempt just now: wait a whole interval again
+    assert s.due() == []
+    p = loaded(dep)
+    ctx = p.context(Message(sender="user0@contoso.com", subject="x", body="", kind="new", at=dt.datetime.now(dt.UTC)),
+                    ["bob@example.net"])
+    assert ctx["user"]["photo"].startswith("cid:photo-")
+    assert ctx["user"]["photoUrl"].startswith("https://img.contoso.example/photos/photo-")
