@@ -1,0 +1,153 @@
+"""A small SMTP load generator with STARTTLS (Postfix's smtp-source has none), for
+benchmarks/e2e.py: closed loop (``--rate 0``: each session sends as fast as replies come) or open
+loop (``--rate R``: messages start on a fixed schedule, whatever the server does, so the latency
+it reports includes queueing, as a real sender sees it).
+
+    python benchmarks/loadgen.py --port 2525 --message m.eml -n 1000 -s 20 [--per-conn 10] [--tls --ca ca.crt]
+
+Prints one JSON object: sent, failed, seconds, latencies (ms, per message: connection start or
+MAIL to the final reply). A message counts as sent only on a 2xx reply to its end of data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import ssl
+import sys
+import time
+from pathlib import Path
+
+
+class Session:
+    def __init__(self, args: argparse.Namespace, ctx: ssl.SSLContext | None) -> None:
+        self.args, self.ctx = args, ctx
+        self.reader: asyncio.StreamReader
+        self.writer: asyncio.StreamWriter
+
+    async def reply(self) -> int:
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ConnectionError("connection closed")
+            if line[3:4] != b"-":
+                return int(line[:3])
+
+    async def cmd(self, line: bytes, want: int) -> None:
+        self.writer.write(line + b"\r\n")
+        code = await self.reply()
+        if code // 100 != want // 100:
+            raise RuntimeError(f"{line.split()[0].decode()}: {code}")
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.args.host, self.args.port, limit=2**20)
+        if await self.reply() != 220:
+            raise RuntimeError("no 220 greeting")
+        await self.cmd(b"EHLO loadgen.bench.test", 250)
+        if self.ctx is not None:
+            await self.cmd(b"STARTTLS", 220)
+            await self.writer.start_tls(self.ctx, server_hostname=self.args.server_name)
+            await self.cmd(b"EHLO loadgen.bench.test", 250)
+
+    async def send(self, data: bytes) -> None:
+        await self.cmd(b"MAIL FROM:<" + self.args.sender.encode() + b">", 250)
+        await self.cmd(b"RCPT TO:<" + self.args.rcpt.encode() + b">", 250)
+        await self.cmd(b"DATA", 354)
+        self.writer.write(data)
+        code = await self.reply()
+        if code // 100 != 2:
+            raise RuntimeError(f"end of data: {code}")
+
+    async def close(self) -> None:
+        try:
+            self.writer.write(b"QUIT\r\n")
+            await asyncio.wait_for(self.reply(), 5)
+        except (OSError, RuntimeError, TimeoutError, ConnectionError):
+            pass
+        self.writer.close()
+
+
+class Stats:
+    def __init__(self, n: int) -> None:
+        self.todo = n
+        self.latencies: list[float] = []
+        self.failed: list[str] = []
+
+    def take(self) -> bool:
+        if self.todo <= 0:
+            return False
+        self.todo -= 1
+        return True
+
+
+ERRORS = (OSError, RuntimeError, ConnectionError, ssl.SSLError)
+
+
+async def closed_loop(args: argparse.Namespace, ctx: ssl.SSLContext | None, data: bytes, st: Stats) -> None:
+    """One session slot: connections one after another, ``per_conn`` messages each."""
+    while st.take():  # a message is taken before its connection: a failure uses it up (no endless retry)
+        s = Session(args, ctx)
+        start = time.perf_counter()
+        try:
+            await s.open()
+            for i in range(args.per_conn):
+                if i and not st.take():
+                    break
+                await s.send(data)
+                st.latencies.append((time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+        except ERRORS as e:
+            st.failed.append(str(e))
+        finally:
+            if getattr(s, "writer", None) is not None:
+                await s.close()
+
+
+async def one(args: argparse.Namespace, ctx: ssl.SSLContext | None, data: bytes, st: Stats, at: float) -> None:
+    """Open loop: one message on its own connection, started at ``at`` whatever came before."""
+    await asyncio.sleep(max(0.0, at - time.perf_counter()))
+    s = Session(args, ctx)
+    start = time.perf_counter()
+    try:
+        await s.open()
+        await s.send(data)
+        st.latencies.append((time.perf_counter() - start) * 1000)
+    except ERRORS as e:
+        st.failed.append(str(e))
+    finally:
+        if getattr(s, "writer", None) is not None:
+            await s.close()
+
+
+async def main(args: argparse.Namespace, raw: bytes) -> dict[str, object]:
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    data = (b"." if raw.startswith(b".") else b"") + raw.replace(b"\r\n.", b"\r\n..")
+    data += (b"" if data.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+    ctx = ssl.create_default_context(cafile=args.ca) if args.tls else None
+    st = Stats(args.n)
+    t0 = time.perf_counter()
+    if args.rate > 0:
+        await asyncio.gather(*(one(args, ctx, data, st, t0 + i / args.rate) for i in range(args.n)))
+    else:
+        await asyncio.gather(*(closed_loop(args, ctx, data, st) for _ in range(args.sessions)))
+    return {"sent": len(st.latencies), "failed": len(st.failed), "errors": sorted(set(st.failed))[:5],
+            "seconds": time.perf_counter() - t0, "latencies": st.latencies}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--message", required=True)
+    ap.add_argument("-n", type=int, default=1000, help="messages")
+    ap.add_argument("-s", "--sessions", type=int, default=20, help="concurrent sessions (closed loop)")
+    ap.add_argument("--per-conn", type=int, default=1, help="messages per connection (closed loop)")
+    ap.add_argument("--rate", type=float, default=0.0, help="open loop: messages per second (0: closed loop)")
+    ap.add_argument("--tls", action="store_true", help="STARTTLS, verifying the server against --ca")
+    ap.add_argument("--ca", help="CA bundle for --tls")
+    ap.add_argument("--server-name", default="smtp.signature-relay.test")
+    ap.add_argument("--sender", default="alice@contoso.com")
+    ap.add_argument("--rcpt", default="bob@example.net")
+    args = ap.parse_args()
+    json.dump(asyncio.run(main(args, Path(args.message).read_bytes())), sys.stdout)
