@@ -220,6 +220,13 @@ def attach(cfg: Config) -> Config:
     errors: list[str] = []
     tenants = []
     for t in cfg.tenants:
+        if t.graph is not None and not t.graph.current.is_dir():
+            # Rules may name groups that only Graph knows: say what to do, not "unknown group".
+            errors.append(f"{t.source}: directory.source: the directory comes from Microsoft Graph and has not "
+                          f"been synced yet ({t.graph.current} missing): run `signature-relay directory sync "
+                          f"--tenant {t.name}` first")
+            tenants.append(t)
+            continue
         try:
             p: Policy | None = Policy.load(t.name, t.source.parent, t.signature_dir or cfg.signatures_dir / t.name,
                                            t.accepted_domains, t.images_base_url, t.directory_dir)

@@ -234,3 +234,13 @@ def test_serve_schedules_syncs_and_links_photos(env: tuple[Deployment, GraphEmul
                     ["bob@example.net"])
     assert ctx["user"]["photo"].startswith("cid:photo-")
     assert ctx["user"]["photoUrl"].startswith("https://img.contoso.example/photos/photo-")
+
+
+def test_a_graph_tenant_must_be_synced_before_the_relay_starts(env: tuple[Deployment, GraphEmulator],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    dep, _ = env
+    rc = cli.main(["check", "-c", str(dep.config_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "has not been synced yet" in err and "directory sync --tenant contoso" in err
+    assert sync(dep, capsys)[0] == 0
+    assert cli.main(["check", "-c", str(dep.config_path)]) == 0
