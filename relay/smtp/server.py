@@ -35,12 +35,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from relay import replies
 from relay.config import Listener, Network, SecurityConfig
+from relay.smtp import discovery
 
 log = logging.getLogger("relay.smtp")
+discovery.install(aiosmtpd.smtp)  # method discovery once per class, not per connection
 
 
 @dataclass
