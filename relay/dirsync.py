@@ -234,7 +234,7 @@ def sync(graph: Graph, root: Path, check: Callable[[Path], list[str]], opts: Opt
         is_full = True
         uc, gc = _rounds(graph, state, True, log)
     csv_text, groups_text, mail_of = render_snapshot(state)
-    users = csv_text.count("\n") - 1
+    users = len(mail_of)  # rows, not lines: a quoted value (a street address) may hold a line break
     if before and not opts.force and users < before * (1 - opts.max_drop):
         raise SyncRefused(f"the sync would drop the directory from {before} to {users} users (more than "
                           f"{opts.max_drop:.0%}); kept the current snapshot. If that is right, run "

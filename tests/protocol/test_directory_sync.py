@@ -29,7 +29,8 @@ def people(st: GraphState, n: int) -> None:
         st.add_user(f"u{i:05d}", mail=f"user{i}@contoso.com", displayName=f"User {i}", jobTitle="Engineer",
                     department="R&D", businessPhones=["+1 425 555 0100"], userType="Member", accountEnabled=True,
                     proxyAddresses=[f"SMTP:user{i}@contoso.com", f"smtp:u{i}@contoso.onmicrosoft.com"],
-                    onPremisesExtensionAttributes={"extensionAttribute1": f"cost-{i % 7}"})
+                    onPremisesExtensionAttributes={"extensionAttribute1": f"cost-{i % 7}"},
+                    streetAddress="1 Main St\nBuilding 2" if i == 0 else None)
     st.add_user("disabled", mail="gone@contoso.com", displayName="Gone", accountEnabled=False, userType="Member")
     st.add_user("nomail", displayName="No Mailbox", accountEnabled=True, userType="Member")
     st.add_user("guest", mail="partner@fabrikam.example", displayName="Guest Partner", userType="Guest",
@@ -88,6 +89,8 @@ def test_full_then_incremental_sync(env: tuple[Deployment, GraphEmulator], capsy
     u1 = d.user("user1@contoso.com")
     assert u1 and u1.get("extensionAttribute1") == "cost-1" and u1.get("businessPhones") == "+1 425 555 0100"
     assert d.user("u1@contoso.onmicrosoft.com") is u1  # proxyAddresses become aliases
+    # a line break inside a value: one CSV row (quoted), one user, cleaned to a space when loaded
+    assert d.user("user0@contoso.com").get("streetAddress") == "1 Main St Building 2"  # type: ignore[union-attr]
     assert d.user("gone@contoso.com") is None and d.user("partner@fabrikam.example") is not None
     assert d.user("partner@fabrikam.example").get("userType") == "Guest"  # type: ignore[union-attr]
     assert not p.rules.internal("partner@fabrikam.example")  # a guest is never internal
