@@ -36,7 +36,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,28 +52,15 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from run import outlook_reply  # noqa: E402
+from run import outlook_reply, with_attachment  # noqa: E402
+
+from tests.support import free_port, wait_port  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 SENDER, RCPT = "alice@contoso.com", "bob@example.net"
 FILTER_USER = "srbench"  # Postfix's pipe(8) refuses to run a filter as root
 SIG_MARK = b"Wilber"  # Alice's surname appears only in her signature, never in the test messages
 FOOTER_MARK = b"altermime-bench-footer"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 def need(tool: str) -> str:
@@ -102,20 +88,6 @@ def html_with_images(size: int = 200_000) -> bytes:
             b'Content-Type: multipart/related; boundary="r"; type="text/html"\r\n\r\n' + b"".join(parts) + b"--r--\r\n")
 
 
-def with_attachment(mb: int = 25) -> bytes:
-    line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0\r\n"
-    att = line * (mb * 1024 * 1024 // len(line))
-    return (b"From: Alice <alice@contoso.com>\r\nTo: bob@example.net\r\nSubject: file\r\nMIME-Version: 1.0\r\n"
-            b'Content-Type: multipart/mixed; boundary="m"\r\n\r\n--m\r\nContent-Type: text/html; charset=utf-8\r\n'
-            b"\r\n<html><body><p>See the file.</p></body></html>\r\n"
-            b"--m\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
-            b'Content-Disposition: attachment; filename="a.bin"\r\n\r\n' + att + b"--m--\r\n")
-
-
-def reply_10k() -> bytes:
-    return outlook_reply()  # From: Alice <alice@contoso.com>, multipart/alternative, QP
-
-
 # --- processes --------------------------------------------------------------------------------
 
 
@@ -133,7 +105,7 @@ class Sink:
                                      stderr=subprocess.DEVNULL)
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
-        wait_port(port)
+        wait_port(port, self.proc)
 
     def _read(self) -> None:
         assert self.proc.stdout
@@ -217,7 +189,7 @@ default_process_limit = 200
 altermime_destination_concurrency_limit = 20
 """ + self._tls_main())
         self._postfix("start")
-        wait_port(self.port)
+        wait_port(self.port, None)  # postfix(1) daemonizes
 
     def _tls_main(self) -> str:
         out = ""
@@ -330,7 +302,7 @@ enabled = false
     def _start(self) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([VENV_BIN / "signature-relay", "serve", "-c", str(self.conf), "--log-level",
                                  "warning", "--workers", str(self.workers)], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_port(self.port)
+        wait_port(self.port, proc)
         if self.workers > 1:
             time.sleep(1.5)  # every worker listening, not only the first
         return proc
@@ -537,8 +509,8 @@ def main() -> int:
     ensure_filter_user()
     work = Path(tempfile.mkdtemp(prefix="sr-bench-"))
     os.chmod(work, 0o755)
-    msgs = {"10 KB reply": reply_10k(), "200 KB HTML + inline images": html_with_images(),
-            "25 MB attachment": with_attachment(25)}
+    msgs = {"10 KB reply": outlook_reply(), "200 KB HTML + inline images": html_with_images(),
+            "25 MB attachment": with_attachment(25, html=True)}
     files = {}
     for i, (label, raw) in enumerate(msgs.items()):
         files[label] = work / f"m{i}.eml"

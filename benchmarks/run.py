@@ -42,11 +42,14 @@ def outlook_reply(size: int = 10_000) -> bytes:
             b"</body></html>\r\n--b1--\r\n")
 
 
-def with_attachment(mb: int = 25) -> bytes:
+def with_attachment(mb: int = 25, *, html: bool = False) -> bytes:
+    """A short text (or, ``html``, HTML) body and a base64 attachment of ``mb`` MiB."""
     line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0\r\n"
     att = line * (mb * 1024 * 1024 // len(line))
+    body = (b"Content-Type: text/html; charset=utf-8\r\n\r\n<html><body><p>See the file.</p></body></html>\r\n"
+            if html else b"Content-Type: text/plain\r\n\r\nsee file\r\n")
     return (b"From: alice@contoso.com\r\nTo: bob@example.net\r\nSubject: file\r\nMIME-Version: 1.0\r\n"
-            b"Content-Type: multipart/mixed; boundary=\"m\"\r\n\r\n--m\r\nContent-Type: text/plain\r\n\r\nsee file\r\n"
+            b"Content-Type: multipart/mixed; boundary=\"m\"\r\n\r\n--m\r\n" + body +
             b"--m\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
             b"Content-Disposition: attachment; filename=\"a.bin\"\r\n\r\n" + att + b"--m--\r\n")
 

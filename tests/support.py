@@ -125,11 +125,12 @@ def message(*, frm: str = "alice@contoso.com", to: str = "bob@example.net", extr
             f"Content-Type: text/plain; charset=utf-8\r\n{extra_headers}\r\n{body}").encode()
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    """Until ``proc`` listens on ``port`` (127.0.0.1); fails at once if ``proc`` exits first."""
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
+    """Until ``proc`` listens on ``port`` (127.0.0.1); fails at once if ``proc`` exits first.
+    ``proc`` None: a daemon we did not start as a child (a private Postfix, a container)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise AssertionError(f"process exited early: {proc.stderr.read().decode() if proc.stderr else ''}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:

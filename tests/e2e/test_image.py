@@ -10,14 +10,11 @@ the hard limits: both are given on the command line.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +23,7 @@ import pytest
 
 from relay.mime import headers
 from tests.e2e.test_swaks_loop import Procs, need, swaks
-from tests.support import Deployment, make_deployment
+from tests.support import Deployment, make_deployment, wait_port
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,17 +55,13 @@ def base_image() -> str:
     return BASE
 
 
-def listening(port: int, name: str, timeout: float = 60) -> None:
+def listening(port: int, name: str) -> None:
     """Until the relay in container ``name`` listens on 127.0.0.1:``port`` (host network)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        if podman("container", "exists", name, check=False).returncode:
-            break  # it exited (--rm): its logs are gone, but the next assertion says so
-        time.sleep(0.2)
-    logs = podman("logs", name, check=False)
-    raise AssertionError(f"the relay in the container did not listen on {port}: {logs.stdout}{logs.stderr}")
+    try:
+        wait_port(port, None, 60)  # a container, not our child process
+    except AssertionError as e:
+        logs = podman("logs", name, check=False)
+        raise AssertionError(f"the relay in the container did not listen on {port}: {logs.stdout}{logs.stderr}") from e
 
 
 def build(tag: str) -> None:
