@@ -60,6 +60,27 @@ class ExoState:
         return [c for c, _ in self.calls if not c.startswith("Get-")]
 
 
+def client_credentials(f: dict[str, str], app_id: str, app_cert: x509.Certificate, audience: str,
+                       scopes: tuple[str, ...], tokens: set[str]) -> tuple[int, dict[str, Any]]:
+    """Entra ID's token endpoint for an app signing in with its certificate (client credentials
+    with a client assertion JWT, as MSAL sends it): (200, a new bearer token, also added to
+    ``tokens``) or (401, ``invalid_client``)."""
+    try:
+        assert f.get("grant_type") == "client_credentials"
+        assert f.get("client_id") == app_id
+        assert f.get("scope") in scopes, f.get("scope")
+        assert f.get("client_assertion_type") == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+        key = app_cert.public_key()
+        assert isinstance(key, rsa.RSAPublicKey)  # the app's certificate is RSA (what Entra ID requires)
+        claims = jwt.decode(f["client_assertion"], key, algorithms=["RS256", "PS256"], audience=audience)
+        assert claims["iss"] == claims["sub"] == app_id
+    except (AssertionError, KeyError, jwt.PyJWTError) as e:
+        return 401, {"error": "invalid_client", "error_description": f"AADSTS700027: bad client assertion ({e})"}
+    token = secrets.token_urlsafe(24)
+    tokens.add(token)
+    return 200, {"token_type": "Bearer", "expires_in": 3599, "access_token": token}
+
+
 def _error(code: str, text: str, exc: str = "Microsoft.Exchange.Management.Tasks.TaskException") -> dict[str, Any]:
     return {"error": {"code": code, "message": "An error occurred.",
                       "details": [{"message": f"Ex6F9304|{exc}|{text}"}]}}
@@ -174,25 +195,11 @@ class _Handler(BaseHTTPRequestHandler):
         st.token_requests += 1
         f = {k: v[0] for k, v in form.items()}
         st.scopes.append(f.get("scope", ""))
-        try:
-            assert f.get("grant_type") == "client_credentials"
-            assert f.get("client_id") == st.app_id
-            # the resource of one of the clouds (app-only-auth-powershell-v2; see relay.provisioning.api.CLOUDS)
-            assert f.get("scope") in ("https://outlook.office365.com/.default", "https://outlook.office365.us/.default",
-                                      "https://webmail.apps.mil/.default", "https://partner.outlook.cn/.default")
-            assert f.get("client_assertion_type") == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-            key = st.app_cert.public_key()
-            assert isinstance(key, rsa.RSAPublicKey)  # the app's certificate is RSA (what Entra ID requires)
-            claims = jwt.decode(f["client_assertion"], key, algorithms=["RS256", "PS256"],
-                                audience=f"{st.base}/{st.tenant_id}/oauth2/v2.0/token")
-            assert claims["iss"] == claims["sub"] == st.app_id
-        except (AssertionError, KeyError, jwt.PyJWTError) as e:
-            self._send(401, {"error": "invalid_client",
-                             "error_description": f"AADSTS700027: bad client assertion ({e})"})
-            return
-        token = secrets.token_urlsafe(24)
-        st.tokens.add(token)
-        self._send(200, {"token_type": "Bearer", "expires_in": 3599, "access_token": token})
+        # the resource of one of the clouds (app-only-auth-powershell-v2; see relay.provisioning.api.CLOUDS)
+        self._send(*client_credentials(f, st.app_id, st.app_cert, f"{st.base}/{st.tenant_id}/oauth2/v2.0/token",
+                                       ("https://outlook.office365.com/.default",
+                                        "https://outlook.office365.us/.default", "https://webmail.apps.mil/.default",
+                                        "https://partner.outlook.cn/.default"), st.tokens))
 
     def _rule_state(self, verb: str, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Enable-/Disable-TransportRule -Identity [-Mode] (learn.microsoft.com/powershell/module/

@@ -33,11 +33,9 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-import jwt
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.exo_emulator import TlsServer
+from tests.exo_emulator import TlsServer, client_credentials
 
 USER_T, GROUP_T = "#microsoft.graph.user", "#microsoft.graph.group"
 
@@ -121,20 +119,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, _err("NotFound", "no such endpoint"))
             return
         f = {k: v[0] for k, v in urllib.parse.parse_qs(raw.decode()).items()}
-        try:
-            assert f.get("grant_type") == "client_credentials" and f.get("client_id") == st.app_id
-            assert f.get("scope") == "https://graph.microsoft.com/.default", f.get("scope")
-            key = st.app_cert.public_key()
-            assert isinstance(key, rsa.RSAPublicKey)
-            claims = jwt.decode(f["client_assertion"], key, algorithms=["RS256", "PS256"],
-                                audience=f"{st.base}/{st.tenant_id}/oauth2/v2.0/token")
-            assert claims["iss"] == claims["sub"] == st.app_id
-        except (AssertionError, KeyError, jwt.PyJWTError) as e:
-            self._send(401, {"error": "invalid_client", "error_description": f"AADSTS700027: bad assertion ({e})"})
-            return
-        token = secrets.token_urlsafe(24)
-        st.tokens.add(token)
-        self._send(200, {"token_type": "Bearer", "expires_in": 3599, "access_token": token})
+        self._send(*client_credentials(f, st.app_id, st.app_cert, f"{st.base}/{st.tenant_id}/oauth2/v2.0/token",
+                                       ("https://graph.microsoft.com/.default",), st.tokens))
 
     def do_GET(self) -> None:  # one branch per documented endpoint
         st = self.state
