@@ -13,7 +13,9 @@ choice is a guess — a ``doubt`` an admin can grep for in ``stamp --report``. D
 * **Bottom-posted reply** (quote first, new text after it: Thunderbird, mailing lists): after the
   author's text at the end (``…:bottom-posted``).
 * **Interleaved reply** (answers between quoted blocks): the documented rule is *end of message*,
-  reported as ``…:inline-reply`` so an admin sees why.
+  reported as ``…:inline-reply`` so an admin sees why. Not when the text between two HTML quotes
+  is itself a history marker and nothing answers below the last quote: that is a quote pasted
+  into the newest text (iCloud, ProtonMail webmail), and the history starts at the marker.
 * **No history**: before the real ``</body>`` (not one inside a comment), else ``</html>``, else the
   end; plain text at the end.
 
@@ -70,6 +72,7 @@ _LEAD_ATTRIBUTIONS: Final = "|".join([
     r"On\s" + _SPAN + r"\s(?:wrote|writes|sent)\s?:",  # EN (Gmail, Apple, Thunderbird...)
     r"On\s" + _SPAN + r"<[^<>\s]+@[^<>\s]+>\s(?:wrote|writes)",  # ... without the colon (some webmails)
     r"-{2,}\s*On\s" + _SPAN + r"\swrote\s*(?:-{2,}|:)",  # Zoho "---- On … wrote ----", Yahoo "--- On … wrote:"
+    r"-{2,}\s*在\s" + _SPAN + r"\s?撰写\s*-{2,}",  # Zoho ZH "---- 在 星期二, 02 七月 2019 … Name <a> 撰写 ----"
     r"Am\s" + _SPAN + r"\sschrieb[^\n]{0,100}?(?:\r?\n[^\n]{0,100}?)?:",  # DE (Gmail splits "<\naddr>:")
     r"Le\s" + _SPAN + r"\sa\s[ée]crit\s?:",  # FR
     r"El\s" + _SPAN + r"\sescribi[óo]\s?:",  # ES
@@ -91,7 +94,7 @@ _VERB_ATTRIBUTIONS: Final = "|".join([
     _LINE + r"\skirjoitti" + _NEXT + r"\s?:",  # FI
     _LINE + r"\s(?:написал(?:\(а\)|а)?|пишет)" + _NEXT + r"\s?:",  # RU ("… пользователь … написал:")
     _LINE + r"\s(?:пише|написав(?:\(ла\))?|написала)" + _NEXT + r"\s?:",  # UK
-    _LINE + r"(?:写道|寫道)\s?[:：]",  # ZH (Gmail: "… 于2017年11月24日周五 下午4:32写道：")
+    _LINE + r"(?:写道|寫道|来信)\s?[:：]",  # ZH (Gmail "… 于2017年11月24日周五 下午4:32写道：", ProtonMail "… 来信：")
     _LINE + r"(?:書きました|のメッセージ)\s?[:：]",  # JA (Apple, Outlook)
     _LINE + r"\s(?:napsal(?:\(a\)|a)?)" + _NEXT + r"\s?:",  # CS
     _LINE + r"\s(?:şunu\s+yazdı|yazdı)" + _NEXT + r"\s?:",  # TR
@@ -113,7 +116,9 @@ _NEXT_LINES: Final = r"[^\n]*\r?\n(?:[^\n]*\r?\n){0,3}?"  # the rest of the line
 
 # (rule, regex) on plain text (or on the visible text of HTML), anchored at a line start.
 _TEXT_RULES: Final = [
-    ("original-message", re.compile(r"^[ \t]*-{2,}\s*" + _ORIGINAL + r"\s*-{2,}[ \t]*\r?$", re.M | re.I)),
+    # ProtonMail writes the dashes as U+2010 HYPHEN ("‐‐‐‐‐‐‐ Original Message ‐‐‐‐‐‐‐").
+    ("original-message",
+     re.compile(r"^[ \t]*[-\u2010]{2,}\s*" + _ORIGINAL + r"\s*[-\u2010]{2,}[ \t]*\r?$", re.M | re.I)),
     ("outlook-separator", re.compile(r"^_{10,}[ \t]*\r?\n(?:[ \t]*\r?\n)?\*?" + _FROM_WORDS + r"\*?\s?:", re.M | re.I)),
     ("header-block", re.compile(
         r"^" + _hdr(_FROM_WORDS) + _NEXT_LINES + _hdr(_SENT_WORDS) + r"|^" + _hdr(_SENT_WORDS) + _NEXT_LINES
@@ -131,7 +136,7 @@ _VERB: Final = re.compile(r"(?![ \t]*>)[ \t]*(?:" + _VERB_ATTRIBUTIONS + r")[ \t
 # Case-sensitive on purpose (an IGNORECASE alternation is several times slower): the verbs are
 # written in lower case by every client seen; "GMT" is the one upper-case key.
 _ATTR_KEY: Final = re.compile(r"wrote|writes|schrieb|[ée]crit|escribi|scritto|schreef|pisze|napisa|escreveu|skrev|"
-                              r"kirjoitti|написал|пишет|пише|написав|写道|寫道|書きました|のメッセージ|年|napsal|yazdı|"
+                              r"kirjoitti|написал|пишет|пише|написав|写道|寫道|来信|撰写|書きました|のメッセージ|年|napsal|yazdı|"
                               r"írta|GMT[+-]|gmt[+-]|sent|geschreven|viết|>:|> :")
 
 
@@ -284,6 +289,7 @@ _HTML_MARKERS: Final = [
     ("html:thunderbird-forward", b"moz-forward-container", re.compile(_CLASS + rb"moz-forward-container\b")),
     ("html:yahoo", b"yahoo_quoted", re.compile(rb"""<div[^>]*\b(?:class|id)\s*=\s*["']?[^"'>]*yahoo_quoted""")),
     ("html:gmx-quote", b"name=", re.compile(rb"""<div[^>]*\bname\s*=\s*["']?quote\b""")),
+    ("html:zoho", b"zmail_extra", re.compile(_CLASS + rb"zmail_extra\b")),  # Zoho Mail's quote container
     ("html:apple-forward", b"begin forwarded message",
      re.compile(rb"(?:<div[^>]*>\s*)(?:<br[^>]*>\s*)*(?=<div[^>]*>\s*begin forwarded message:)")),
     ("html:apple-cite", b"blockquote",
@@ -328,10 +334,12 @@ def find_html(html: str, *, bottom: bool = False, utf8: bytes | None = None, tex
     return Placement(offset, found.rule, found.doubt)
 
 
-def _structural(lower: bytes, spans: list[tuple[int, int]]) -> Placement | None:
+def _structural(lower: bytes, spans: list[tuple[int, int]], skip: str = "") -> Placement | None:
     best: Placement | None = None
     present: dict[bytes, bool] = {}  # each needle searched once (a 10 KB "in" costs 2-7 µs)
     for rule, needle, rx in _HTML_MARKERS:
+        if rule == skip:
+            continue
         hit = present.get(needle)
         if hit is None:
             hit = present[needle] = needle in lower
@@ -342,6 +350,13 @@ def _structural(lower: bytes, spans: list[tuple[int, int]]) -> Placement | None:
                 if best is None or m.start() < best.offset:
                     best = Placement(m.start(), rule)
                 break
+    if best is not None and best.rule == "html:outlook-web-appendonsend":
+        # Outlook on the web leaves an empty <div id="appendonsend"> where its compose area ended;
+        # text typed or pasted below it (and above the <hr>/divRplyFwdMsg header) is still the
+        # newest text, so the history starts at the next marker then.
+        rest = _structural(lower, spans, skip=best.rule)
+        if rest is not None and _has_text(lower[best.offset:rest.offset]):
+            return rest
     return best
 
 
@@ -409,7 +424,9 @@ def _find_html_bytes(lower: bytes, spans: list[tuple[int, int]], bottom: bool, t
                 best = found
         if best is not None:
             if best.rule in _QUOTING_RULES:
-                shape = _html_quote_shape(lower, body, best.offset)
+                shape, history = _html_quote_shape(lower, body, best.offset)
+                if history is not None:
+                    return history
                 if shape is not None:
                     end = _document_end(lower, spans)
                     return Placement(end.offset, f"html:{shape}", "" if shape == "bottom-posted" else
@@ -446,8 +463,13 @@ def _answers(fragment: bytes) -> bool:
     return bool(text) and not text.startswith((b"--", b"__"))
 
 
-def _html_quote_shape(lower: bytes, body: int, first: int) -> str | None:
-    """Bottom-posted / interleaved detection for HTML quoting with ``<blockquote>``."""
+def _html_quote_shape(lower: bytes, body: int, first: int) -> tuple[str | None, Placement | None]:
+    """Bottom-posted / interleaved detection for HTML quoting with ``<blockquote>``.
+
+    The second item is set when the text between two quotes is itself a history marker (an
+    attribution or "Original Message" line) and nothing answers below the last quote: the author
+    pasted a quote into the newest text (iCloud and ProtonMail webmail do this), and the history
+    starts at that marker, not at the first quote."""
     spans: list[tuple[int, int]] = []  # top-level blockquote spans from the first marker on
     depth, open_at = 0, 0
     for m in _BQ.finditer(lower, first):
@@ -460,13 +482,18 @@ def _html_quote_shape(lower: bytes, body: int, first: int) -> str | None:
             if depth == 0:
                 spans.append((open_at, m.end()))
     if not spans:
-        return None
+        return None, None
     end = _document_end(lower, []).offset
     before = _has_text(lower[body:first])
     after = _answers(lower[spans[-1][1]:end])
-    between = any(_has_text(lower[a[1]:b[0]]) for a, b in itertools.pairwise(spans))
-    if between or (before and after):
-        return "inline-reply"
+    gaps = [(a[1], b[0]) for a, b in itertools.pairwise(spans) if _has_text(lower[a[1]:b[0]])]
+    if gaps and not after:
+        for a, b in gaps:
+            marker = _textual(lower, a, b)
+            if marker is not None:
+                return None, marker
+    if gaps or (before and after):
+        return "inline-reply", None
     if not before and after:
-        return "bottom-posted"
-    return None
+        return "bottom-posted", None
+    return None, None
