@@ -56,11 +56,13 @@ _FORWARDED: Final = (r"(?:forwarded\s+message|weitergeleitete\s+nachricht|messag
                      r"mensaje\s+reenviado|messaggio\s+inoltrato|doorgestuurd\s+bericht|"
                      r"wiadomość\s+przekazana\s+dalej|mensagem\s+encaminhada|videresendt\s+meddelelse|"
                      r"vidarebefordrat\s+meddelande|videresendt\s+melding|välitetty\s+viesti|"
-                     r"пересылаемое\s+сообщение|переслане\s+повідомлення|转发的邮件|轉寄的郵件|転送メッセージ|"
-                     r"přeposlaná\s+zpráva|iletilen\s+mesaj|továbbított\s+üzenet)")
+                     r"пересылаемое\s+сообщение|转发的邮件|轉寄的郵件|転送メッセージ|"
+                     r"переслане\s+повідомлення|перенаправлене\s+повідомлення|"
+                     r"přeposlaná\s+zpráva|[İIi]letilen\s+(?:mesaj|[İIi]leti)|továbbított\s+üzenet)")
 _BEGIN_FORWARDED: Final = (r"(?:begin\s+forwarded\s+message|anfang\s+der\s+weitergeleiteten\s+nachricht|"
                            r"d[ée]but\s+du\s+message\s+r[ée]exp[ée]di[ée]|inicio\s+del\s+mensaje\s+reenviado|"
-                           r"inizio\s+messaggio\s+inoltrato|begin\s+doorgestuurd\s+bericht)")
+                           r"inizio\s+messaggio\s+inoltrato|begin\s+doorgestuurd\s+bericht|"
+                           r"[İIi]leti\s+başlangıcı|videresendt\s+melding)")  # Apple Mail TR, NO
 
 # An attribution may wrap over up to five lines (Gmail and Android wrap at ~76 columns; Polymail
 # puts "<", "mailto:…" and "> wrote:" on lines of their own), with blank lines between them.
@@ -117,14 +119,16 @@ _NEXT_LINES: Final = r"[^\n]*\r?\n(?:[^\n]*\r?\n){0,3}?"  # the rest of the line
 # (rule, regex) on plain text (or on the visible text of HTML), anchored at a line start.
 _TEXT_RULES: Final = [
     # ProtonMail writes the dashes as U+2010 HYPHEN ("‐‐‐‐‐‐‐ Original Message ‐‐‐‐‐‐‐").
+    # Yahoo's plain text runs the header block on after the separator ("----- Forwarded Message -----
+    # From: …To: …"), so the separators need not end their line.
     ("original-message",
-     re.compile(r"^[ \t]*[-\u2010]{2,}\s*" + _ORIGINAL + r"\s*[-\u2010]{2,}[ \t]*\r?$", re.M | re.I)),
+     re.compile(r"^[ \t]*[-\u2010]{2,}\s*" + _ORIGINAL + r"\s*[-\u2010]{2,}(?=\s|$)", re.M | re.I)),
     ("outlook-separator", re.compile(r"^_{10,}[ \t]*\r?\n(?:[ \t]*\r?\n)?\*?" + _FROM_WORDS + r"\*?\s?:", re.M | re.I)),
     ("header-block", re.compile(
         r"^" + _hdr(_FROM_WORDS) + _NEXT_LINES + _hdr(_SENT_WORDS) + r"|^" + _hdr(_SENT_WORDS) + _NEXT_LINES
         + _hdr(_FROM_WORDS) + r"|^" + _hdr(_SENT_WORDS) + r"[^\n]*\r?\n" + _hdr(_TO_WORDS), re.M | re.I)),
-    ("forwarded", re.compile(r"^[ \t]*(?:" + _BEGIN_FORWARDED + r"\s*:?|-{3,}\s*" + _FORWARDED
-                             + r"\s*-{3,})[ \t]*\r?$", re.M | re.I)),
+    ("forwarded", re.compile(r"^[ \t]*(?:(?:" + _BEGIN_FORWARDED + r")\s*:?[ \t]*\r?$|-{3,}\s*" + _FORWARDED
+                             + r"\s*-{3,}(?=\s|$))", re.M | re.I)),
 ]
 # A quoted line; not ">>> http://… <<<", a banner some senders put in their own text.
 _QUOTE_LINE: Final = re.compile(r"^[ \t]*>(?![^\n]*<<[ \t]*\r?$)", re.M)
