@@ -264,6 +264,14 @@ REAL_SAMPLES: dict[str, list[tuple[str, str, str]]] = {
         ("manual/felixfw-tencent.eml", "html", "html:original-message"),
         ("manual/felixfw-sina.eml", "html", "html:original-message"),
     ],
+    "Samsung Email '-------- Original message --------' (its FR and DA forms)": [
+        ("manual/crisp-french-dash.eml", "plain", "text:original-message"),
+        ("manual/crisp-danish-dash.eml", "plain", "text:original-message"),
+    ],
+    "Outlook desktop and Office 365 HTML header blocks": [
+        ("manual/planer-microsoft-namespaces.eml", "html", "html:header-block"),
+        ("manual/planer-office-365.eml", "html", "html:outlook-web-hr"),
+    ],
     "----- Original Message ----- in plain text (Outlook Express style; Yahoo, Comcast)": [
         ("talon-clients/yahoo.eml", "plain", "text:original-message"),
         ("talon-clients/comcast.eml", "plain", "text:original-message"),

@@ -42,6 +42,9 @@ LABEL_DISAGREEMENTS: dict[str, str] = {
     "talon-html/gmail_quote_blockquote.eml":
         "talon keeps a bare <blockquote class=gmail_quote> in the reply; issue #9 lists it as history "
         "(Gmail forwards, Nylas/Mailspring)",
+    "manual/planer-outlook-mixed.eml":
+        "planer's test puts an Outlook 'From:/Sent:' header block (id div-we-dont-want) above the text it "
+        "labels newest; issue #9's rule is that the first history marker in document order wins",
     "talon-html/readable_html_empty.eml":
         "the whole body is one <blockquote> holding an attribution; talon keeps it all as the reply, we put "
         "the signature above the attribution",
