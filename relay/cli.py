@@ -92,7 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return supervisor.worker_config(c, args.worker_index, args.worker_metrics_port)
 
     cfg = view(cfg)
+    from relay import offload
     from relay.service import Relay
+
+    offload.release_big_buffers()
     from relay.sink import Sink
 
     async def run() -> None:

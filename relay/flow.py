@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay import binding, ingress, metrics, pipeline, replies
+from relay import binding, ingress, metrics, offload, pipeline, replies, wire
 from relay import log as msglog
 from relay.config import Config, Tenant
 from relay.delivery import dsn
@@ -42,7 +42,7 @@ from relay.smtp.server import RelaySMTP
 
 log = logging.getLogger("relay")
 # Above this size the pure steps run in a worker thread (aiosmtpd #293).
-OFFLOAD_BYTES = 256 * 1024
+OFFLOAD_BYTES = wire.OFFLOAD_BYTES
 
 
 class Context(Protocol):
@@ -147,7 +147,7 @@ class MessageFlow:
         return reply
 
     async def _offload(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.to_thread(fn, *args) if size > OFFLOAD_BYTES else fn(*args)
+        return await offload.run(fn, *args) if size > OFFLOAD_BYTES else fn(*args)
 
     async def _process(self, m: _Message, raw: bytes, session: Session, envelope: Envelope) -> str:
         cfg = self.ctx.cfg
@@ -197,7 +197,7 @@ class MessageFlow:
         for i, copy in enumerate(copies):
             try:
                 outcome = await self.ctx.delivery.deliver(t, m.mail_from, list(copy.recipients), copy.processed.data,
-                                                          smtputf8=smtputf8)
+                                                          smtputf8=smtputf8, crlf=copy.processed.crlf)
             except PermanentError as e:
                 # This copy's recipients are refused for good; the others still get theirs.
                 first_refusal = first_refusal or e

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from relay import replies
+from relay import replies, wire
 from relay.errors import PermanentError
 from relay.mime import headers
 
@@ -47,16 +47,10 @@ class Inbound:
     normalised: bool  # True when line endings had to be rewritten (logged as an anomaly)
 
 
-def crlf_only(raw: bytes) -> bool:
-    """Every CR and LF in ``raw`` is part of a CRLF pair (three C-speed counts, no copy)."""
-    crlf = raw.count(b"\r\n")
-    return raw.count(b"\n") == crlf and raw.count(b"\r") == crlf
-
-
 def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
     """``raw`` with every line break as CRLF, and whether anything changed; the common case
-    (already CRLF) is decided by :func:`crlf_only` without copying the message."""
-    if crlf_only(raw):
+    (already CRLF) is decided by :func:`relay.wire.crlf_only` without copying the message."""
+    if wire.crlf_only(raw):
         return raw, False
     return _LINE_ENDINGS.sub(b"\r\n", raw), True
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from relay import ingress
 from relay.mime.scanner import Limits
-from relay.mime.stamper import DEFAULT_LIMITS, Decision, already_processed, stamp
+from relay.mime.stamper import DEFAULT_LIMITS, Decision, StampResult, already_processed, stamp
 from relay.policy import Policy, RenderError, message_of
 from relay.rules import Message, Outcome
 from relay.values import Signature
@@ -62,6 +62,11 @@ class Processed:
     placement: str = ""
     anomalies: tuple[str, ...] = ()
     doubts: tuple[str, ...] = ()  # placements that are guesses (logged as placement_unsure=)
+    crlf: bool = False  # proved CRLF-only by the stamper (delivery then skips its own scan)
+
+    @classmethod
+    def of(cls, result: StampResult) -> Processed:
+        return cls(result.data, result.decision, result.placement, result.anomalies, result.doubts, result.crlf)
 
 
 def process(
@@ -72,7 +77,7 @@ def process(
     (RFC 5321 §4.4: a relay MUST add one; it also lets us count hops to catch loops)."""
     result = stamp(raw, signature, processed_header=processed_header, mail_from=mail_from, prefix=received,
                    limits=limits)
-    return Processed(result.data, result.decision, result.placement, result.anomalies, result.doubts)
+    return Processed.of(result)
 
 
 @dataclass(frozen=True)
@@ -115,11 +120,10 @@ def run(
     if signature is not None:
         result = stamp(inbound.raw, signature, processed_header=settings.processed_header,
                        mail_from=envelope.mail_from, bottom=bottom, prefix=received_for(envelope.recipients),
-                       limits=settings.limits, top=inbound.top)
-        return [Copy(envelope.recipients, Processed(result.data, result.decision, result.placement,
-                                                    result.anomalies, result.doubts), "files")]
+                       limits=settings.limits, top=inbound.top, crlf=True)
+        return [Copy(envelope.recipients, Processed.of(result), "files")]
     return plan_copies(inbound.raw, inbound.top, policy=policy, envelope=envelope, settings=settings,
-                       received_for=received_for, bottom=bottom)
+                       received_for=received_for, bottom=bottom, crlf=True)
 
 
 @dataclass(frozen=True)
@@ -134,15 +138,16 @@ class _Job:
     settings: Settings
     received_for: Callable[[Sequence[str]], bytes]
     bottom: bool
+    crlf: bool  # raw went through ingress: CRLF line breaks only
 
 
 def plan_copies(
     raw: bytes, top: dict[str, list[str]] | None, *, policy: Policy | None, envelope: Envelope, settings: Settings,
-    received_for: Callable[[Sequence[str]], bytes] = _no_trace, bottom: bool = False,
+    received_for: Callable[[Sequence[str]], bytes] = _no_trace, bottom: bool = False, crlf: bool = False,
 ) -> list[Copy]:
     """Rules → render → stamp for every distinct outcome, on a message that already went through
-    ingress (``raw`` CRLF only, ``top`` its header index). To/Cc are never touched: copies differ
-    only in body and envelope."""
+    ingress (``raw`` CRLF only, ``top`` its header index; ``crlf`` when the caller vouches for
+    the former). To/Cc are never touched: copies differ only in body and envelope."""
     recipients = list(envelope.recipients)
     if policy is None or not policy.has_rules:
         groups: list[tuple[Outcome, list[str]]] = [((), recipients)]
@@ -150,7 +155,7 @@ def plan_copies(
     else:
         msg = message_of(raw, envelope.mail_from, envelope.at, top)
         groups = policy.plan(msg, recipients)
-    job = _Job(raw, top, policy, msg, envelope, settings, received_for, bottom)
+    job = _Job(raw, top, policy, msg, envelope, settings, received_for, bottom, crlf)
     return [_copy(job, outcome, group) for outcome, group in groups]
 
 
@@ -163,6 +168,6 @@ def _copy(job: _Job, outcome: Outcome, group: list[str]) -> Copy:
         except RenderError as e:
             error = str(e)  # never a crash, never a 5xx: the copy goes out unstamped (marked)
     result = stamp(job.raw, sig, processed_header=job.settings.processed_header, mail_from=job.envelope.mail_from,
-                   bottom=bottom, prefix=job.received_for(group), limits=job.settings.limits, top=job.top)
-    return Copy(tuple(group), Processed(result.data, result.decision, result.placement, result.anomalies,
-                                        result.doubts), ",".join(f"{x.section}:{x.rule}" for x in outcome), error)
+                   bottom=bottom, prefix=job.received_for(group), limits=job.settings.limits, top=job.top,
+                   crlf=job.crlf)
+    return Copy(tuple(group), Processed.of(result), ",".join(f"{x.section}:{x.rule}" for x in outcome), error)

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
+from relay import wire
+
 _HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
 _LINE: Final = re.compile(rb"[^\n]*\n|[^\n]+$")
 
@@ -276,7 +278,7 @@ def _children(s: Scan, limits: Limits, part: Part) -> None:
     body_ends: list[int] = []
     closed = False
     while True:
-        i = raw.find(delim, pos, part.end)
+        i = wire.find(raw, delim, pos, part.end)  # a 25 MB attachment is searched a slice at a time
         if i < 0:
             break
         line_end = raw.find(b"\n", i, part.end)

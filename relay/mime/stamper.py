@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from relay import wire
 from relay.mime import codec, headers, placement, trace
 from relay.mime.classify import PGP_ARMOUR, classify, find_targets
 from relay.mime.scanner import Limits, Part, Scan, line_anomalies, scan
@@ -48,6 +49,7 @@ class StampResult:
     placement: str = ""
     anomalies: tuple[str, ...] = ()  # tolerated oddities worth a log line (bare CR/LF, long lines)
     doubts: tuple[str, ...] = ()  # "html:...: why" when a placement is a guess (stamp --report flags it)
+    crlf: bool = False  # proved: every line break in ``data`` is CRLF (see ``stamp``'s ``crlf``)
 
 
 def already_processed(raw: bytes, header_name: str, top: dict[str, list[str]] | None = None) -> bool:
@@ -58,38 +60,41 @@ def already_processed(raw: bytes, header_name: str, top: dict[str, list[str]] | 
     return any("true" in v.lower() for v in values)
 
 
-def stamp(
+def stamp(  # noqa: PLR0913 -- keyword-only options; the relay passes what ingress already knows
     raw: bytes, signature: Signature | None, *, processed_header: str = "X-CodeTwoProcessed",
     mail_from: str | None = None, bottom: bool = False, limits: Limits = DEFAULT_LIMITS, prefix: bytes = b"",
-    top: dict[str, list[str]] | None = None,
+    top: dict[str, list[str]] | None = None, crlf: bool = False,
 ) -> StampResult:
     """``prefix`` (complete header fields, e.g. our Received:) goes first; the output is built
     with a single copy of the message, which matters for 25 MB attachments. ``top`` is
-    :func:`headers.index` of ``raw`` when the caller parsed it already (the relay always has)."""
+    :func:`headers.index` of ``raw`` when the caller parsed it already (the relay always has).
+    ``crlf``: the caller knows every line break in ``raw`` is CRLF (ingress made it so); the
+    result's ``crlf`` then says whether the output's still are, proved from what was spliced in
+    and where (:func:`_splices_keep_crlf`) instead of scanning 25 MB again before delivery."""
     top = headers.index(raw) if top is None else top
     if already_processed(raw, processed_header, top):
-        return StampResult(_join(raw, prefix, []), Decision("pass-through", "already-processed"))
+        return _out(raw, prefix, [], crlf, Decision("pass-through", "already-processed"))
     s = scan(raw, limits)
     fields = prefix + trace.marker(processed_header)
     shows = (_visible_html(signature.html), bool(signature.text.strip())) if signature is not None else (False, False)
     early = _early_decision(s, signature, shows, mail_from, top)
     if early is not None:
-        return StampResult(_join(raw, fields, []), early[0], anomalies=early[1])
+        return _out(raw, fields, [], crlf, early[0], anomalies=early[1])
     assert signature is not None
     targets = find_targets(s)
     if not targets:
-        return StampResult(_join(raw, fields, []), Decision("pass-through", "no-text-body"))
+        return _out(raw, fields, [], crlf, Decision("pass-through", "no-text-body"))
     if not shows[0]:
         targets.pop("html", None)
     if not shows[1]:
         targets.pop("plain", None)
     if not targets:
-        return StampResult(_join(raw, fields, []), Decision("marked", "no-signature:rendered-empty"))
+        return _out(raw, fields, [], crlf, Decision("marked", "no-signature:rendered-empty"))
     try:
         edits, rules, doubts = _edit_targets(s, targets, signature, bottom)
     except _PassThrough as e:
-        return StampResult(_join(raw, fields, []), Decision("pass-through", str(e)))
-    return StampResult(_join(raw, fields, edits), Decision("stamped"), " ".join(rules), _anomalies(s, targets),
+        return _out(raw, fields, [], crlf, Decision("pass-through", str(e)))
+    return _out(raw, fields, edits, crlf, Decision("stamped"), " ".join(rules), _anomalies(s, targets),
                        tuple(doubts))
 
 
@@ -191,6 +196,27 @@ def _carries_boundary(sig: Signature, s: Scan) -> bool:
     return any(b"--" + b in text for b in boundaries)
 
 
+def _out(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]], crlf: bool, decision: Decision,
+         placement: str = "", anomalies: tuple[str, ...] = (), doubts: tuple[str, ...] = ()) -> StampResult:
+    return StampResult(_join(raw, fields, edits), decision, placement, anomalies, doubts,
+                       crlf=crlf and _splices_keep_crlf(raw, fields, edits))
+
+
+def _splices_keep_crlf(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bool:
+    """For a CRLF-only ``raw``: whether :func:`_join`'s output is CRLF-only too. It is when every
+    piece put in is, and no cut falls between the CR and the LF of a pair (which would leave a
+    bare CR before the piece or a bare LF after it). The pieces are our header fields and the
+    edited leaves: a few KB next to a 25 MB attachment that is not looked at again."""
+    if not wire.crlf_only(fields):
+        return False
+    for start, end, new in edits:
+        if not wire.crlf_only(new):
+            return False
+        if any(0 < p < len(raw) and raw[p - 1:p + 1] == b"\r\n" for p in (start, end)):
+            return False
+    return True
+
+
 def _join(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
     """``fields`` + ``raw`` with ``edits`` (start, end, replacement) applied, copying ``raw`` once:
     memoryview slices are not copies, and bytes.join sizes the result up front."""
@@ -265,7 +291,10 @@ def _attach_images(s: Scan, part: Part, new_leaf: bytes, images: list[tuple[Imag
         # Before the close delimiter (whose own leading line break stays in place).
         return [(part.start, part.end, new_leaf),
                 (parent.close_at, parent.close_at, b"".join(delim + p.rstrip(b"\r\n") for p in parts))]
-    digest = hashlib.sha256(s.raw).hexdigest()[:16]
+    # Deterministic (stamping twice gives the same bytes); uniqueness is checked just below. A
+    # big message is hashed by its ends and length: sha256 of a 25 MB attachment costs 60 ms.
+    raw = s.raw if len(s.raw) <= 1 << 20 else s.raw[:1 << 19] + s.raw[-(1 << 19):] + b"%d" % len(s.raw)
+    digest = hashlib.sha256(raw).hexdigest()[:16]
     boundary, n = f"=_signature-relay_{digest}", 0
     while boundary.encode() in s.raw:  # RFC 2046 §5.1.1: must not occur in the encapsulated parts
         n += 1

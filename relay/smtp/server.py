@@ -38,7 +38,7 @@ from typing import Any
 import aiosmtpd.smtp
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
-from relay import replies
+from relay import offload, replies, wire
 from relay.config import Listener, Network, SecurityConfig
 from relay.smtp import discovery
 
@@ -114,6 +114,29 @@ class Slot:
         self.guard.per_ip[self.ip] -= 1
         if self.guard.per_ip[self.ip] <= 0:
             del self.guard.per_ip[self.ip]
+
+
+async def _until_end_of_data(reader: asyncio.StreamReader, buf: bytearray, limit: int) -> tuple[int, bool]:
+    """Wait until ``buf`` (the reader's buffer) holds ``CRLF.CRLF``; return the offset just past
+    it and whether data over ``limit`` was dropped on the way. StreamReader.readuntil's search
+    (incremental: each byte is looked at about once), without its copies. Over ``limit``
+    everything that cannot hold the separator is dropped as it arrives, so a client sending
+    too much costs no memory; it is refused after its final dot."""
+    sep = b"\r\n.\r\n"
+    offset, too_much = 0, False
+    while True:
+        if len(buf) - offset >= len(sep):
+            isep = buf.find(sep, offset)
+            if isep >= 0:
+                return isep + len(sep), too_much
+            offset = len(buf) + 1 - len(sep)
+            if limit and offset > limit + len(sep):
+                too_much = True
+                del buf[:offset]
+                offset = 0
+        if reader._eof:  # type: ignore[attr-defined]
+            raise asyncio.IncompleteReadError(bytes(buf), None)
+        await reader._wait_for_data("readuntil")  # type: ignore[attr-defined]
 
 
 class RelaySMTP(SMTP):
@@ -249,23 +272,18 @@ class RelaySMTP(SMTP):
         """
         reader = self._reader
         limit = self.data_size_limit or 0
-        sep = b"\r\n.\r\n"
-        # StreamReader.readuntil searches its buffer incrementally for a separator of any
-        # length, but refuses one further away than its limit (aiosmtpd's line limit): raise the
-        # limit for the content, and put back the CRLF of the DATA line in front of it.
+        # The content is found in the StreamReader's own buffer and copied out once: readuntil()
+        # would copy it twice more (a bytearray slice, then bytes), and unstuffing once again,
+        # four copies of a 25 MB message where one will do (issue #14). The DATA line's CRLF is
+        # put back in front, so the content is searched as if it began with CRLF.
+        buf: bytearray = reader._buffer  # type: ignore[attr-defined]
+        buf[:0] = b"\r\n"
+        # The reader pauses the socket when its buffer passes twice its limit (aiosmtpd's line
+        # limit): raise it for the content, which is held whole anyway.
         saved = reader._limit  # type: ignore[attr-defined]
-        reader._limit = max(saved, (limit or 2**31) + len(sep))  # type: ignore[attr-defined]
-        reader._buffer[:0] = b"\r\n"  # type: ignore[attr-defined]
-        too_much = False
+        reader._limit = max(saved, (limit or 2**31) + 5)  # type: ignore[attr-defined]
         try:
-            while True:
-                try:
-                    raw = await reader.readuntil(sep)
-                    break
-                except asyncio.LimitOverrunError as e:
-                    # over data_size_limit: drop what cannot hold the separator, keep reading
-                    too_much = True
-                    await reader.readexactly(e.consumed)
+            end, too_much = await _until_end_of_data(reader, buf, limit)
         except (asyncio.CancelledError, asyncio.IncompleteReadError):
             # aiosmtpd cancels this coroutine on EOF or reset; either way the session is over.
             log.info("Connection lost during DATA")
@@ -273,14 +291,28 @@ class RelaySMTP(SMTP):
             raise asyncio.CancelledError from None
         finally:
             reader._limit = saved  # type: ignore[attr-defined]
-        # raw is CRLF + content + ".\r\n"; content is dot-stuffed.
-        if too_much or (limit and len(raw) - 5 > limit):
-            return b"", "552 Error: Too much mail data"
-        if max(map(len, raw.split(b"\r\n"))) + 2 > self.line_length_limit:
-            return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
-        # One pass removes every leading dot, the first line's included (raw starts with CRLF),
-        # and turns the final ".\r\n" into "\r\n": what remains is CRLF + content + CRLF.
-        return raw.replace(b"\r\n.", b"\r\n")[2:-2], None
+        # buf[:end] is CRLF + dot-stuffed content + ".\r\n"; what follows is the next command.
+        try:
+            if too_much or (limit and end - 5 > limit):
+                return b"", "552 Error: Too much mail data"
+            # A big message is looked at in a worker thread so other sessions do not wait for two
+            # passes over it; the loop only appends to buf meanwhile, after ``end``.
+            if end > wire.OFFLOAD_BYTES:
+                too_long, stuffed = await offload.run(wire.data_shape, buf, end, self.line_length_limit)
+            else:
+                too_long, stuffed = wire.data_shape(buf, end, self.line_length_limit)
+            if too_long:  # a line counts with its CRLF, as aiosmtpd counts
+                return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
+            with memoryview(buf) as view:
+                if not stuffed:
+                    return bytes(view[2:end - 3]), None
+                raw = bytes(view[:end])
+            if end > wire.OFFLOAD_BYTES:
+                return await offload.run(wire.unstuff, raw), None
+            return wire.unstuff(raw), None
+        finally:
+            del buf[:end]
+            reader._maybe_resume_transport()  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self._in_data:

@@ -1,0 +1,108 @@
+"""relay.wire (issue #14): the zero-split line check, one-copy unstuffing and piecewise stuffing
+give exactly what the obvious whole-message expressions give (RFC 5321 §4.5.2, §4.5.3.1.6)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay import wire
+
+# Few symbols, so CR, LF, CRLF, dots at line starts and long runs all turn up often.
+octets = st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"aaaa"]), max_size=60).map(b"".join)
+lines = st.lists(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"aaa"]), max_size=12).map(b"".join),
+                 max_size=12).map(lambda ls: b"".join(x + b"\r\n" for x in ls))
+
+
+def stuff_reference(data: bytes) -> bytes:
+    return (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+@settings(max_examples=600, deadline=None)
+@given(octets, st.integers(min_value=0, max_value=24))
+def test_line_longer_than_is_the_split_answer(data: bytes, n: int) -> None:
+    assert wire.line_longer_than(data, n) == (max(map(len, data.split(b"\r\n"))) > n)
+
+
+def test_line_longer_than_finds_a_long_line_anywhere() -> None:
+    body = b"x" * 78 + b"\r\n"
+    for where in (0, 1000, 20_000):
+        data = body * where + b"y" * 999 + b"\r\n" + body * 10
+        assert wire.line_longer_than(data, 998) and not wire.line_longer_than(data, 999)
+    assert not wire.line_longer_than(body * 5000, 78) and wire.line_longer_than(body * 5000, 77)
+
+
+@settings(max_examples=400, deadline=None)
+@given(lines)
+def test_unstuff_is_replace_then_slice(content: bytes) -> None:
+    raw = b"\r\n" + content + b".\r\n"
+    assert wire.unstuff(raw) == raw.replace(b"\r\n.", b"\r\n")[2:-2]
+
+
+@settings(max_examples=600, deadline=None)
+@given(lines, st.integers(min_value=1, max_value=20))
+def test_stuffed_pieces_join_to_the_reference(data: bytes, size: int) -> None:
+    pieces = list(wire.stuffed_pieces(data, size))
+    joined = b"".join(bytes(p) for p in pieces)
+    assert joined == stuff_reference(data)
+    assert wire.unstuff(b"\r\n" + joined) == data  # what a receiver makes of it
+
+
+def test_big_pieces_are_views_of_the_message_unless_a_dot_is_added() -> None:
+    data = (b"QUJD" * 19 + b"\r\n") * 20_000 + b".hidden\r\n" + (b"x" * 78 + b"\r\n") * 10
+    pieces = list(wire.stuffed_pieces(data))
+    assert b"".join(bytes(p) for p in pieces) == stuff_reference(data)
+    assert sum(isinstance(p, memoryview) for p in pieces) >= len(pieces) - 2  # the dotted piece, the terminator
+    assert all(len(p) <= wire.CHUNK for p in pieces)
+    small = b"hello\r\n.dot\r\n"
+    assert list(wire.stuffed_pieces(small)) == [stuff_reference(small)]  # one write for a small message
+
+
+crlf_lines = st.lists(st.sampled_from([b"a", b".", b"aa"]), max_size=8).map(
+    lambda xs: b"".join(x + b"\r\n" for x in xs))
+pieces = st.lists(st.sampled_from([b"x", b"\r\n", b"\r", b"\n", b"yy"]), max_size=5).map(b"".join)
+
+
+@settings(max_examples=800, deadline=None)
+@given(crlf_lines, pieces, st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6), pieces), max_size=3))
+def test_the_stampers_crlf_proof_is_sound(raw: bytes, fields: bytes, cuts: list[tuple[int, int, bytes]]) -> None:
+    """StampResult.crlf lets delivery skip its scan; it must never say CRLF-only when it is not."""
+    from relay.mime.stamper import _join, _splices_keep_crlf
+
+    edits, pos = [], 0
+    for start, length, new in sorted(cuts):
+        start = max(start, pos)
+        if start > len(raw):
+            break
+        end = min(start + length, len(raw))
+        edits.append((start, end, new))
+        pos = end
+    if _splices_keep_crlf(raw, fields, edits):
+        assert wire.crlf_only(_join(raw, fields, edits))
+
+
+@settings(max_examples=600, deadline=None)
+@given(octets, st.sampled_from([b"\r\n", b"\r\n.", b"--m", b"a", b""]), st.integers(0, 70), st.integers(0, 70),
+       st.integers(1, 5))
+def test_sliced_find_and_crlf_only_match_the_whole_calls(data: bytes, needle: bytes, start: int, end: int,
+                                                          slice_: int) -> None:
+    old = wire.SLICE
+    wire.SLICE = slice_  # tiny slices, so every cut position is exercised
+    try:
+        assert wire.find(data, needle, start, end) == data.find(needle, start, end)
+        crlf = data.count(b"\r\n")
+        assert wire.crlf_only(data) == (data.count(b"\n") == crlf and data.count(b"\r") == crlf)
+    finally:
+        wire.SLICE = old
+
+
+def test_big_buffers_are_released_on_glibc() -> None:
+    """serve calls this so a 25 MB message's buffers go back to the system (mallopt M_MMAP_THRESHOLD)."""
+    import platform
+
+    from relay import offload
+
+    if platform.libc_ver()[0] == "glibc":
+        assert offload.release_big_buffers()
+    else:
+        assert not offload.release_big_buffers()
