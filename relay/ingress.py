@@ -19,17 +19,11 @@ and parsing a million fields would stall the event loop).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Final
 
 from relay import replies, wire
 from relay.errors import PermanentError
 from relay.mime import headers
-
-# Identical to aiosmtplib.protocol.LINE_ENDINGS_REGEX (aiosmtplib 5.x): CRLF stays, a bare LF and a
-# CR not followed by LF each become CRLF. Using the same rule means delivery changes nothing more.
-_LINE_ENDINGS: Final = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 
 @dataclass(frozen=True)
@@ -52,7 +46,11 @@ def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
     (already CRLF) is decided by :func:`relay.wire.crlf_only` without copying the message."""
     if wire.crlf_only(raw):
         return raw, False
-    return _LINE_ENDINGS.sub(b"\r\n", raw), True
+    # The rule of aiosmtplib.protocol.LINE_ENDINGS_REGEX (aiosmtplib 5.x): CRLF stays, a bare LF and
+    # a CR not followed by LF each become CRLF, so delivery changes nothing more. As three C passes
+    # (CRLF to LF, every CR left, a bare one, to LF, every LF to CRLF): the regular expression
+    # took half a second on a 25 MB message (issue #14).
+    return raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n"), True
 
 
 def accept(raw: bytes, limits: IngressLimits) -> Inbound:

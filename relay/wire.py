@@ -21,6 +21,7 @@ OFFLOAD_BYTES = 256 * 1024
 # count over 25 MB (30 ms) running in a worker thread stalls the event loop for all of it; between
 # 1 MiB slices the loop gets its turn.
 SLICE = 1 << 20
+SPLIT_BELOW = 1 << 16  # line_longer_than splits up to this size (faster than its windows there)
 
 
 Buffer = bytes | bytearray
@@ -54,8 +55,8 @@ def find(raw: Buffer, needle: bytes, start: int = 0, end: int | None = None) -> 
     return -1 if needle or start > end else start
 
 
-def line_longer_than(data: Buffer, n: int, end: int | None = None) -> bool:
-    """Whether some CRLF-separated segment of ``data[:end]`` is longer than ``n`` octets.
+def line_longer_than(data: Buffer, n: int, end: int | None = None, sep: bytes = b"\r\n") -> bool:
+    """Whether some ``sep``-separated segment of ``data[:end]`` is longer than ``n`` octets.
 
     Same answer as ``max(map(len, data[:end].split(b"\\r\\n"))) > n`` without splitting (or
     copying). A segment of at least ``n + 1`` octets covers a whole aligned window of
@@ -66,16 +67,16 @@ def line_longer_than(data: Buffer, n: int, end: int | None = None) -> bool:
     size = len(data) if end is None else end
     if size <= n:
         return False
-    if n < 1:
-        return any(len(s) > n for s in bytes(data[:size]).split(b"\r\n"))
+    if n < 1 or size <= SPLIT_BELOW:  # small: splitting is quicker than the windows, and as cheap in memory
+        return max(map(len, (data if end is None else data[:size]).split(sep))) > n
     w = (n + 1) // 2
     a = 0
     while a + w <= size:
-        if data.find(b"\r\n", a, a + w) < 0:
-            # the run around this window: from after the CRLF before it to the CRLF after it
-            s = data.rfind(b"\r\n", 0, a + w)
-            e = data.find(b"\r\n", a, size)
-            if (size if e < 0 else e) - (0 if s < 0 else s + 2) > n:
+        if data.find(sep, a, a + w) < 0:
+            # the run around this window: from after the separator before it to the one after it
+            s = data.rfind(sep, 0, a + w)
+            e = data.find(sep, a, size)
+            if (size if e < 0 else e) - (0 if s < 0 else s + len(sep)) > n:
                 return True
         a += w
     return False

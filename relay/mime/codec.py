@@ -17,6 +17,8 @@ import functools
 import re
 from typing import Final
 
+from relay import wire
+
 _B64_OK: Final = re.compile(rb"^[A-Za-z0-9+/=\s]*$")
 _EOL: Final = re.compile(r"\r\n|\n|\r")
 
@@ -184,6 +186,7 @@ def _encode_qp_by_char(line: str, codec: str) -> list[bytes]:
     return [x.encode("ascii") for x in out]
 
 
-def max_line(data: bytes) -> int:
-    """Longest line in octets (with its CR, if any); map(len) keeps the loop in C."""
-    return max(map(len, data.split(b"\n")), default=0)
+def line_over(data: bytes, n: int) -> bool:
+    """Whether a line (with its CR, if any) is longer than ``n`` octets, without splitting a
+    25 MB leaf into lines (:func:`relay.wire.line_longer_than`)."""
+    return wire.line_longer_than(data, n, sep=b"\n")

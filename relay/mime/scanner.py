@@ -20,6 +20,9 @@ from typing import Final
 from relay import wire
 
 _HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
+_FOLD: Final = re.compile(rb"\r?\n[ \t]")  # RFC 5322 §2.2.3 unfolding
+_SECTION: Final = re.compile(r"([^*]+)\*(\d+)\*?")  # RFC 2231 §3 parameter continuations
+_MEDIA_TYPE: Final = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 _LINE: Final = re.compile(rb"[^\n]*\n|[^\n]+$")
 
 
@@ -135,7 +138,7 @@ def parse_params(value: str) -> tuple[str, dict[str, str]]:
         if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
             v = re.sub(r"\\(.)", r"\1", v[1:-1]) if "\\" in v else v[1:-1]
         if "*" in k:
-            m = re.fullmatch(r"([^*]+)\*(\d+)\*?", k)
+            m = _SECTION.fullmatch(k)
             if m:
                 continued.setdefault(m.group(1), []).append((int(m.group(2)), v))
                 continue
@@ -177,7 +180,7 @@ def _unfold(raw: bytes, start: int, end: int) -> tuple[dict[str, str], int | Non
     for m in _CONTENT_FIELD.finditer(block):
         name = m.group(1).decode("latin-1").lower()
         if name not in out:
-            value = re.sub(rb"\r?\n[ \t]", b" ", m.group(2)).strip()
+            value = _FOLD.sub(b" ", m.group(2)).strip()
             out[name] = value.decode("latin-1")
     bad = _BAD_LINE.search(block)
     # The email package ends the header at such a line and reads the rest as body; clients
@@ -260,7 +263,7 @@ def _content_type(s: Scan, value: str, start: int, parent: int | None) -> tuple[
     """(type, parameters); RFC 2045 §5.2 defaults (text/plain, message/rfc822 in a digest), an
     invalid type recorded as a defect."""
     ctype, params = parse_params(value) if value else ("", {})
-    if ctype and not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", ctype):
+    if ctype and not _MEDIA_TYPE.fullmatch(ctype):
         s.defects.append(f"invalid-content-type@{start}")
         ctype = "text/plain"
     if not ctype:

@@ -173,7 +173,7 @@ def _anomalies(s: Scan, targets: dict[str, Part]) -> tuple[str, ...]:
     raw_leaves = [p for p in targets.values() if p.cte in ("7bit", "8bit", "binary")]
     for p in raw_leaves:
         out += [a for a in line_anomalies(s.raw, p.header_end, p.end) if a not in out]
-    if any(codec.max_line(s.body_bytes(p)) > _MAX_LINE for p in raw_leaves):
+    if any(codec.line_over(s.body_bytes(p), _MAX_LINE) for p in raw_leaves):
         out.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998
     return tuple(out)
 
@@ -383,7 +383,7 @@ def _reencode(header: bytes, body: bytes, part: Part, new_text: str, html: bool,
             new_text = _META_CHARSET.sub(lambda m: m.group(1) + "utf-8", new_text)
         new_data = new_text.encode("utf-8")
     cte = part.cte
-    if cte in ("7bit", "8bit") and ((cte == "7bit" and not new_data.isascii()) or codec.max_line(new_data) > _MAX_LINE):
+    if cte in ("7bit", "8bit") and ((cte == "7bit" and not new_data.isascii()) or codec.line_over(new_data, _MAX_LINE)):
         cte = "quoted-printable"  # RFC 2045 §2.7/2.8: 7bit is ASCII, no line over 998
     if cte == "quoted-printable":
         new_body = codec.encode_qp(new_text, py, wire_eol)
@@ -418,7 +418,7 @@ def _splice(body: bytes, cte: str, text: str, offset: int, block: str, charset: 
         if not body.startswith(head):
             return None  # the charset does not round-trip these bytes
         new = head + ins + body[len(head):]
-        if cte != "binary" and codec.max_line(new) > _MAX_LINE:
+        if cte != "binary" and codec.line_over(new, _MAX_LINE):
             return None
         return new
     if cte != "quoted-printable":

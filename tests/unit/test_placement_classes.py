@@ -350,3 +350,23 @@ def test_every_placement_class_has_a_real_sample(cls: str, file: str, leaf: str,
     text = codec.decode_text(codec.decode_transfer(s.body_bytes(part), part.cte), part.charset)
     where = placement.find_html(text) if leaf == "html" else placement.find_text(text)
     assert where.rule == rule, (cls, where)
+
+
+def test_a_body_over_the_search_window_is_searched_in_its_first_part_only() -> None:
+    """Issue #14: reply markers are looked for in the first SEARCH_WINDOW characters (a 25 MB log
+    would otherwise cost seconds); past it the signature goes to the end and says why."""
+    filler = "2026-11-28 12:00:01 INFO processed request in 12 ms\n" * (placement.SEARCH_WINDOW // 40)
+    late = f"{NEW}\n{filler}\nOn Fri, Jan 3, 2025 at 4:01 PM Bob wrote:\n> old\n"
+    where = placement.find_text(late)
+    assert (where.rule, where.offset) == ("text:end", len(late)) and "KiB" in where.doubt
+    early = f"{NEW}\n\nOn Fri, Jan 3, 2025 at 4:01 PM Bob wrote:\n" + "".join("> " + x for x in filler.splitlines(True))
+    where = placement.find_text(early)
+    assert where.rule == "text:attribution" and early[where.offset:].startswith("On Fri") and not where.doubt
+    html = f"<html><body><div>{NEW}</div>" + "<p>row</p>" * (placement.SEARCH_WINDOW // 8) + \
+        '<div class="gmail_quote">old</div></body></html>'
+    where = placement.find_html(html)
+    assert where.rule == "html:body-end" and html[where.offset:].startswith("</body>") and "KiB" in where.doubt
+    rows = "<p>row</p>" * (placement.SEARCH_WINDOW // 8)
+    html = f'<html><body><div>{NEW}</div><div class="gmail_quote">old{rows}</div></body></html>'
+    where = placement.find_html(html)
+    assert where.rule == "html:gmail" and html[where.offset:].startswith('<div class="gmail_quote"')

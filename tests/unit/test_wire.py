@@ -14,14 +14,30 @@ lines = st.lists(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"aaa"]), m
                  max_size=12).map(lambda ls: b"".join(x + b"\r\n" for x in ls))
 
 
+SPLIT_BELOW = wire.SPLIT_BELOW
+
+
 def stuff_reference(data: bytes) -> bytes:
     return (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
 @settings(max_examples=600, deadline=None)
-@given(octets, st.integers(min_value=0, max_value=24))
-def test_line_longer_than_is_the_split_answer(data: bytes, n: int) -> None:
+@given(octets, st.integers(min_value=0, max_value=24), st.booleans())
+def test_line_longer_than_is_the_split_answer(data: bytes, n: int, windows: bool) -> None:
+    if windows:
+        wire.SPLIT_BELOW = 0  # the windowed search, as for a big message
+    try:
+        line_checks(data, n)
+    finally:
+        wire.SPLIT_BELOW = SPLIT_BELOW
+
+
+
+def line_checks(data: bytes, n: int) -> None:
     assert wire.line_longer_than(data, n) == (max(map(len, data.split(b"\r\n"))) > n)
+    assert wire.line_longer_than(data, n, sep=b"\n") == (max(map(len, data.split(b"\n"))) > n)  # codec.line_over
+    cut = len(data) // 2
+    assert wire.line_longer_than(data, n, cut) == (max(map(len, data[:cut].split(b"\r\n"))) > n)
 
 
 def test_line_longer_than_finds_a_long_line_anywhere() -> None:
