@@ -12,6 +12,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from relay.delivery.client import send_data
+from relay.wire import crlf_only
 from tests.protocol.test_relay_protocol import _NoTlsEndpoint, send
 from tests.support import Deployment, free_port, message
 
@@ -31,6 +32,9 @@ BODIES = [
     b"Subject: y\r\n\r\nno dots at all\r\n",
     b"Subject: bare\n\nbare LF and a bare CR\r here\r\n.dot after\n",  # not CRLF-clean: aiosmtplib's path
     b"Subject: z\r\n\r\nno final line break",
+    # Over relay.wire.CHUNK: written in pieces under flow control, dots near every kind of cut.
+    b"Subject: big\r\n\r\n" + b"".join((b"." if i % 7 == 0 else b"") + b"x" * (i % 90) + b"\r\n"
+                                        for i in range(40_000)),
 ]
 
 
@@ -45,7 +49,7 @@ async def test_send_data_delivers_what_aiosmtplib_would(body: bytes) -> None:
                 await c.mail("a@contoso.com")
                 await c.rcpt("b@example.net")
                 if sender == "ours":
-                    r = await send_data(c, body, 10)
+                    r = await send_data(c, body, 10, crlf=crlf_only(body))  # as when the stamper proved it
                 else:
                     r = await c.data(body)
                 assert r.code == 250
