@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from relay import ingress
-from relay.mime.scanner import Limits
+from relay.mime.scanner import Limits, Scan, scan
 from relay.mime.stamper import DEFAULT_LIMITS, Decision, StampResult, already_processed, stamp
 from relay.policy import Policy, RenderError, message_of
 from relay.rules import Message, Outcome
@@ -139,6 +139,7 @@ class _Job:
     received_for: Callable[[Sequence[str]], bytes]
     bottom: bool
     crlf: bool  # raw went through ingress: CRLF line breaks only
+    scanned: Scan  # scan(raw, settings.limits)
 
 
 def plan_copies(
@@ -149,13 +150,14 @@ def plan_copies(
     ingress (``raw`` CRLF only, ``top`` its header index; ``crlf`` when the caller vouches for
     the former). To/Cc are never touched: copies differ only in body and envelope."""
     recipients = list(envelope.recipients)
+    scanned = scan(raw, settings.limits)  # one MIME walk for the rules' view and every copy's stamp
     if policy is None or not policy.has_rules:
         groups: list[tuple[Outcome, list[str]]] = [((), recipients)]
         msg = None
     else:
-        msg = message_of(raw, envelope.mail_from, envelope.at, top)
+        msg = message_of(raw, envelope.mail_from, envelope.at, top, scanned)
         groups = policy.plan(msg, recipients)
-    job = _Job(raw, top, policy, msg, envelope, settings, received_for, bottom, crlf)
+    job = _Job(raw, top, policy, msg, envelope, settings, received_for, bottom, crlf, scanned)
     return [_copy(job, outcome, group) for outcome, group in groups]
 
 
@@ -169,5 +171,5 @@ def _copy(job: _Job, outcome: Outcome, group: list[str]) -> Copy:
             error = str(e)  # never a crash, never a 5xx: the copy goes out unstamped (marked)
     result = stamp(job.raw, sig, processed_header=job.settings.processed_header, mail_from=job.envelope.mail_from,
                    bottom=bottom, prefix=job.received_for(group), limits=job.settings.limits, top=job.top,
-                   crlf=job.crlf)
+                   crlf=job.crlf, scanned=job.scanned)
     return Copy(tuple(group), Processed.of(result), ",".join(f"{x.section}:{x.rule}" for x in outcome), error)

@@ -81,13 +81,13 @@ def _subject(top: dict[str, list[str]]) -> str:
     return _clean(decoded)
 
 
-def _body_text(raw: bytes) -> str:
+def _body_text(raw: bytes, scanned: scanner.Scan | None = None) -> str:
     """The message's own text (plain preferred), decoded, then bounded: what keyword rules look at.
 
     Decode first, bound after (issue #11): cutting the *encoded* body could split a base64 quantum
     or a UTF-8 character, the decode would fail and keyword rules would silently see nothing. Only
     a prefix of the encoded body is decoded (enough for the bound), cut where the encoding allows."""
-    s = scanner.scan(raw)
+    s = scanner.scan(raw) if scanned is None else scanned
     t = find_targets(s)
     part = t.get("plain") or t.get("html")
     if part is None:
@@ -112,12 +112,13 @@ def _body_text(raw: bytes) -> str:
     return (signatures_mod.html_to_text(text) if part.ctype == "text/html" else text)[:KEYWORD_BODY_CHARS]
 
 
-def message_of(raw: bytes, mail_from: str, at: dt.datetime, top: dict[str, list[str]] | None = None) -> Message:
+def message_of(raw: bytes, mail_from: str, at: dt.datetime, top: dict[str, list[str]] | None = None,
+               scanned: scanner.Scan | None = None) -> Message:
     """What rules and templates may read of a message; every value free of control characters."""
     top = headers.index(raw) if top is None else top
     subject = _subject(top)
     reply = rules_mod.is_reply(subject, bool(top.get("in-reply-to") or top.get("references")))
-    return Message(sender=sender_identity(raw, mail_from, top).address, subject=subject, body=_body_text(raw),
+    return Message(sender=sender_identity(raw, mail_from, top).address, subject=subject, body=_body_text(raw, scanned),
                    kind="reply" if reply else "new", at=at)
 
 

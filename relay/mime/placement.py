@@ -387,7 +387,8 @@ def _structural(lower: bytes, spans: list[tuple[int, int]], skip: str = "") -> P
     for rule, needle, rx in _HTML_MARKERS:
         if rule == skip:
             continue
-        if not all(_present(lower, n, present) for n in (_GATES.get(needle, b""), needle)):
+        gate = _GATES.get(needle)
+        if (gate is not None and not _present(lower, gate, present)) or not _present(lower, needle, present):
             continue
         for m in rx.finditer(lower, 0, best.offset if best else len(lower)):
             if not _in_spans(m.start(), spans):

@@ -63,18 +63,20 @@ def already_processed(raw: bytes, header_name: str, top: dict[str, list[str]] | 
 def stamp(  # noqa: PLR0913 -- keyword-only options; the relay passes what ingress already knows
     raw: bytes, signature: Signature | None, *, processed_header: str = "X-CodeTwoProcessed",
     mail_from: str | None = None, bottom: bool = False, limits: Limits = DEFAULT_LIMITS, prefix: bytes = b"",
-    top: dict[str, list[str]] | None = None, crlf: bool = False,
+    top: dict[str, list[str]] | None = None, crlf: bool = False, scanned: Scan | None = None,
 ) -> StampResult:
     """``prefix`` (complete header fields, e.g. our Received:) goes first; the output is built
     with a single copy of the message, which matters for 25 MB attachments. ``top`` is
     :func:`headers.index` of ``raw`` when the caller parsed it already (the relay always has).
     ``crlf``: the caller knows every line break in ``raw`` is CRLF (ingress made it so); the
     result's ``crlf`` then says whether the output's still are, proved from what was spliced in
-    and where (:func:`_splices_keep_crlf`) instead of scanning 25 MB again before delivery."""
+    and where (:func:`_splices_keep_crlf`) instead of scanning 25 MB again before delivery.
+    ``scanned``: :func:`scan` of ``raw`` with ``limits``, when the caller has it (the pipeline
+    shares one between the rules' view of the message and every copy's stamping)."""
     top = headers.index(raw) if top is None else top
     if already_processed(raw, processed_header, top):
         return _out(raw, prefix, [], crlf, Decision("pass-through", "already-processed"))
-    s = scan(raw, limits)
+    s = scan(raw, limits) if scanned is None else scanned
     fields = prefix + trace.marker(processed_header)
     shows = (_visible_html(signature.html), bool(signature.text.strip())) if signature is not None else (False, False)
     early = _early_decision(s, signature, shows, mail_from, top)
