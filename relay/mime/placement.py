@@ -369,7 +369,7 @@ def find_html(html: str, *, bottom: bool = False, utf8: bytes | None = None, tex
 
 
 # Needles that share a rarer piece are searched only when it is there: one scan for "_" instead
-# of four for a document without any (most Outlook desktop HTML), one for "moz-" instead of two.
+# of four for a document without any underscore, one for "moz-" instead of two.
 _GATES: Final = {b"gmail_quote": b"_", b"yahoo_quoted": b"_", b"zmail_extra": b"_", b"olk_src_body_section": b"_",
                  b"moz-cite-prefix": b"moz-", b"moz-forward-container": b"moz-"}
 
