@@ -19,7 +19,7 @@ from typing import Any
 
 from relay import __version__, config
 from relay import log as logsetup
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, PermanentError, RelayError
 
 EPILOG = """\
 Quick start (from a checkout):
@@ -348,10 +348,12 @@ def cmd_stamp(args: argparse.Namespace) -> int:
         with open(args.html, encoding="utf-8") as h, open(args.text, encoding="utf-8") as t:
             sig: Signature | None = Signature(h.read(), t.read())
         source = "files"
-    else:
+    elif args.tenant or args.mail_from or len(cfg.tenants) == 1:
         tenant = _tenant_for(cfg, args.tenant, args.mail_from)
         sig, source, policy = None, f"tenant {tenant.name} rules", tenant.policy
-    flow = _Flow(cfg, sig, policy, args.mail_from or "", list(args.rcpt) or ["recipient@example.net"], args.bottom)
+    else:  # each message's tenant from its From: domain, as binding would find it
+        sig, source = None, "the rules of the tenant of each message's From:"
+    flow = _Flow(cfg, sig, policy, args.mail_from, list(args.rcpt) or ["recipient@example.net"], args.bottom)
     if args.report:
         return _report(args.report, flow)
     raw = sys.stdin.buffer.read()
@@ -375,21 +377,38 @@ def cmd_stamp(args: argparse.Namespace) -> int:
 class _Flow:
     """The relay's own flow (:mod:`relay.pipeline`) with the configuration's settings, for dry runs."""
 
-    def __init__(self, cfg: config.Config, sig: Any, policy: Any, mail_from: str, rcpts: list[str],
+    def __init__(self, cfg: config.Config, sig: Any, policy: Any, mail_from: str | None, rcpts: list[str],
                  bottom: bool) -> None:
         from relay import pipeline
 
-        self.settings = pipeline.Settings.of(cfg)
+        self.cfg, self.settings = cfg, pipeline.Settings.of(cfg)
         self.sig, self.policy, self.mail_from, self.rcpts, self.bottom = sig, policy, mail_from, rcpts, bottom
 
     def run(self, raw: bytes) -> list[Any]:
         import datetime as dt
 
-        from relay import pipeline
+        from relay import pipeline, replies
 
-        envelope = pipeline.Envelope(self.mail_from, tuple(self.rcpts), dt.datetime.now(dt.UTC))
-        return pipeline.run(pipeline.accept(raw, self.settings), policy=self.policy, envelope=envelope,
-                            settings=self.settings, signature=self.sig, bottom=self.bottom)
+        inbound = pipeline.accept(raw, self.settings)
+        # No --from: the message's own From: address, as Exchange Online's envelope sender usually is
+        # (an empty sender would make every file a null-sender pass-through).
+        mail_from = self.mail_from if self.mail_from is not None else _from_address(inbound.top)
+        policy = self.policy
+        if policy is None and self.sig is None:  # several tenants, none named: the one of this From:
+            domain = _from_address(inbound.top).rpartition("@")[2]
+            tenant = self.cfg.tenant_by_domain(domain)
+            if tenant is None:
+                raise PermanentError(replies.NOT_AUTHORIZED, f"no tenant serves the From: domain {domain!r}")
+            policy = tenant.policy
+        envelope = pipeline.Envelope(mail_from, tuple(self.rcpts), dt.datetime.now(dt.UTC))
+        return pipeline.run(inbound, policy=policy, envelope=envelope, settings=self.settings,
+                            signature=self.sig, bottom=self.bottom)
+
+
+def _from_address(top: dict[str, list[str]]) -> str:
+    from email.utils import parseaddr
+
+    return parseaddr((top.get("from") or [""])[0])[1]
 
 
 def _report(paths: list[str], flow: _Flow) -> int:
@@ -676,7 +695,7 @@ def _add_stamp_command(sub: Any) -> None:
     _add_config(st)
     st.add_argument("--tenant", help="use this tenant's signature (default: the tenant of --from)")
     st.add_argument("--from", dest="mail_from", metavar="ADDR", default=None,
-                    help="envelope sender (use --from '' for the null sender)")
+                    help="envelope sender (default: each message's From: address; --from '' for the null sender)")
     st.add_argument("--to", dest="rcpt", metavar="ADDR", action="append", default=[],
                     help="envelope recipient (default recipient@example.net; repeatable: each distinct rule "
                          "outcome is a copy, stdout gets the one for the first recipient)")

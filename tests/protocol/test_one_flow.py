@@ -78,3 +78,23 @@ async def test_stamp_preview_and_relay_deliver_the_same_bytes(make_stack: object
                      "--to", "bob@example.net", "--eml", str(eml), "--out", str(tmp_path / "p")]) == 0
     capsys.readouterr()
     assert (tmp_path / "p" / "preview-1.eml").read_bytes() == relay_out
+
+
+def test_stamp_without_from_takes_each_messages_from_address(deployment: Deployment, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`stamp --report ~/mail-samples/` (the README's command) replays an admin's own mail: without
+    --from the envelope sender is each file's From: address, not the null sender (which made every
+    file a null-sender pass-through)."""
+    eml = tmp_path / "reply.eml"
+    eml.write_bytes(RAW.replace(b"\n", b"\r\n"))
+    cfg = ["--config", str(deployment.config_path), "--to", "bob@example.net"]
+    assert cli.main(["stamp", *cfg, "--report", str(eml)]) == 0
+    default = capsys.readouterr().out
+    assert cli.main(["stamp", *cfg, "--from", "alice@contoso.com", "--report", str(eml)]) == 0
+    assert default == capsys.readouterr().out and not default.startswith("pass-through(null-sender)")
+    assert cli.main(["stamp", *cfg, "--from", "", "--report", str(eml)]) == 0
+    assert capsys.readouterr().out.startswith("pass-through(null-sender)\t")
+    stranger = tmp_path / "stranger.eml"
+    stranger.write_bytes(RAW.replace(b"alice@contoso.com", b"eve@unknown.example").replace(b"\n", b"\r\n"))
+    assert cli.main(["stamp", *cfg, "--report", str(stranger)]) == 0  # one refused file does not stop a replay
+    assert capsys.readouterr().out.startswith("refused(550 5.7.1)\t")  # no tenant serves it, as the relay answers
