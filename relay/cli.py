@@ -104,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if sink:
             await sink.start()
         await relay.start()
+        offload.settle_heap()
         _say(args, f"signature-relay {__version__} ready: {len(cfg.tenants)} tenant(s) "
                    f"[{', '.join(t.name for t in cfg.tenants)}], config {cfg.source}")
         stop = asyncio.Event()
@@ -117,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 relay.reload(new)
                 if sink:
                     sink.reload(new)
+                offload.settle_heap()
                 _say(args, "signature-relay: configuration reloaded")
             except ConfigError as e:
                 _say(args, f"signature-relay: reload refused, still running the previous configuration: {e}",

@@ -122,3 +122,30 @@ def test_big_buffers_are_released_on_glibc() -> None:
         assert offload.release_big_buffers()
     else:
         assert not offload.release_big_buffers()
+
+
+def test_settling_the_heap_freezes_what_is_alive_and_lets_a_replaced_config_go() -> None:
+    """serve calls offload.settle_heap at start and after each reload (gc.freeze for short pauses);
+    a configuration replaced by a reload must still be collectable, cycles included."""
+    import gc
+    import weakref
+
+    from relay import offload
+
+    class Node:
+        other: object = None
+
+    old = Node()
+    old.other = Node()
+    old.other.other = old  # a cycle, as configuration objects may form
+    gone = weakref.ref(old)
+    try:
+        offload.settle_heap()
+        assert gc.get_freeze_count() > 0
+        del old
+        gc.collect()
+        assert gone() is not None  # frozen: the cyclic collector does not see it
+        offload.settle_heap()  # the next reload
+        assert gone() is None
+    finally:
+        gc.unfreeze()
