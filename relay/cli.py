@@ -101,30 +101,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         relay = Relay(cfg)
         sink = Sink(cfg) if cfg.sink.enabled and not args.no_sink else None
-        if sink:
-            await sink.start()
-        await relay.start()
-        offload.settle_heap()
-        _say(args, f"signature-relay {__version__} ready: {len(cfg.tenants)} tenant(s) "
-                   f"[{', '.join(t.name for t in cfg.tenants)}], config {cfg.source}")
+        # Signals are handled before the ports open: a SIGHUP that arrives as soon as a client can
+        # connect must reload, not kill the process with the default action.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-
-        def reload() -> None:
-            try:
-                new = view(_config(args))
-                relay.reload(new)
-                if sink:
-                    sink.reload(new)
-                offload.settle_heap()
-                _say(args, "signature-relay: configuration reloaded")
-            except ConfigError as e:
-                _say(args, f"signature-relay: reload refused, still running the previous configuration: {e}",
-                     logging.ERROR)
-
+        reload = _Reloader(args, view, relay, sink)
         loop.add_signal_handler(signal.SIGHUP, reload)
+        if sink:
+            await sink.start()
+        await relay.start()
+        _say(args, f"signature-relay {__version__} ready: {len(cfg.tenants)} tenant(s) "
+                   f"[{', '.join(t.name for t in cfg.tenants)}], config {cfg.source}")
+        reload.ready()
         if main_process:
             dircli.start_scheduler(cfg, lambda m: _say(args, m))
         await stop.wait()
@@ -136,6 +126,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with dircli.pidfile(cfg, enabled=main_process):
         asyncio.run(run())
     return 0
+
+
+class _Reloader:
+    """SIGHUP: re-read the configuration and hand it to the relay (and the dev sink); a bad one is
+    refused and the old one keeps serving. One that arrives while the relay is starting is applied
+    once it is up. After each reload the heap is settled again (:func:`relay.offload.settle_heap`)."""
+
+    def __init__(self, args: argparse.Namespace, view: Any, relay: Any, sink: Any) -> None:
+        self.args, self.view, self.relay, self.sink = args, view, relay, sink
+        self.started = self.pending = False
+
+    def ready(self) -> None:
+        from relay import offload
+
+        offload.settle_heap()
+        self.started = True
+        if self.pending:
+            self()
+
+    def __call__(self) -> None:
+        from relay import offload
+
+        if not self.started:
+            self.pending = True
+            return
+        try:
+            new = self.view(_config(self.args))
+            self.relay.reload(new)
+            if self.sink:
+                self.sink.reload(new)
+            offload.settle_heap()
+            _say(self.args, "signature-relay: configuration reloaded")
+        except ConfigError as e:
+            _say(self.args, f"signature-relay: reload refused, still running the previous configuration: {e}",
+                 logging.ERROR)
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
