@@ -1,10 +1,11 @@
-"""Whole-message work on big messages, off the event loop and one message at a time (issue #14).
+"""Whole-message work on big messages, off the event loop and one message at a time, and the
+process's memory settings for big messages and short collector pauses (issue #14).
 
 The steps are CPU work under the GIL (bytes searches, copies, the stamper), so threads give no
 parallelism; what they give is an event loop that keeps serving other sessions. One worker
 thread, not asyncio's default pool of up to 32: with four 25 MB messages in four threads the loop
-thread wins the GIL a fifth of the time, and every small message waits that much longer. More
-cores are used with ``serve --workers N`` (processes).
+thread competes with four GIL holders instead of one, and every small message waits that much
+longer. More cores are used with ``serve --workers N`` (processes).
 """
 
 from __future__ import annotations
