@@ -332,8 +332,10 @@ _TOKEN: Final = re.compile(rb"<!--.*?-->|<(?:style|script|head|title)\b.*?</(?:s
 _BLOCK_TAG: Final = re.compile(rb"</?(?:div|p|br|tr|li|ul|ol|table|blockquote|hr|h[1-6]|pre|center|dl|dt|dd)\b")
 _ENTITIES: Final = {b"&nbsp;": b" ", b"&#160;": b" ", b"&amp;": b"&", b"&lt;": b"<", b"&gt;": b">",
                     b"&quot;": b'"', b"&#39;": b"'"}
+# An opening tag, and the line breaks that open the element before its text (iCloud writes
+# "<div><br>2019年7月2日 … 写道：", Outlook "<p><br>From: …"): the signature goes in front of it all.
 _OPEN_TAG: Final = re.compile(
-    rb"<(div|p|span|font|b|strong|i|em|u|o:p|table|tbody|tr|td|center|blockquote|a)\b[^>]*>\s*$")
+    rb"<(div|p|span|font|b|strong|i|em|u|o:p|table|tbody|tr|td|center|blockquote|a)\b[^>]*>(?:\s*<br\s*/?>)*\s*$")
 
 
 def _comment_spans(lower: bytes) -> list[tuple[int, int]]:

@@ -49,7 +49,7 @@ HTML_CASES = [
     ("ios-attribution-outside-cite",
      f'<div dir="ltr">{NEW}</div><div dir="ltr"><br><div dir="ltr">On 3 Jan 2025, at 16:01, Bob Kelly '
      '&lt;bob@x&gt; wrote:</div><blockquote type="cite"><div dir="ltr">old</div></blockquote></div>',
-     "html:attribution", '<div dir="ltr">On 3 Jan'),
+     "html:attribution", '<div dir="ltr"><br><div dir="ltr">On 3 Jan'),  # in front of the block with the line break
     ("roundcube",
      f'<p>{NEW}</p><p>On 2025-01-03 16:01, Bob Kelly wrote:</p><blockquote type="cite" style="padding: 0 0.4em; '
      'border-left: #1010ff 2px solid; margin: 0">old</blockquote>', "html:attribution", "<p>On 2025"),
@@ -92,6 +92,12 @@ HTML_CASES = [
      "<div>‐‐‐‐‐‐‐ Original Message ‐‐‐‐‐‐‐<br></div>"
      '<div> 星期二, 七月 2, 2019 6:09 晚上，Bob &lt;bob@x&gt; 来信：<br></div><blockquote class="protonmail_quote" '
      'type="cite">old</blockquote>', "html:original-message", "<div>‐"),
+    ("icloud-line-break-before-attribution",
+     f"<div>{NEW}</div><div><br>2019年7月2日 上午2:59，Bob &lt;bob@x&gt; 写道：<br></div>"
+     '<div><blockquote type="cite">old</blockquote></div>', "html:attribution", "<div><br>2019"),
+    ("line-break-after-text-stays",  # a <br> after the newest text is not an element's opening
+     f'<p>{NEW}<br>On Mon, Jan 6, 2025, Bob wrote:</p><blockquote type="cite">old</blockquote>',
+     "html:attribution", "On Mon"),
     ("first-marker-in-document-order-wins",
      f'<div>{NEW}</div><div class="gmail_quote"><div>On Mon, Bob wrote:</div><blockquote type="cite">'
      '<div style="border-top:solid #E1E1E1 1.0pt">From: Carol</div></blockquote></div>',
