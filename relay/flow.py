@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay import binding, ingress, metrics, offload, pipeline, replies, wire
+from relay import binding, ingress, metrics, offload, pipeline, replies
 from relay import log as msglog
 from relay.config import Config, Tenant
 from relay.delivery import dsn
@@ -41,8 +41,6 @@ from relay.smtp import tls
 from relay.smtp.server import RelaySMTP
 
 log = logging.getLogger("relay")
-# Above this size the pure steps run in a worker thread (aiosmtpd #293).
-OFFLOAD_BYTES = wire.OFFLOAD_BYTES
 
 
 class Context(Protocol):
@@ -146,9 +144,6 @@ class MessageFlow:
         self._account(m, reply)
         return reply
 
-    async def _offload(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
-        return await offload.run(fn, *args) if size > OFFLOAD_BYTES else fn(*args)
-
     async def _process(self, m: _Message, raw: bytes, session: Session, envelope: Envelope) -> str:
         cfg = self.ctx.cfg
         peer = binding.Peer(ip=m.peer, cert_names=tuple(tls.peer_names((session.ssl or {}).get("peercert"))),
@@ -159,9 +154,9 @@ class MessageFlow:
             return trace.received(helo=session.host_name, peer_ip=m.peer, by=cfg.hostname, queue_id=m.qid,
                                   recipients=group, tls=tls_info, smtputf8=envelope.smtp_utf8, when=when.astimezone())
 
-        m.inbound = await self._offload(len(raw), pipeline.accept, raw, pipeline.Settings.of(cfg))
-        m.prepared = await self._offload(len(raw), bind_and_plan, cfg, m.inbound, m.mail_from, m.rcpts, peer, when,
-                                         received_for)
+        m.inbound = await offload.run_sized(len(raw), pipeline.accept, raw, pipeline.Settings.of(cfg))
+        m.prepared = await offload.run_sized(len(raw), bind_and_plan, cfg, m.inbound, m.mail_from, m.rcpts, peer, when,
+                                             received_for)
         tenant = m.prepared.binding.tenant
         for copy in m.prepared.copies:
             d = copy.processed.decision

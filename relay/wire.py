@@ -12,9 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 CHUNK = 1 << 18  # pieces of about 256 KiB: big enough to cost nothing per piece, small to buffer
-# Whole-message work on a bigger message runs in a worker thread, not on the event loop: a 25 MB
-# message costs tens of ms per pass, which every other session would wait for (issue #14).
-OFFLOAD_BYTES = 256 * 1024
 
 
 # Whole-message scans go a slice at a time: a C call holds the GIL until it returns, and one

@@ -316,19 +316,14 @@ class RelaySMTP(SMTP):
                 return b"", "552 Error: Too much mail data"
             # A big message is looked at in a worker thread so other sessions do not wait for two
             # passes over it; the loop only appends to buf meanwhile, after ``end``.
-            if end > wire.OFFLOAD_BYTES:
-                too_long, stuffed = await offload.run(wire.data_shape, buf, end, self.line_length_limit)
-            else:
-                too_long, stuffed = wire.data_shape(buf, end, self.line_length_limit)
+            too_long, stuffed = await offload.run_sized(end, wire.data_shape, buf, end, self.line_length_limit)
             if too_long:  # a line counts with its CRLF, as aiosmtpd counts
                 return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
             with memoryview(buf) as view:
                 if not stuffed:
                     return bytes(view[2:end - 3]), None
                 raw = bytes(view[:end])
-            if end > wire.OFFLOAD_BYTES:
-                return await offload.run(wire.unstuff, raw), None
-            return wire.unstuff(raw), None
+            return await offload.run_sized(end, wire.unstuff, raw), None
         finally:
             del buf[:end]
             reader._maybe_resume_transport()  # type: ignore[attr-defined]

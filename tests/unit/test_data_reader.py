@@ -122,19 +122,19 @@ def test_empty_message_and_leading_dots() -> None:
 
 
 def test_a_message_over_the_offload_size_gets_the_same_answers() -> None:
-    """Over wire.OFFLOAD_BYTES the line check and unstuffing run in a worker thread: same results."""
-    from relay import wire
+    """Over offload.OFFLOAD_BYTES the line check and unstuffing run in a worker thread: same results."""
+    from relay import offload
 
     async def run(stream: bytes) -> tuple[bytes, str | None]:
         reader = asyncio.StreamReader(limit=LINE_LIMIT)
         reader.feed_data(stream)
         reader.feed_eof()
-        fake: Any = SimpleNamespace(_reader=reader, data_size_limit=10 * wire.OFFLOAD_BYTES,
+        fake: Any = SimpleNamespace(_reader=reader, data_size_limit=10 * offload.OFFLOAD_BYTES,
                                     line_length_limit=1001, _writer=None)
         return await RelaySMTP._read_content(fake)
 
     lines = b"".join(b"%s%d\r\n" % (b"." if i % 97 == 0 else b"", i) * 3 for i in range(30_000))
-    assert len(lines) > wire.OFFLOAD_BYTES
+    assert len(lines) > offload.OFFLOAD_BYTES
     stuffed = b"." + lines.replace(b"\r\n.", b"\r\n..")  # the first line starts with a dot too
     assert asyncio.run(run(stuffed + b".\r\n")) == (lines, None)
     assert asyncio.run(run(lines + b"z" * 1000 + b"\r\n.\r\n"))[1] == "500 Line too long (see RFC5321 4.5.3.1.6)"
