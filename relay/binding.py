@@ -85,7 +85,8 @@ def bind(cfg: Config, mail_from: str, raw: bytes, peer: Peer | None = None,
     return b
 
 
-def _from_domains(top: dict[str, list[str]]) -> list[str]:
+def from_domains(top: dict[str, list[str]]) -> list[str]:
+    """The From: addresses' domains, normalised as tenant lookups expect (A-labels)."""
     # RFC 6532: header values are UTF-8 (the index holds them as latin-1 text, losslessly).
     values = [_utf8(v) for v in top.get("from", [])]
     out = []
@@ -107,7 +108,7 @@ def _utf8(value: str) -> str:
 
 def _check_layers(cfg: Config, t: Tenant, top: dict[str, list[str]], peer: Peer) -> None:
     if t.require_from_domain:
-        doms = _from_domains(top)
+        doms = from_domains(top)
         if len(doms) != 1 or doms[0] not in t.accepted_domains:
             raise Unbound(f"From: domain(s) {doms[:3]!r} not an accepted domain of tenant {t.name!r}")
     if t.networks:

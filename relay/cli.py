@@ -414,15 +414,19 @@ class _Flow:
     def run(self, raw: bytes) -> list[Any]:
         import datetime as dt
 
-        from relay import pipeline, replies
+        from relay import binding, pipeline, replies
+        from relay import policy as policy_mod
 
         inbound = pipeline.accept(raw, self.settings)
         # No --from: the message's own From: address, as Exchange Online's envelope sender usually is
         # (an empty sender would make every file a null-sender pass-through).
-        mail_from = self.mail_from if self.mail_from is not None else _from_address(inbound.top)
+        # The From: address as the rules read it (policy.sender_identity), and its domain as binding
+        # normalises it for the tenant lookup.
+        mail_from = self.mail_from if self.mail_from is not None else \
+            policy_mod.sender_identity(inbound.raw, "", inbound.top).address
         policy = self.policy
         if policy is None and self.sig is None:  # several tenants, none named: the one of this From:
-            domain = _from_address(inbound.top).rpartition("@")[2]
+            domain = next(iter(binding.from_domains(inbound.top)), "")
             tenant = self.cfg.tenant_by_domain(domain)
             if tenant is None:
                 raise PermanentError(replies.NOT_AUTHORIZED, f"no tenant serves the From: domain {domain!r}")
@@ -430,12 +434,6 @@ class _Flow:
         envelope = pipeline.Envelope(mail_from, tuple(self.rcpts), dt.datetime.now(dt.UTC))
         return pipeline.run(inbound, policy=policy, envelope=envelope, settings=self.settings,
                             signature=self.sig, bottom=self.bottom)
-
-
-def _from_address(top: dict[str, list[str]]) -> str:
-    from email.utils import parseaddr
-
-    return parseaddr((top.get("from") or [""])[0])[1]
 
 
 def _report(paths: list[str], flow: _Flow) -> int:
