@@ -1,12 +1,15 @@
 """A/B: the relay's own CPU per 10 KB message, this tree against another revision, in the same run.
 
     .venv/bin/python benchmarks/relay_ab.py [REV]        (default HEAD; needs Postfix's smtp-source/-sink)
+    .venv/bin/python benchmarks/relay_ab.py --big [REV]  (the 25 MB-attachment message instead)
 
 The base revision is checked out into a temporary git worktree. Each round starts the relay from
 one tree then the other (A B A B ...: drift on a noisy machine hits both alike) in e2e.py's
 plaintext benchmark profile, sends 500 warm-up then 3 x 3000 messages with smtp-source (20
 sessions, one message per connection) into smtp-sink, and takes the least CPU per message of the
-relay's processes. Writes benchmarks/results-relay-ab.txt.
+relay's processes. Writes benchmarks/results-relay-ab.txt. With ``--big``: one session sends
+the 25 MB-attachment message 1 + 3 x 4 times (one after another, so MB/s is one message's end to
+end rate) and the line goes to benchmarks/results-relay-ab-big.txt.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-rev = sys.argv[1] if len(sys.argv) > 1 else "HEAD"
+args = [a for a in sys.argv[1:] if a != "--big"]
+big = "--big" in sys.argv[1:]
+rev = args[0] if args else "HEAD"
 wt = Path(tempfile.mkdtemp(prefix="relay-ab-")) / "base"
 subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(wt), rev], check=True, capture_output=True)
 child = r'''
@@ -27,31 +32,46 @@ import sys, tempfile
 from pathlib import Path
 root = Path(sys.argv[1]); sys.path.insert(0, str(root / "benchmarks")); sys.path.insert(0, str(root))
 import e2e
-from run import outlook_reply
+from run import outlook_reply, with_attachment
 e2e.ROOT = root
+big = sys.argv[2] == "big"
 work = Path(tempfile.mkdtemp(prefix="sab-"))
-(work / "r.eml").write_bytes(outlook_reply().replace(b"\r\n", b"\n"))
+raw = with_attachment(25, html=True) if big else outlook_reply()
+(work / "r.eml").write_bytes(raw.replace(b"\r\n", b"\n"))
 sink_port, port, mport = e2e.free_port(), e2e.free_port(), e2e.free_port()
 sink = e2e.Sink(sink_port); relay = e2e.Relay(work, port, sink_port, mport)
-e2e.measure("relay", port, sink, work / "r.eml", "10", 500, 20, 1, relay.pids, 60)
-runs = [e2e.measure("relay", port, sink, work / "r.eml", "10", 3000, 20, 1, relay.pids, 120) for _ in range(3)]
+if big:
+    e2e.measure("relay", port, sink, work / "r.eml", "25", 1, 1, 1, relay.pids, 120)
+    runs = [e2e.measure("relay", port, sink, work / "r.eml", "25", 4, 1, 1, relay.pids, 300) for _ in range(3)]
+else:
+    e2e.measure("relay", port, sink, work / "r.eml", "10", 500, 20, 1, relay.pids, 60)
+    runs = [e2e.measure("relay", port, sink, work / "r.eml", "10", 3000, 20, 1, relay.pids, 120) for _ in range(3)]
 best = min(r.cpu / r.n for r in runs)
-print(f"{1000*best:.3f}")
+print(f"{1000*best:.3f} {max(r.rate for r in runs) * len(raw) / 1e6:.1f}")
 relay.stop(); sink.stop()
 '''
 res: dict[str, list[float]] = {"base": [], "this": []}
+rate: dict[str, list[float]] = {"base": [], "this": []}
 try:
     for _ in range(3):
         for name, root in (("base", wt), ("this", REPO)):
             env = dict(os.environ, PYTHONPATH=str(root))
-            out = subprocess.run([sys.executable, "-c", child, str(root)], capture_output=True, text=True, env=env,
-                                 timeout=600, check=True)
-            res[name].append(float(out.stdout.strip().splitlines()[-1]))
-            print(name, res[name][-1], flush=True)
+            out = subprocess.run([sys.executable, "-c", child, str(root), "big" if big else "small"],
+                                 capture_output=True, text=True, env=env, timeout=900, check=True)
+            cpu, mbs = map(float, out.stdout.strip().splitlines()[-1].split())
+            res[name].append(cpu)
+            rate[name].append(mbs)
+            print(name, cpu, "ms", mbs, "MB/s" if big else "", flush=True)
 finally:
     subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], capture_output=True)
 b, t = min(res["base"]), min(res["this"])
-line = (f"relay CPU per 10 KB message (smtp-source, 20 sessions, one per connection, plaintext profile), "
-        f"same run, 3 alternating rounds: base {rev} {b:.3f} ms, this tree {t:.3f} ms; this/base = {t / b:.3f}")
+if big:
+    rb, rt = max(rate["base"]), max(rate["this"])
+    line = (f"relay CPU per 25 MB-attachment message (one session, messages one after another, plaintext "
+            f"profile), same run, 3 alternating rounds: base {rev} {b:.1f} ms at {rb:.1f} MB/s, this tree "
+            f"{t:.1f} ms at {rt:.1f} MB/s; CPU this/base = {t / b:.3f}, MB/s this/base = {rt / rb:.3f}")
+else:
+    line = (f"relay CPU per 10 KB message (smtp-source, 20 sessions, one per connection, plaintext profile), "
+            f"same run, 3 alternating rounds: base {rev} {b:.3f} ms, this tree {t:.3f} ms; this/base = {t / b:.3f}")
 print(line)
-(HERE / "results-relay-ab.txt").write_text(line + "\n")
+(HERE / ("results-relay-ab-big.txt" if big else "results-relay-ab.txt")).write_text(line + "\n")

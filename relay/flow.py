@@ -18,6 +18,7 @@ import asyncio
 import base64
 import datetime as dt
 import errno
+import functools
 import logging
 import secrets
 import time
@@ -154,7 +155,10 @@ class MessageFlow:
             return trace.received(helo=session.host_name, peer_ip=m.peer, by=cfg.hostname, queue_id=m.qid,
                                   recipients=group, tls=tls_info, smtputf8=envelope.smtp_utf8, when=when.astimezone())
 
-        m.inbound = await offload.run_sized(len(raw), pipeline.accept, raw, pipeline.Settings.of(cfg))
+        # The DATA reader found no line starting with a dot: carried to delivery's dot-stuffing.
+        dotless = bool(getattr(envelope, "dotless", False))
+        m.inbound = await offload.run_sized(len(raw), functools.partial(pipeline.accept, dotless=dotless), raw,
+                                            pipeline.Settings.of(cfg))
         m.prepared = await offload.run_sized(len(raw), bind_and_plan, cfg, m.inbound, m.mail_from, m.rcpts, peer, when,
                                              received_for)
         tenant = m.prepared.binding.tenant
@@ -192,7 +196,8 @@ class MessageFlow:
         for i, copy in enumerate(copies):
             try:
                 outcome = await self.ctx.delivery.deliver(t, m.mail_from, list(copy.recipients), copy.processed.data,
-                                                          smtputf8=smtputf8, crlf=copy.processed.crlf)
+                                                          smtputf8=smtputf8, crlf=copy.processed.crlf,
+                                                          dotless=copy.processed.dotless)
             except PermanentError as e:
                 # This copy's recipients are refused for good; the others still get theirs.
                 first_refusal = first_refusal or e

@@ -39,6 +39,7 @@ class Inbound:
     raw: bytes
     top: dict[str, list[str]]  # headers.index(raw): lower-cased name -> values in order
     normalised: bool  # True when line endings had to be rewritten (logged as an anomaly)
+    dotless: bool = False  # vouched: no line of ``raw`` starts with a dot (RFC 5321 §4.5.2)
 
 
 def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
@@ -53,8 +54,10 @@ def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
     return raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n"), True
 
 
-def accept(raw: bytes, limits: IngressLimits) -> Inbound:
-    """Normalise, check the header section against ``limits``, parse it once."""
+def accept(raw: bytes, limits: IngressLimits, *, dotless: bool = False) -> Inbound:
+    """Normalise, check the header section against ``limits``, parse it once. ``dotless``: the
+    DATA reader found no line starting with a dot; it holds for the result unless line endings
+    were rewritten (a bare LF before a dot becomes a CRLF before it)."""
     raw, changed = normalise_line_endings(raw)
     hend = headers.header_end(raw)
     if hend > limits.max_header_bytes:
@@ -68,4 +71,4 @@ def accept(raw: bytes, limits: IngressLimits) -> Inbound:
     fields = lines - raw.count(b"\r\n ", 0, hend) - raw.count(b"\r\n\t", 0, hend)
     if fields > limits.max_header_fields:
         raise PermanentError(replies.HEADER_TOO_LARGE, f"about {fields} header fields > {limits.max_header_fields}")
-    return Inbound(raw, headers.index(raw), changed)
+    return Inbound(raw, headers.index(raw), changed, dotless and not changed)

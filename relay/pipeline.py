@@ -63,10 +63,12 @@ class Processed:
     anomalies: tuple[str, ...] = ()
     doubts: tuple[str, ...] = ()  # placements that are guesses (logged as placement_unsure=)
     crlf: bool = False  # proved CRLF-only by the stamper (delivery then skips its own scan)
+    dotless: bool = False  # proved: no line starts with a dot (delivery's dot-stuffing skips its search)
 
     @classmethod
     def of(cls, result: StampResult) -> Processed:
-        return cls(result.data, result.decision, result.placement, result.anomalies, result.doubts, result.crlf)
+        return cls(result.data, result.decision, result.placement, result.anomalies, result.doubts, result.crlf,
+                   result.dotless)
 
 
 def process(
@@ -94,10 +96,11 @@ def _no_trace(_group: Sequence[str]) -> bytes:
     return b""
 
 
-def accept(raw: bytes, settings: Settings) -> ingress.Inbound:
+def accept(raw: bytes, settings: Settings, *, dotless: bool = False) -> ingress.Inbound:
     """Step 1: the one normalisation and header parse (:mod:`relay.ingress`). The relay binds the
-    message to its tenant between this step and :func:`run`."""
-    return ingress.accept(raw, settings.ingress)
+    message to its tenant between this step and :func:`run`. ``dotless``: what the DATA reader
+    saw (no line starting with a dot), carried to delivery."""
+    return ingress.accept(raw, settings.ingress, dotless=dotless)
 
 
 @dataclass(frozen=True)
@@ -120,10 +123,10 @@ def run(
     if signature is not None:
         result = stamp(inbound.raw, signature, processed_header=settings.processed_header,
                        mail_from=envelope.mail_from, bottom=bottom, prefix=received_for(envelope.recipients),
-                       limits=settings.limits, top=inbound.top, crlf=True)
+                       limits=settings.limits, top=inbound.top, crlf=True, dotless=inbound.dotless)
         return [Copy(envelope.recipients, Processed.of(result), "files")]
     return plan_copies(inbound.raw, inbound.top, policy=policy, envelope=envelope, settings=settings,
-                       received_for=received_for, bottom=bottom, crlf=True)
+                       received_for=received_for, bottom=bottom, crlf=True, dotless=inbound.dotless)
 
 
 @dataclass(frozen=True)
@@ -139,16 +142,19 @@ class _Job:
     received_for: Callable[[Sequence[str]], bytes]
     bottom: bool
     crlf: bool  # raw went through ingress: CRLF line breaks only
+    dotless: bool  # no line of raw starts with a dot (the DATA reader's finding)
     scanned: Scan  # scan(raw, settings.limits)
 
 
-def plan_copies(
+def plan_copies(  # noqa: PLR0913 -- keyword-only; what ingress proved rides along (crlf, dotless)
     raw: bytes, top: dict[str, list[str]] | None, *, policy: Policy | None, envelope: Envelope, settings: Settings,
     received_for: Callable[[Sequence[str]], bytes] = _no_trace, bottom: bool = False, crlf: bool = False,
+    dotless: bool = False,
 ) -> list[Copy]:
     """Rules → render → stamp for every distinct outcome, on a message that already went through
     ingress (``raw`` CRLF only, ``top`` its header index; ``crlf`` when the caller vouches for
-    the former). To/Cc are never touched: copies differ only in body and envelope."""
+    the former, ``dotless`` when no line starts with a dot). To/Cc are never touched: copies
+    differ only in body and envelope."""
     recipients = list(envelope.recipients)
     scanned = scan(raw, settings.limits)  # one MIME walk for the rules' view and every copy's stamp
     if policy is None or not policy.has_rules:
@@ -157,7 +163,7 @@ def plan_copies(
     else:
         msg = message_of(raw, envelope.mail_from, envelope.at, top, scanned)
         groups = policy.plan(msg, recipients)
-    job = _Job(raw, top, policy, msg, envelope, settings, received_for, bottom, crlf, scanned)
+    job = _Job(raw, top, policy, msg, envelope, settings, received_for, bottom, crlf, dotless, scanned)
     return [_copy(job, outcome, group) for outcome, group in groups]
 
 
@@ -171,5 +177,5 @@ def _copy(job: _Job, outcome: Outcome, group: list[str]) -> Copy:
             error = str(e)  # never a crash, never a 5xx: the copy goes out unstamped (marked)
     result = stamp(job.raw, sig, processed_header=job.settings.processed_header, mail_from=job.envelope.mail_from,
                    bottom=bottom, prefix=job.received_for(group), limits=job.settings.limits, top=job.top,
-                   crlf=job.crlf, scanned=job.scanned)
+                   crlf=job.crlf, scanned=job.scanned, dotless=job.dotless)
     return Copy(tuple(group), Processed.of(result), ",".join(f"{x.section}:{x.rule}" for x in outcome), error)

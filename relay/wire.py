@@ -99,16 +99,25 @@ def unstuff(raw: bytes) -> bytes:
     return raw.replace(b"\r\n.", b"\r\n")[2:-2]
 
 
-def stuffed_pieces(data: bytes, size: int = CHUNK) -> Iterator[bytes | memoryview]:
+def stuffed_pieces(data: bytes, size: int = CHUNK, *, dotless: bool = False) -> Iterator[bytes | memoryview]:
     """``data`` (CRLF line ends, ending with CRLF) dot-stuffed and terminated with ``.CRLF``, in
     pieces of about ``size`` octets to write one after another.
 
     §4.5.2: a line that starts with a dot gets one more. Pieces end after a CRLF where the message
     has one within ``size`` octets (and never between CR and LF), so every ``CRLF.`` lies inside
     one piece or starts the next; a piece with no dot to add is a ``memoryview`` of ``data`` (no
-    copy). A message of one piece comes as one ``bytes`` (one write on the wire).
+    copy). A message of one piece comes as one ``bytes`` (one write on the wire). ``dotless``:
+    the caller has proved no line of ``data`` starts with a dot (the DATA reader saw none and the
+    stamper's splices add none, :attr:`relay.mime.stamper.StampResult.dotless`), so the pieces
+    are not searched: 20 ms on the event loop for a 25 MB message.
     """
     n = len(data)
+    if dotless and n > size:
+        view = memoryview(data)
+        for a in range(0, n, size):
+            yield view[a:a + size]  # a cut anywhere is fine: there is no CRLF. to keep whole
+        yield b".\r\n"
+        return
     if n <= size:
         head = b"." if data.startswith(b".") else b""
         yield head + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"

@@ -144,11 +144,12 @@ class Delivery:
 
     async def deliver(
         self, tenant: Tenant, mail_from: str, rcpts: Sequence[str], data: bytes, *, smtputf8: bool = False,
-        crlf: bool = False,
+        crlf: bool = False, dotless: bool = False,
     ) -> Outcome:
         """Deliver ``data`` to ``tenant``'s endpoint. Returns only when the endpoint answered 250
         for the accepted recipients; raises Transient/PermanentError otherwise. ``crlf``: the
-        caller has proved every line break in ``data`` is CRLF (:attr:`StampResult.crlf`)."""
+        caller has proved every line break in ``data`` is CRLF (:attr:`StampResult.crlf`);
+        ``dotless``: that no line starts with a dot (:attr:`StampResult.dotless`)."""
         targets = await self.resolver.targets(tenant.endpoint)
         last: RelayError | None = None
         for target in targets:
@@ -161,11 +162,11 @@ class Delivery:
                 continue
             try:
                 try:
-                    return await self._transaction(conn, reused, mail_from, rcpts, data, smtputf8, crlf)
+                    return await self._transaction(conn, reused, mail_from, rcpts, data, smtputf8, crlf, dotless)
                 except _RetryFresh:
                     self._discard(conn)
                     conn, reused = await self._connect(tenant, target), False
-                    return await self._transaction(conn, reused, mail_from, rcpts, data, smtputf8, crlf)
+                    return await self._transaction(conn, reused, mail_from, rcpts, data, smtputf8, crlf, dotless)
             except BaseException as e:
                 # Unless the transaction ended on a clean reply (and checked the connection back
                 # in), the session is in an unknown state: never reuse it.
@@ -251,7 +252,7 @@ class Delivery:
 
     async def _transaction(
         self, conn: _Conn, reused: bool, mail_from: str, rcpts: Sequence[str], data: bytes, smtputf8: bool,
-        crlf: bool = False,
+        crlf: bool = False, dotless: bool = False,
     ) -> Outcome:
         """MAIL, RCPT for each recipient, DATA: DATA only when every recipient was accepted or
         refused for good (a deferred one means no DATA at all, so a retry cannot duplicate)."""
@@ -270,7 +271,7 @@ class Delivery:
             first = next(iter(refused.values()))
             raise PermanentError(_downstream(first.code, first.text),
                                  f"{where}: every recipient refused, first: {first.code} {first.text}")
-        final = await self._data(conn, where, data, crlf)
+        final = await self._data(conn, where, data, crlf, dotless)
         self._checkin(conn)
         return Outcome(tuple(accepted), refused, _reply(final), f"{where} ({conn.target.mx_host})", reused)
 
@@ -322,9 +323,10 @@ class Delivery:
                 deferred.append((r, rr))
         return accepted, refused, deferred
 
-    async def _data(self, conn: _Conn, where: str, data: bytes, crlf: bool = False) -> SMTPResponse:
+    async def _data(self, conn: _Conn, where: str, data: bytes, crlf: bool = False, dotless: bool = False
+                    ) -> SMTPResponse:
         try:
-            return await send_data(conn.smtp, data, self.cfg.data_timeout, crlf=crlf)
+            return await send_data(conn.smtp, data, self.cfg.data_timeout, crlf=crlf, dotless=dotless)
         except aiosmtplib.SMTPDataError as e:
             await self._rset(conn.smtp)
             self._checkin(conn)
@@ -360,7 +362,8 @@ def _is_loopback(address: str) -> bool:
         return False  # a name: never trusted to be loopback
 
 
-async def send_data(smtp: aiosmtplib.SMTP, data: bytes, reply_timeout: float, *, crlf: bool = False) -> SMTPResponse:
+async def send_data(smtp: aiosmtplib.SMTP, data: bytes, reply_timeout: float, *, crlf: bool = False,
+                    dotless: bool = False) -> SMTPResponse:
     """``smtp.data(data)`` at C speed for CRLF-clean data (issue #14).
 
     aiosmtplib's DATA path runs two regular expressions over the whole message (line-ending
@@ -390,7 +393,7 @@ async def send_data(smtp: aiosmtplib.SMTP, data: bytes, reply_timeout: float, *,
             proto._response_pending = True
             # A big message goes in pieces, each written once the transport has room (its flow
             # control), so the transport never holds a second copy of the whole message.
-            for piece in wire.stuffed_pieces(data):
+            for piece in wire.stuffed_pieces(data, dotless=dotless and crlf):
                 proto.write(piece)  # type: ignore[arg-type]  # any bytes-like object; asyncio copies what it keeps
                 if drain is not None and len(data) > wire.CHUNK:
                     try:

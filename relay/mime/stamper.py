@@ -50,6 +50,7 @@ class StampResult:
     anomalies: tuple[str, ...] = ()  # tolerated oddities worth a log line (bare CR/LF, long lines)
     doubts: tuple[str, ...] = ()  # "html:...: why" when a placement is a guess (stamp --report flags it)
     crlf: bool = False  # proved: every line break in ``data`` is CRLF (see ``stamp``'s ``crlf``)
+    dotless: bool = False  # proved: no line of ``data`` starts with a dot (see ``stamp``'s ``dotless``)
 
 
 def already_processed(raw: bytes, header_name: str, top: dict[str, list[str]] | None = None) -> bool:
@@ -64,6 +65,7 @@ def stamp(  # noqa: PLR0913 -- keyword-only options; the relay passes what ingre
     raw: bytes, signature: Signature | None, *, processed_header: str = "X-CodeTwoProcessed",
     mail_from: str | None = None, bottom: bool = False, limits: Limits = DEFAULT_LIMITS, prefix: bytes = b"",
     top: dict[str, list[str]] | None = None, crlf: bool = False, scanned: Scan | None = None,
+    dotless: bool = False,
 ) -> StampResult:
     """``prefix`` (complete header fields, e.g. our Received:) goes first; the output is built
     with a single copy of the message, which matters for 25 MB attachments. ``top`` is
@@ -71,32 +73,35 @@ def stamp(  # noqa: PLR0913 -- keyword-only options; the relay passes what ingre
     ``crlf``: the caller knows every line break in ``raw`` is CRLF (ingress made it so); the
     result's ``crlf`` then says whether the output's still are, proved from what was spliced in
     and where (:func:`_splices_keep_crlf`) instead of scanning 25 MB again before delivery.
+    ``dotless``: the caller knows no line of ``raw`` starts with a dot (the DATA reader saw none);
+    the result's ``dotless`` says whether that still holds for the output (:func:`_splices_keep_dotless`),
+    so delivery's dot-stuffing (RFC 5321 §4.5.2) need not search it.
     ``scanned``: :func:`scan` of ``raw`` with ``limits``, when the caller has it (the pipeline
     shares one between the rules' view of the message and every copy's stamping)."""
     top = headers.index(raw) if top is None else top
     if already_processed(raw, processed_header, top):
-        return _out(raw, prefix, [], crlf, Decision("pass-through", "already-processed"))
+        return _out(raw, prefix, [], (crlf, dotless), Decision("pass-through", "already-processed"))
     s = scan(raw, limits) if scanned is None else scanned
     fields = prefix + trace.marker(processed_header)
     shows = (_visible_html(signature.html), bool(signature.text.strip())) if signature is not None else (False, False)
     early = _early_decision(s, signature, shows, mail_from, top)
     if early is not None:
-        return _out(raw, fields, [], crlf, early[0], anomalies=early[1])
+        return _out(raw, fields, [], (crlf, dotless), early[0], anomalies=early[1])
     assert signature is not None
     targets = find_targets(s)
     if not targets:
-        return _out(raw, fields, [], crlf, Decision("pass-through", "no-text-body"))
+        return _out(raw, fields, [], (crlf, dotless), Decision("pass-through", "no-text-body"))
     if not shows[0]:
         targets.pop("html", None)
     if not shows[1]:
         targets.pop("plain", None)
     if not targets:
-        return _out(raw, fields, [], crlf, Decision("marked", "no-signature:rendered-empty"))
+        return _out(raw, fields, [], (crlf, dotless), Decision("marked", "no-signature:rendered-empty"))
     try:
         edits, rules, doubts = _edit_targets(s, targets, signature, bottom)
     except _PassThrough as e:
-        return _out(raw, fields, [], crlf, Decision("pass-through", str(e)))
-    return _out(raw, fields, edits, crlf, Decision("stamped"), " ".join(rules), _anomalies(s, targets),
+        return _out(raw, fields, [], (crlf, dotless), Decision("pass-through", str(e)))
+    return _out(raw, fields, edits, (crlf, dotless), Decision("stamped"), " ".join(rules), _anomalies(s, targets),
                        tuple(doubts))
 
 
@@ -198,10 +203,35 @@ def _carries_boundary(sig: Signature, s: Scan) -> bool:
     return any(b"--" + b in text for b in boundaries)
 
 
-def _out(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]], crlf: bool, decision: Decision,
-         placement: str = "", anomalies: tuple[str, ...] = (), doubts: tuple[str, ...] = ()) -> StampResult:
+def _out(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]], known: tuple[bool, bool],
+         decision: Decision, placement: str = "", anomalies: tuple[str, ...] = (), doubts: tuple[str, ...] = ()
+         ) -> StampResult:
+    """``known``: (crlf, dotless) as the caller vouches for ``raw``."""
+    crlf, dotless = known
     return StampResult(_join(raw, fields, edits), decision, placement, anomalies, doubts,
-                       crlf=crlf and _splices_keep_crlf(raw, fields, edits))
+                       crlf=crlf and _splices_keep_crlf(raw, fields, edits),
+                       dotless=dotless and crlf and _splices_keep_dotless(raw, fields, edits))
+
+
+def _splices_keep_dotless(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bool:
+    """For a ``raw`` with no line starting with a dot (no ``CRLF.``, no leading dot): whether
+    :func:`_join`'s output has none either. The output is walked piece by piece as ``_join`` lays
+    it out, carrying its last two octets: an inserted piece is searched whole (a few KB), a slice
+    of ``raw`` only where it meets what precedes it (inside, it has none)."""
+    view = memoryview(raw)
+    tail = b"\r\n"  # the output's first line starts a line: a leading dot counts
+    pos = 0
+    chunks: list[tuple[bytes | memoryview, bool]] = [(fields, True)]
+    for start, end, new in sorted(edits):
+        chunks += [(view[pos:start], False), (new, True)]
+        pos = end
+    chunks.append((view[pos:], False))
+    for chunk, inserted in chunks:
+        head = bytes(chunk) if inserted else bytes(chunk[:2])
+        if b"\r\n." in tail + head:
+            return False
+        tail = (tail + bytes(chunk[-2:]))[-2:]
+    return True
 
 
 def _splices_keep_crlf(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bool:

@@ -149,6 +149,16 @@ async def _until_end_of_data(reader: asyncio.StreamReader, buf: bytearray, limit
         await reader._wait_for_data("readuntil")  # type: ignore[attr-defined]
 
 
+class RelayEnvelope(aiosmtpd.smtp.Envelope):
+    """aiosmtpd's envelope plus what the DATA reader learnt on its pass over the content."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # RFC 5321 §4.5.2: no line of the content started with a dot (none was stuffed), so the
+        # relayed copy needs no dot-stuffing search unless the stamper's splices add one.
+        self.dotless = False
+
+
 class RelaySMTP(SMTP):
     def __init__(self, handler: Any, *, hostname: str, idle_timeout: float, guard: Guard | None = None,
                  slot: Slot | None = None, **kwargs: Any) -> None:
@@ -168,6 +178,9 @@ class RelaySMTP(SMTP):
         self._rejection: str | None = None
         self._slot = slot  # already admitted (implicit TLS: by the TlsGate, at TCP accept)
         self._idle = idle_timeout
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._slot is None and self._rejection is None:  # not again after STARTTLS
@@ -262,7 +275,7 @@ class RelaySMTP(SMTP):
         self._data_t0 = time.monotonic()
         self._data_bytes = 0
         try:
-            content, problem = await self._read_content()
+            content, problem, dotless = await self._read_content()
             if problem is not None:
                 await self.push(problem)  # push() maps "500 Line too long" to our 451 while in DATA
         finally:
@@ -271,11 +284,13 @@ class RelaySMTP(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
         self.envelope.content = self.envelope.original_content = content
+        if isinstance(self.envelope, RelayEnvelope):
+            self.envelope.dotless = dotless
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 
-    async def _read_content(self) -> tuple[bytes, str | None]:
+    async def _read_content(self) -> tuple[bytes, str | None, bool]:
         """The message content of one DATA, as aiosmtpd would produce it, at C speed.
 
         RFC 5321 §4.1.1.4 / §2.3.8: the content ends at the first line that is exactly "." — a
@@ -287,7 +302,8 @@ class RelaySMTP(SMTP):
         CRLF included, as aiosmtpd counts) and content over ``data_size_limit`` (dot-stuffed
         bytes, as aiosmtpd counts) are read to the end and discarded, then refused.
 
-        Pipelined commands after the final dot stay in the reader for the next command.
+        Pipelined commands after the final dot stay in the reader for the next command. The third
+        value says no line of the content starts with a dot (found on the same pass).
         """
         reader = self._reader
         limit = self.data_size_limit or 0
@@ -313,17 +329,17 @@ class RelaySMTP(SMTP):
         # buf[:end] is CRLF + dot-stuffed content + ".\r\n"; what follows is the next command.
         try:
             if too_much or (limit and end - 5 > limit):
-                return b"", "552 Error: Too much mail data"
+                return b"", "552 Error: Too much mail data", False
             # A big message is looked at in a worker thread so other sessions do not wait for two
             # passes over it; the loop only appends to buf meanwhile, after ``end``.
             too_long, stuffed = await offload.run_sized(end, wire.data_shape, buf, end, self.line_length_limit)
             if too_long:  # a line counts with its CRLF, as aiosmtpd counts
-                return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
+                return b"", "500 Line too long (see RFC5321 4.5.3.1.6)", False
             with memoryview(buf) as view:
                 if not stuffed:
-                    return bytes(view[2:end - 3]), None
+                    return bytes(view[2:end - 3]), None, True
                 raw = bytes(view[:end])
-            return await offload.run_sized(end, wire.unstuff, raw), None
+            return await offload.run_sized(end, wire.unstuff, raw), None, False
         finally:
             del buf[:end]
             reader._maybe_resume_transport()  # type: ignore[attr-defined]

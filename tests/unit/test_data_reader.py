@@ -71,7 +71,10 @@ def feed(stream: bytes, cuts: list[int]) -> asyncio.StreamReader:
 async def ours(reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
     fake: Any = SimpleNamespace(_reader=reader, data_size_limit=SIZE_LIMIT, line_length_limit=LINE_LIMIT,
                                 _writer=None)
-    return await RelaySMTP._read_content(fake)
+    content, problem, dotless = await RelaySMTP._read_content(fake)
+    if dotless:  # sound: delivery skips its dot-stuffing search on this word (RFC 5321 §4.5.2)
+        assert problem is None and not content.startswith(b".") and b"\r\n." not in content
+    return content, problem
 
 
 PIECES = st.sampled_from([b"a", b"x" * 30, b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b".\r\n", b"\r\r\n",
@@ -131,10 +134,25 @@ def test_a_message_over_the_offload_size_gets_the_same_answers() -> None:
         reader.feed_eof()
         fake: Any = SimpleNamespace(_reader=reader, data_size_limit=10 * offload.OFFLOAD_BYTES,
                                     line_length_limit=1001, _writer=None)
-        return await RelaySMTP._read_content(fake)
+        content, problem, dotless = await RelaySMTP._read_content(fake)
+        assert not dotless or (not content.startswith(b".") and b"\r\n." not in content)
+        return content, problem
 
     lines = b"".join(b"%s%d\r\n" % (b"." if i % 97 == 0 else b"", i) * 3 for i in range(30_000))
     assert len(lines) > offload.OFFLOAD_BYTES
     stuffed = b"." + lines.replace(b"\r\n.", b"\r\n..")  # the first line starts with a dot too
     assert asyncio.run(run(stuffed + b".\r\n")) == (lines, None)
     assert asyncio.run(run(lines + b"z" * 1000 + b"\r\n.\r\n"))[1] == "500 Line too long (see RFC5321 4.5.3.1.6)"
+
+
+def test_the_reader_says_dotless_only_when_no_line_starts_with_a_dot() -> None:
+    """What delivery's dot-stuffing relies on (issue #14: the 25 MB search it saves)."""
+    async def run(stream: bytes) -> bool:
+        fake: Any = SimpleNamespace(_reader=feed(stream, [3]), data_size_limit=SIZE_LIMIT,
+                                    line_length_limit=LINE_LIMIT, _writer=None)
+        return (await RelaySMTP._read_content(fake))[2]
+
+    assert asyncio.run(run(b"a\r\nb.\r\n.\r\n"))
+    assert asyncio.run(run(b"a\n.b\r\n.\r\n"))  # bare LF: dotless by CRLF lines; ingress then says no (normalised)
+    assert not asyncio.run(run(b"..a\r\n.\r\n"))  # the first line
+    assert not asyncio.run(run(b"a\r\n..\r\n.\r\n"))

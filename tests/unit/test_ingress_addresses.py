@@ -22,6 +22,18 @@ def test_normalisation_is_exactly_what_delivery_does(data: bytes) -> None:
     assert AIOSMTPLIB_LINE_ENDINGS.sub(b"\r\n", out) == out  # delivery then changes nothing
 
 
+@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n"]), max_size=30).map(b"".join))
+def test_dotless_survives_ingress_only_when_no_line_starts_with_a_dot(body: bytes) -> None:
+    """The DATA reader vouches by CRLF lines; normalising a bare CR or LF can put a dot at a line
+    start ("a\n.b" becomes "a\r\n.b"), so the word is dropped then (delivery would not stuff it)."""
+    raw = b"From: a@b\r\n\r\n" + body + b"\r\n"
+    reader_says = b"\r\n." not in raw and not raw.startswith(b".")
+    msg = ingress.accept(raw, ingress.IngressLimits(), dotless=reader_says)
+    if msg.dotless:
+        assert b"\r\n." not in msg.raw
+    assert msg.dotless == (reader_says and not msg.normalised)
+
+
 def test_the_header_we_index_is_the_header_the_tenant_parses() -> None:
     raw = (b"X-MS-Exchange-CrossTenant-Id: t\r\nX-A: a\rFrom: CEO <ceo@bank.example>\r\n\r\r\n"
            b"From: alice@contoso.com\r\n\r\nbody\r\n")

@@ -97,6 +97,53 @@ def test_the_stampers_crlf_proof_is_sound(raw: bytes, fields: bytes, cuts: list[
         assert wire.crlf_only(_join(raw, fields, edits))
 
 
+dot_pieces = st.lists(st.sampled_from([b"x", b"\r\n", b".", b"\r", b"\n", b"\r\n.", b"yy"]), max_size=5).map(b"".join)
+dotless_lines = st.lists(st.sampled_from([b"a", b"a.", b"aa", b""]), max_size=8).map(
+    lambda xs: b"".join(x + b"\r\n" for x in xs))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(dotless_lines, dot_pieces, st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6), dot_pieces), max_size=3))
+def test_the_stampers_dotless_proof_is_sound(raw: bytes, fields: bytes, cuts: list[tuple[int, int, bytes]]) -> None:
+    """StampResult.dotless lets delivery skip its dot-stuffing search; it must never say "no line
+    starts with a dot" when one does, and the pieces it then sends are the reference stuffing."""
+    from relay.mime.stamper import _join, _splices_keep_dotless
+
+    edits, pos = [], 0
+    for start, length, new in sorted(cuts):
+        start = max(start, pos)
+        if start > len(raw):
+            break
+        end = min(start + length, len(raw))
+        edits.append((start, end, new))
+        pos = end
+    out = _join(raw, fields, edits)
+    if _splices_keep_dotless(raw, fields, edits):
+        assert not out.startswith(b".") and b"\r\n." not in out
+        if out.endswith(b"\r\n"):
+            assert b"".join(bytes(p) for p in wire.stuffed_pieces(out, 3, dotless=True)) == stuff_reference(out)
+    elif not edits and not fields:
+        raise AssertionError("nothing spliced into a dotless message: the proof must hold")
+
+
+def test_dotless_pieces_are_views_and_the_proof_holds_for_a_stamped_message() -> None:
+    from relay.mime.stamper import Signature, stamp
+
+    body = (b"QUJD" * 19 + b"\r\n") * 20_000
+    raw = (b"From: a@contoso.com\r\nTo: b@example.net\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=\"m\"\r\n\r\n--m\r\nContent-Type: text/plain\r\n\r\n"
+           b"Hello\r\n--m\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + body + b"--m--\r\n")
+    r = stamp(raw, Signature("<p>s</p>", "Regards\n.dot line"), mail_from="a@contoso.com", crlf=True, dotless=True)
+    assert r.decision.action == "stamped" and not r.dotless  # the signature's ".dot line" starts with a dot
+    r = stamp(raw, Signature("<p>s</p>", "Regards"), mail_from="a@contoso.com", crlf=True, dotless=True)
+    assert r.decision.action == "stamped" and r.dotless and r.crlf
+    pieces = list(wire.stuffed_pieces(r.data, dotless=True))
+    assert all(isinstance(p, memoryview) for p in pieces[:-1]) and pieces[-1] == b".\r\n"
+    assert b"".join(bytes(p) for p in pieces) == stuff_reference(r.data)
+    assert not stamp(raw, Signature("<p>s</p>", "Regards"), mail_from="a@contoso.com", crlf=True).dotless
+
+
 @settings(max_examples=600, deadline=None)
 @given(octets, st.sampled_from([b"\r\n", b"\r\n.", b"--m", b"a", b""]), st.integers(0, 70), st.integers(0, 70),
        st.integers(1, 5))
