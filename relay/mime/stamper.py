@@ -331,7 +331,7 @@ def _attach_images(s: Scan, part: Part, new_leaf: bytes, images: list[tuple[Imag
     raw = s.raw if len(s.raw) <= 1 << 20 else s.raw[:1 << 19] + s.raw[-(1 << 19):] + b"%d" % len(s.raw)
     digest = hashlib.sha256(raw).hexdigest()[:16]
     boundary, n = f"=_signature-relay_{digest}", 0
-    while boundary.encode() in s.raw:  # RFC 2046 §5.1.1: must not occur in the encapsulated parts
+    while wire.find(s.raw, boundary.encode()) >= 0:  # RFC 2046 §5.1.1: must not occur in the encapsulated parts
         n += 1
         boundary = f"=_signature-relay_{digest}_{n}"
     b = boundary.encode("ascii")

@@ -136,7 +136,7 @@ async def _until_end_of_data(reader: asyncio.StreamReader, buf: bytearray, limit
     offset, too_much = 0, False
     while True:
         if len(buf) - offset >= len(sep):
-            isep = buf.find(sep, offset)
+            isep = wire.FIND(buf, sep, offset, len(buf))
             if isep >= 0:
                 return isep + len(sep), too_much
             offset = len(buf) + 1 - len(sep)

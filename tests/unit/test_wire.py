@@ -196,3 +196,59 @@ def test_settling_the_heap_freezes_what_is_alive_and_lets_a_replaced_config_go()
         assert gone() is None
     finally:
         gc.unfreeze()
+
+
+searches = st.sampled_from([b"\r\n", b"\r\n.", b"\r\n.\r\n", b"\n", b"\r", b"--m", b"a", b""])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(octets, searches, st.integers(0, 70), st.integers(0, 70))
+def test_the_accelerated_searches_answer_as_the_bytes_methods(data: bytes, needle: bytes, start: int, end: int
+                                                              ) -> None:
+    """wire.FIND/RFIND/COUNT (StringZilla when installed) against bytes.find/rfind/count, on
+    bytes and on the reader's bytearray: what the smuggling and line checks rest on."""
+    for buf in (data, bytearray(data)):
+        assert wire.FIND(buf, needle, start, end) == data.find(needle, start, end)
+        assert wire.RFIND(buf, needle, start, end) == data.rfind(needle, start, end)
+        if needle:
+            assert wire.COUNT(buf, needle, start, end) == data.count(needle, start, end)
+
+
+def test_the_accelerated_searches_on_long_data() -> None:
+    """Long inputs take the library's SIMD paths (16-64 octet blocks): needles at every offset
+    around block edges, and none at all."""
+    import random
+
+    rng = random.Random(14)
+    for _ in range(300):
+        buf = bytearray(b"QUJD" * rng.randint(0, 1500))
+        for _ in range(rng.randint(0, 4)):
+            at = rng.randrange(len(buf) + 1)
+            buf[at:at] = rng.choice([b"\r\n", b"\r\n.", b"\n", b"\r", b"\r\n.\r\n"])
+        data = bytes(buf)
+        for needle in (b"\r\n", b"\r\n.", b"\n", b"\r", b"\r\n.\r\n"):
+            s = rng.randrange(len(data) + 1)
+            assert wire.FIND(data, needle, s, len(data)) == data.find(needle, s)
+            assert wire.RFIND(data, needle, 0, s) == data.rfind(needle, 0, s)
+            assert wire.COUNT(data, needle, 0, len(data)) == data.count(needle)
+
+
+@settings(max_examples=400, deadline=None)
+@given(octets, st.integers(min_value=0, max_value=24))
+def test_the_bytes_fallback_gives_the_same_answers(data: bytes, n: int) -> None:
+    """Where StringZilla cannot be imported, relay.wire uses the bytes methods: same answers."""
+    saved = wire.FIND, wire.RFIND, wire.COUNT, wire.SPLIT_BELOW
+    wire.FIND, wire.RFIND, wire.COUNT = wire._bytes_find, wire._bytes_rfind, wire._bytes_count
+    wire.SPLIT_BELOW = 0
+    try:
+        line_checks(data, n)
+        crlf = data.count(b"\r\n")
+        assert wire.crlf_only(data) == (data.count(b"\n") == crlf and data.count(b"\r") == crlf)
+        assert wire.find(data, b"\r\n.", 0, len(data)) == data.find(b"\r\n.")
+    finally:
+        wire.FIND, wire.RFIND, wire.COUNT, wire.SPLIT_BELOW = saved
+
+
+def test_stringzilla_is_what_the_relay_runs_with() -> None:
+    """The dependency is installed by the project's own files: the fast path is the tested one."""
+    assert wire.BACKEND == "stringzilla" and wire.FIND is not wire._bytes_find
