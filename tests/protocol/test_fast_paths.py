@@ -35,6 +35,8 @@ BODIES = [
     # Over relay.wire.CHUNK: written in pieces under flow control, dots near every kind of cut.
     b"Subject: big\r\n\r\n" + b"".join((b"." if i % 7 == 0 else b"") + b"x" * (i % 90) + b"\r\n"
                                         for i in range(40_000)),
+    # Over CHUNK with no line starting with a dot: cut into views anywhere, never searched.
+    b"Subject: big, dotless\r\n\r\n" + b"".join(b"x." * (i % 45) + b"\r\n" for i in range(40_000)),
 ]
 
 
@@ -49,7 +51,9 @@ async def test_send_data_delivers_what_aiosmtplib_would(body: bytes) -> None:
                 await c.mail("a@contoso.com")
                 await c.rcpt("b@example.net")
                 if sender == "ours":
-                    r = await send_data(c, body, 10, crlf=crlf_only(body))  # as when the stamper proved it
+                    # as when the stamper proved CRLF-only and, where so, no line starting with a dot
+                    dotless = crlf_only(body) and not body.startswith(b".") and b"\r\n." not in body
+                    r = await send_data(c, body, 10, crlf=crlf_only(body), dotless=dotless)
                 else:
                     r = await c.data(body)
                 assert r.code == 250
