@@ -74,7 +74,7 @@ def check_sender(cfg: Config, mail_from: str) -> None:
         raise Unbound(f"sender domain {dom!r} belongs to no configured tenant")
 
 
-def bind(cfg: Config, mail_from: str, raw: bytes, peer: Peer | None = None,
+def bind(cfg: Config, mail_from: str, raw: bytes | bytearray, peer: Peer | None = None,
          top: dict[str, list[str]] | None = None) -> Binding:
     """Bind the message (after DATA) to its tenant, or raise :class:`Unbound`: the tenant by its
     id (or dev sender-domain), then every layer that tenant requires must agree. ``top`` is the

@@ -411,7 +411,7 @@ class _Flow:
         self.cfg, self.settings = cfg, pipeline.Settings.of(cfg)
         self.sig, self.policy, self.mail_from, self.rcpts, self.bottom = sig, policy, mail_from, rcpts, bottom
 
-    def run(self, raw: bytes) -> list[Any]:
+    def run(self, raw: bytes | bytearray) -> list[Any]:
         import datetime as dt
 
         from relay import binding, pipeline, replies

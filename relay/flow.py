@@ -145,7 +145,7 @@ class MessageFlow:
         self._account(m, reply)
         return reply
 
-    async def _process(self, m: _Message, raw: bytes, session: Session, envelope: Envelope) -> str:
+    async def _process(self, m: _Message, raw: bytes | bytearray, session: Session, envelope: Envelope) -> str:
         cfg = self.ctx.cfg
         peer = binding.Peer(ip=m.peer, cert_names=tuple(tls.peer_names((session.ssl or {}).get("peercert"))),
                             sni=tls.sni_of(session.ssl))
@@ -195,9 +195,10 @@ class MessageFlow:
         queued: int | None = None
         for i, copy in enumerate(copies):
             try:
-                outcome = await self.ctx.delivery.deliver(t, m.mail_from, list(copy.recipients), copy.processed.data,
-                                                          smtputf8=smtputf8, crlf=copy.processed.crlf,
-                                                          dotless=copy.processed.dotless)
+                p = copy.processed
+                outcome = await self.ctx.delivery.deliver(t, m.mail_from, list(copy.recipients), p.pieces,
+                                                          smtputf8=smtputf8, crlf=p.crlf, dotless=p.dotless,
+                                                          ascii=p.ascii)
             except PermanentError as e:
                 # This copy's recipients are refused for good; the others still get theirs.
                 first_refusal = first_refusal or e
@@ -335,7 +336,7 @@ def log_fields(m: _Message, reply: str, elapsed: float) -> dict[str, Any]:
             "placement_unsure": ";".join(d for c in copies for d in c.processed.doubts) or None,
             "anomalies": ",".join(sorted({a for c in copies for a in c.processed.anomalies})) or None,
             "render_error": ";".join(c.render_error for c in copies if c.render_error) or None,
-            "size_out": ",".join(str(len(c.processed.data)) for c in copies),
+            "size_out": ",".join(str(c.processed.size) for c in copies),
         })
     if m.delivered is not None:
         d = m.delivered

@@ -36,13 +36,13 @@ class IngressLimits:
 class Inbound:
     """The message as it will be delivered (CRLF only) and its top-level header, parsed once."""
 
-    raw: bytes
+    raw: bytes | bytearray  # bytearray: a big message, the DATA reader's own buffer
     top: dict[str, list[str]]  # headers.index(raw): lower-cased name -> values in order
     normalised: bool  # True when line endings had to be rewritten (logged as an anomaly)
     dotless: bool = False  # vouched: no line of ``raw`` starts with a dot (RFC 5321 §4.5.2)
 
 
-def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
+def normalise_line_endings(raw: bytes | bytearray) -> tuple[bytes | bytearray, bool]:
     """``raw`` with every line break as CRLF, and whether anything changed; the common case
     (already CRLF) is decided by :func:`relay.wire.crlf_only` without copying the message."""
     if wire.crlf_only(raw):
@@ -54,7 +54,7 @@ def normalise_line_endings(raw: bytes) -> tuple[bytes, bool]:
     return raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n"), True
 
 
-def accept(raw: bytes, limits: IngressLimits, *, dotless: bool = False) -> Inbound:
+def accept(raw: bytes | bytearray, limits: IngressLimits, *, dotless: bool = False) -> Inbound:
     """Normalise, check the header section against ``limits``, parse it once. ``dotless``: the
     DATA reader found no line starting with a dot; it holds for the result unless line endings
     were rewritten (a bare LF before a dot becomes a CRLF before it)."""

@@ -55,31 +55,19 @@ class Settings:
                    ingress=ingress.IngressLimits(sec.max_header_bytes, sec.max_header_fields))
 
 
-@dataclass(frozen=True)
-class Processed:
-    data: bytes
-    decision: Decision
-    placement: str = ""
-    anomalies: tuple[str, ...] = ()
-    doubts: tuple[str, ...] = ()  # placements that are guesses (logged as placement_unsure=)
-    crlf: bool = False  # proved CRLF-only by the stamper (delivery then skips its own scan)
-    dotless: bool = False  # proved: no line starts with a dot (delivery's dot-stuffing skips its search)
-
-    @classmethod
-    def of(cls, result: StampResult) -> Processed:
-        return cls(result.data, result.decision, result.placement, result.anomalies, result.doubts, result.crlf,
-                   result.dotless)
+# One stamped copy as the flow hands it on: the stamper's result as it stands (its pieces, its
+# decision and what it proved about the output for delivery).
+Processed = StampResult
 
 
 def process(
-    raw: bytes, *, processed_header: str, received: bytes, signature: Signature | None = None,
+    raw: bytes | bytearray, *, processed_header: str, received: bytes, signature: Signature | None = None,
     mail_from: str | None = None, limits: Limits = DEFAULT_LIMITS,
 ) -> Processed:
     """Stamp one message with a given signature. ``received`` is our trace field, always prepended
     (RFC 5321 §4.4: a relay MUST add one; it also lets us count hops to catch loops)."""
-    result = stamp(raw, signature, processed_header=processed_header, mail_from=mail_from, prefix=received,
-                   limits=limits)
-    return Processed.of(result)
+    return stamp(raw, signature, processed_header=processed_header, mail_from=mail_from, prefix=received,
+                 limits=limits)
 
 
 @dataclass(frozen=True)
@@ -96,7 +84,7 @@ def _no_trace(_group: Sequence[str]) -> bytes:
     return b""
 
 
-def accept(raw: bytes, settings: Settings, *, dotless: bool = False) -> ingress.Inbound:
+def accept(raw: bytes | bytearray, settings: Settings, *, dotless: bool = False) -> ingress.Inbound:
     """Step 1: the one normalisation and header parse (:mod:`relay.ingress`). The relay binds the
     message to its tenant between this step and :func:`run`. ``dotless``: what the DATA reader
     saw (no line starting with a dot), carried to delivery."""
@@ -124,7 +112,7 @@ def run(
         result = stamp(inbound.raw, signature, processed_header=settings.processed_header,
                        mail_from=envelope.mail_from, bottom=bottom, prefix=received_for(envelope.recipients),
                        limits=settings.limits, top=inbound.top, crlf=True, dotless=inbound.dotless)
-        return [Copy(envelope.recipients, Processed.of(result), "files")]
+        return [Copy(envelope.recipients, result, "files")]
     return plan_copies(inbound.raw, inbound.top, policy=policy, envelope=envelope, settings=settings,
                        received_for=received_for, bottom=bottom, crlf=True, dotless=inbound.dotless)
 
@@ -133,7 +121,7 @@ def run(
 class _Job:
     """Everything one message's copies share."""
 
-    raw: bytes
+    raw: bytes | bytearray
     top: dict[str, list[str]] | None
     policy: Policy | None
     msg: Message | None
@@ -147,9 +135,9 @@ class _Job:
 
 
 def plan_copies(  # noqa: PLR0913 -- keyword-only; what ingress proved rides along (crlf, dotless)
-    raw: bytes, top: dict[str, list[str]] | None, *, policy: Policy | None, envelope: Envelope, settings: Settings,
-    received_for: Callable[[Sequence[str]], bytes] = _no_trace, bottom: bool = False, crlf: bool = False,
-    dotless: bool = False,
+    raw: bytes | bytearray, top: dict[str, list[str]] | None, *, policy: Policy | None, envelope: Envelope,
+    settings: Settings, received_for: Callable[[Sequence[str]], bytes] = _no_trace, bottom: bool = False,
+    crlf: bool = False, dotless: bool = False,
 ) -> list[Copy]:
     """Rules → render → stamp for every distinct outcome, on a message that already went through
     ingress (``raw`` CRLF only, ``top`` its header index; ``crlf`` when the caller vouches for
@@ -178,4 +166,4 @@ def _copy(job: _Job, outcome: Outcome, group: list[str]) -> Copy:
     result = stamp(job.raw, sig, processed_header=job.settings.processed_header, mail_from=job.envelope.mail_from,
                    bottom=bottom, prefix=job.received_for(group), limits=job.settings.limits, top=job.top,
                    crlf=job.crlf, scanned=job.scanned, dotless=job.dotless)
-    return Copy(tuple(group), Processed.of(result), ",".join(f"{x.section}:{x.rule}" for x in outcome), error)
+    return Copy(tuple(group), result, ",".join(f"{x.section}:{x.rule}" for x in outcome), error)

@@ -46,7 +46,7 @@ class SenderIdentity:
     how: str  # "from", "send-on-behalf (Sender:)", "envelope"
 
 
-def sender_identity(raw: bytes, mail_from: str, top: dict[str, list[str]] | None = None) -> SenderIdentity:
+def sender_identity(raw: bytes | bytearray, mail_from: str, top: dict[str, list[str]] | None = None) -> SenderIdentity:
     """Whose rules apply. Send As: From: is the mailbox (no Sender:) → the mailbox owner's rules.
     Send on Behalf: From: is the principal and Sender: the delegate → the delegate's rules, but
     only when Sender: is the envelope sender, as Exchange Online sets it for a delegate: a
@@ -81,7 +81,7 @@ def _subject(top: dict[str, list[str]]) -> str:
     return _clean(decoded)
 
 
-def _body_text(raw: bytes, scanned: scanner.Scan | None = None) -> str:
+def _body_text(raw: bytes | bytearray, scanned: scanner.Scan | None = None) -> str:
     """The message's own text (plain preferred), decoded, then bounded: what keyword rules look at.
 
     Decode first, bound after (issue #11): cutting the *encoded* body could split a base64 quantum
@@ -112,7 +112,7 @@ def _body_text(raw: bytes, scanned: scanner.Scan | None = None) -> str:
     return (signatures_mod.html_to_text(text) if part.ctype == "text/html" else text)[:KEYWORD_BODY_CHARS]
 
 
-def message_of(raw: bytes, mail_from: str, at: dt.datetime, top: dict[str, list[str]] | None = None,
+def message_of(raw: bytes | bytearray, mail_from: str, at: dt.datetime, top: dict[str, list[str]] | None = None,
                scanned: scanner.Scan | None = None) -> Message:
     """What rules and templates may read of a message; every value free of control characters."""
     top = headers.index(raw) if top is None else top

@@ -143,13 +143,17 @@ class Delivery:
                                                          else "other"))
 
     async def deliver(
-        self, tenant: Tenant, mail_from: str, rcpts: Sequence[str], data: bytes, *, smtputf8: bool = False,
-        crlf: bool = False, dotless: bool = False,
+        self, tenant: Tenant, mail_from: str, rcpts: Sequence[str], data: bytes | tuple[wire.Piece, ...], *,
+        smtputf8: bool = False, crlf: bool = False, dotless: bool = False, ascii: bool | None = None,
     ) -> Outcome:
         """Deliver ``data`` to ``tenant``'s endpoint. Returns only when the endpoint answered 250
         for the accepted recipients; raises Transient/PermanentError otherwise. ``crlf``: the
         caller has proved every line break in ``data`` is CRLF (:attr:`StampResult.crlf`);
-        ``dotless``: that no line starts with a dot (:attr:`StampResult.dotless`)."""
+        ``dotless``: that no line starts with a dot (:attr:`StampResult.dotless`). ``data`` may be
+        a big message's pieces (:attr:`StampResult.pieces`), written one after another; ``ascii``
+        then says whether it needs BODY=8BITMIME."""
+        pieces = data if isinstance(data, tuple) else (data,)
+        known = (crlf, dotless, ascii)
         targets = await self.resolver.targets(tenant.endpoint)
         last: RelayError | None = None
         for target in targets:
@@ -162,11 +166,11 @@ class Delivery:
                 continue
             try:
                 try:
-                    return await self._transaction(conn, reused, mail_from, rcpts, data, smtputf8, crlf, dotless)
+                    return await self._transaction(conn, reused, mail_from, rcpts, pieces, smtputf8, known)
                 except _RetryFresh:
                     self._discard(conn)
                     conn, reused = await self._connect(tenant, target), False
-                    return await self._transaction(conn, reused, mail_from, rcpts, data, smtputf8, crlf, dotless)
+                    return await self._transaction(conn, reused, mail_from, rcpts, pieces, smtputf8, known)
             except BaseException as e:
                 # Unless the transaction ended on a clean reply (and checked the connection back
                 # in), the session is in an unknown state: never reuse it.
@@ -251,15 +255,16 @@ class Delivery:
     # --- the transaction -------------------------------------------------------------------------
 
     async def _transaction(
-        self, conn: _Conn, reused: bool, mail_from: str, rcpts: Sequence[str], data: bytes, smtputf8: bool,
-        crlf: bool = False, dotless: bool = False,
+        self, conn: _Conn, reused: bool, mail_from: str, rcpts: Sequence[str], pieces: tuple[wire.Piece, ...],
+        smtputf8: bool, known: tuple[bool, bool, bool | None] = (False, False, None),
     ) -> Outcome:
         """MAIL, RCPT for each recipient, DATA: DATA only when every recipient was accepted or
         refused for good (a deferred one means no DATA at all, so a retry cannot duplicate)."""
         where = f"{conn.target.address}:{conn.target.port}"
         enc = "utf-8" if smtputf8 else "ascii"
-        await self._mail(conn, reused, where, mail_from.encode(enc), self._mail_options(conn.smtp, data, smtputf8,
-                                                                                       where))
+        crlf, dotless, ascii = known  # what the stamper proved about the pieces (see deliver)
+        await self._mail(conn, reused, where, mail_from.encode(enc),
+                         self._mail_options(conn.smtp, pieces, smtputf8, where, ascii))
         accepted, refused, deferred = await self._rcpts(conn, where, rcpts, enc)
         if deferred or not accepted:
             await self._rset(conn.smtp)
@@ -271,21 +276,24 @@ class Delivery:
             first = next(iter(refused.values()))
             raise PermanentError(_downstream(first.code, first.text),
                                  f"{where}: every recipient refused, first: {first.code} {first.text}")
-        final = await self._data(conn, where, data, crlf, dotless)
+        final = await self._data(conn, where, pieces, crlf, dotless)
         self._checkin(conn)
         return Outcome(tuple(accepted), refused, _reply(final), f"{where} ({conn.target.mx_host})", reused)
 
     @staticmethod
-    def _mail_options(smtp: aiosmtplib.SMTP, data: bytes, smtputf8: bool, where: str) -> list[bytes]:
+    def _mail_options(smtp: aiosmtplib.SMTP, pieces: tuple[wire.Piece, ...], smtputf8: bool, where: str,
+                      ascii: bool | None = None) -> list[bytes]:
         opts: list[bytes] = []
         if smtputf8:
             if not smtp.supports_extension("smtputf8"):
                 raise PermanentError(replies.SMTPUTF8_UNSUPPORTED, f"{where} lacks SMTPUTF8 (RFC 6531 §3.2)")
             opts.append(b"SMTPUTF8")
-        if smtp.supports_extension("8bitmime") and not data.isascii():
+        if ascii is None:  # a view of the input has no isascii(): only a stamper-made piece has none
+            ascii = all(not isinstance(p, memoryview) and p.isascii() for p in pieces)
+        if smtp.supports_extension("8bitmime") and not ascii:
             opts.append(b"BODY=8BITMIME")  # RFC 6152
         if smtp.supports_extension("size"):
-            opts.append(b"SIZE=%d" % len(data))
+            opts.append(b"SIZE=%d" % wire.size_of(pieces))
         return opts
 
     async def _mail(self, conn: _Conn, reused: bool, where: str, sender: bytes, opts: list[bytes]) -> None:
@@ -323,8 +331,8 @@ class Delivery:
                 deferred.append((r, rr))
         return accepted, refused, deferred
 
-    async def _data(self, conn: _Conn, where: str, data: bytes, crlf: bool = False, dotless: bool = False
-                    ) -> SMTPResponse:
+    async def _data(self, conn: _Conn, where: str, data: bytes | tuple[wire.Piece, ...], crlf: bool = False,
+                    dotless: bool = False) -> SMTPResponse:
         try:
             return await send_data(conn.smtp, data, self.cfg.data_timeout, crlf=crlf, dotless=dotless)
         except aiosmtplib.SMTPDataError as e:
@@ -362,8 +370,8 @@ def _is_loopback(address: str) -> bool:
         return False  # a name: never trusted to be loopback
 
 
-async def send_data(smtp: aiosmtplib.SMTP, data: bytes, reply_timeout: float, *, crlf: bool = False,
-                    dotless: bool = False) -> SMTPResponse:
+async def send_data(smtp: aiosmtplib.SMTP, data: bytes | tuple[wire.Piece, ...], reply_timeout: float, *,
+                    crlf: bool = False, dotless: bool = False) -> SMTPResponse:
     """``smtp.data(data)`` at C speed for CRLF-clean data (issue #14).
 
     aiosmtplib's DATA path runs two regular expressions over the whole message (line-ending
@@ -374,14 +382,23 @@ async def send_data(smtp: aiosmtplib.SMTP, data: bytes, reply_timeout: float, *,
     by piece under the transport's flow control instead of being copied whole into its buffer.
     The exchange itself is aiosmtplib's ``execute_data_command`` (DATA, 354,
     content, final reply, under its command lock); anything else, or an aiosmtplib whose protocol
-    object no longer has those parts, goes through ``smtp.data``.
+    object no longer has those parts, goes through ``smtp.data``. ``data`` in pieces (a big
+    message as the stamper left it, :attr:`relay.mime.stamper.StampResult.pieces`) is written
+    piece after piece when proved CRLF-only and dot-free, else joined first.
     """
     proto = smtp.protocol
     lock = getattr(proto, "_command_lock", None)
-    # crlf: proved by the stamper from its splices (no 25 MB scan on the event loop); else checked.
-    clean = data.endswith(b"\r\n") and (crlf or wire.crlf_only(data))
+    if isinstance(data, tuple) and not (crlf and dotless):
+        data = wire.joined(data)
+    if isinstance(data, tuple):
+        last = next((p for p in reversed(data) if len(p)), b"")
+        clean = bytes(last[-2:]) == b"\r\n"
+    else:
+        # crlf: proved by the stamper from its splices (no 25 MB scan on the event loop); else checked.
+        clean = data.endswith(b"\r\n") and (crlf or wire.crlf_only(data))
     if proto is None or lock is None or not hasattr(proto, "_response_pending") or not clean:
-        return await smtp.data(data, timeout=reply_timeout)
+        return await smtp.data(wire.joined(data) if isinstance(data, tuple) else data, timeout=reply_timeout)
+    total = wire.size_of(data) if isinstance(data, tuple) else len(data)
     drain = getattr(proto, "_drain_helper", None)
     try:
         async with lock:
@@ -395,7 +412,7 @@ async def send_data(smtp: aiosmtplib.SMTP, data: bytes, reply_timeout: float, *,
             # control), so the transport never holds a second copy of the whole message.
             for piece in wire.stuffed_pieces(data, dotless=dotless and crlf):
                 proto.write(piece)  # type: ignore[arg-type]  # any bytes-like object; asyncio copies what it keeps
-                if drain is not None and len(data) > wire.CHUNK:
+                if drain is not None and total > wire.CHUNK:
                     try:
                         await asyncio.wait_for(drain(), reply_timeout)
                     except TimeoutError:

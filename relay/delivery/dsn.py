@@ -35,7 +35,7 @@ def _ascii(s: str) -> str:
 
 
 def build(
-    *, original: bytes, mail_from: str, refused: Mapping[str, Refusal], reporting_mta: str,
+    *, original: bytes | bytearray, mail_from: str, refused: Mapping[str, Refusal], reporting_mta: str,
     queue_id: str, arrival: dt.datetime, processed_header: str, delivered: Sequence[str] = (),
 ) -> bytes:
     """The DSN message for ``refused`` recipients of ``original`` (sent by ``mail_from``).

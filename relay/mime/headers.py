@@ -25,7 +25,7 @@ class Field:
     end: int  # byte offset just after its last line (including the line break)
 
 
-def header_end(raw: bytes) -> int:
+def header_end(raw: bytes | bytearray) -> int:
     """Offset of the first body byte (just after the empty line); ``len(raw)`` when there is none."""
     if raw.startswith((b"\r\n", b"\n")):
         return 2 if raw.startswith(b"\r\n") else 1
@@ -39,7 +39,7 @@ _FIELD_RE: Final = re.compile(rb"^([^ \t\r\n:]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*
 _UNFOLD_RE: Final = re.compile(rb"\r?\n")
 
 
-def fields(raw: bytes, limit: int | None = None) -> Iterator[Field]:
+def fields(raw: bytes | bytearray, limit: int | None = None) -> Iterator[Field]:
     """Yield the top-level header fields in order. Lines that are neither a field nor a
     continuation (RFC 5322 §2.2 violations) are skipped, as a tolerant parser would. A regex
     over the block, not a Python loop per line: this runs several times for every message."""
@@ -49,13 +49,13 @@ def fields(raw: bytes, limit: int | None = None) -> Iterator[Field]:
         yield Field(m.group(1).decode("latin-1"), value, m.start(), m.end())
 
 
-def get_all(raw: bytes, name: str) -> list[str]:
+def get_all(raw: bytes | bytearray, name: str) -> list[str]:
     """Every value of field ``name`` (case-insensitive) in the top-level header, in order."""
     lname = name.lower()
     return [f.value for f in fields(raw) if f.name.lower() == lname]
 
 
-def index(raw: bytes) -> dict[str, list[str]]:
+def index(raw: bytes | bytearray) -> dict[str, list[str]]:
     """All top-level fields by lower-cased name, values in order: one pass for many lookups."""
     out: dict[str, list[str]] = {}
     for f in fields(raw):
@@ -63,13 +63,13 @@ def index(raw: bytes) -> dict[str, list[str]]:
     return out
 
 
-def line_ending(raw: bytes) -> bytes:
+def line_ending(raw: bytes | bytearray) -> bytes:
     """The message's own line ending, so inserted fields match what surrounds them."""
     i = raw.find(b"\n")
     return b"\r\n" if i <= 0 or raw[i - 1:i] == b"\r" else b"\n"
 
 
-def prepend(raw: bytes, *new_fields: bytes) -> bytes:
+def prepend(raw: bytes | bytearray, *new_fields: bytes) -> bytes:
     """Insert complete fields (each ending in CRLF) at the top of the header section.
 
     Trace fields go first (RFC 5321 §4.4: a relay prepends its Received: line). All other

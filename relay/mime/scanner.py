@@ -70,7 +70,7 @@ class Part:
 
 @dataclass
 class Scan:
-    raw: bytes
+    raw: bytes | bytearray
     parts: list[Part]
     defects: list[str]  # structural: the stamper will not edit such a message
     anomalies: list[str] = field(default_factory=list)  # tolerated and reported (bare CR/LF)
@@ -90,10 +90,15 @@ class Scan:
         return out
 
     def header_bytes(self, part: Part) -> bytes:
-        return self.raw[part.start:part.header_end]
+        return take(self.raw, part.start, part.header_end)
 
     def body_bytes(self, part: Part) -> bytes:
-        return self.raw[part.header_end:part.end]
+        return take(self.raw, part.header_end, part.end)
+
+
+def take(raw: bytes | bytearray, start: int, end: int) -> bytes:
+    """``raw[start:end]`` as ``bytes`` with one copy, also from a big message's bytearray."""
+    return raw[start:end] if isinstance(raw, bytes) else bytes(memoryview(raw)[start:end])
 
 
 def _split_params(value: str) -> list[str]:
@@ -170,7 +175,7 @@ _BAD_LINE: Final = re.compile(rb"^(?![ \t])(?![!-9;-~]+[ \t]*:)[^\r\n]+", re.M)
 _CONTENT_FIELD: Final = re.compile(rb"^(content-[a-z0-9-]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.M | re.I)
 
 
-def _unfold(raw: bytes, start: int, end: int) -> tuple[dict[str, str], int | None]:
+def _unfold(raw: bytes | bytearray, start: int, end: int) -> tuple[dict[str, str], int | None]:
     """The Content-* fields of a header block (first occurrence wins), unfolded, and the offset
     of the first line that is neither a field nor a continuation (None when clean).
 
@@ -188,14 +193,14 @@ def _unfold(raw: bytes, start: int, end: int) -> tuple[dict[str, str], int | Non
     return out, (start + bad.start()) if bad else None
 
 
-def _header_end(raw: bytes, start: int, end: int) -> int | None:
+def _header_end(raw: bytes | bytearray, start: int, end: int) -> int | None:
     if raw.startswith(b"\r\n", start) or raw.startswith(b"\n", start):
         return start + (2 if raw.startswith(b"\r\n", start) else 1)
     m = _HEADER_END.search(raw, start, end)
     return m.end() if m else None
 
 
-def scan(raw: bytes, limits: Limits | None = None) -> Scan:
+def scan(raw: bytes | bytearray, limits: Limits | None = None) -> Scan:
     """Walk ``raw`` (a whole message) and return every part with its byte ranges."""
     s = Scan(raw, [], [])
     _entity(s, limits or Limits(), 0, len(raw), None, 0)
@@ -205,7 +210,7 @@ def scan(raw: bytes, limits: Limits | None = None) -> Scan:
     return s
 
 
-def line_anomalies(raw: bytes, start: int, end: int) -> list[str]:
+def line_anomalies(raw: bytes | bytearray, start: int, end: int) -> list[str]:
     """``bare-lf`` / ``bare-cr`` when ``raw[start:end]`` has line breaks other than CRLF."""
     crlf = raw.count(b"\r\n", start, end)
     out = []

@@ -12,6 +12,7 @@ is returned unchanged, so ``stamp(stamp(x)) == stamp(x)``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html as htmllib
 import re
@@ -44,16 +45,26 @@ class Decision:
 
 @dataclass(frozen=True)
 class StampResult:
-    data: bytes
+    pieces: tuple[wire.Piece, ...]  # the output: one bytes, or (a big message) views of the input and insertions
     decision: Decision
     placement: str = ""
     anomalies: tuple[str, ...] = ()  # tolerated oddities worth a log line (bare CR/LF, long lines)
     doubts: tuple[str, ...] = ()  # "html:...: why" when a placement is a guess (stamp --report flags it)
     crlf: bool = False  # proved: every line break in ``data`` is CRLF (see ``stamp``'s ``crlf``)
     dotless: bool = False  # proved: no line of ``data`` starts with a dot (see ``stamp``'s ``dotless``)
+    ascii: bool | None = None  # for a message in pieces: whether every octet is US-ASCII (BODY=8BITMIME)
+
+    @functools.cached_property
+    def data(self) -> bytes:
+        """The output as one ``bytes`` (joined on first use when it is in pieces)."""
+        return wire.joined(self.pieces)
+
+    @property
+    def size(self) -> int:
+        return wire.size_of(self.pieces)
 
 
-def already_processed(raw: bytes, header_name: str, top: dict[str, list[str]] | None = None) -> bool:
+def already_processed(raw: bytes | bytearray, header_name: str, top: dict[str, list[str]] | None = None) -> bool:
     """True when the top-level header already carries the marker (pattern ``true``, any case),
     mirroring the transport rule's exception. One inside an attached message does not count.
     ``top`` is :func:`headers.index` of ``raw`` when the caller already has it."""
@@ -62,7 +73,7 @@ def already_processed(raw: bytes, header_name: str, top: dict[str, list[str]] | 
 
 
 def stamp(  # noqa: PLR0913 -- keyword-only options; the relay passes what ingress already knows
-    raw: bytes, signature: Signature | None, *, processed_header: str = "X-CodeTwoProcessed",
+    raw: bytes | bytearray, signature: Signature | None, *, processed_header: str = "X-CodeTwoProcessed",
     mail_from: str | None = None, bottom: bool = False, limits: Limits = DEFAULT_LIMITS, prefix: bytes = b"",
     top: dict[str, list[str]] | None = None, crlf: bool = False, scanned: Scan | None = None,
     dotless: bool = False,
@@ -203,7 +214,10 @@ def _carries_boundary(sig: Signature, s: Scan) -> bool:
     return any(b"--" + b in text for b in boundaries)
 
 
-def _out(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]], known: tuple[bool, bool],
+PIECES_OVER = wire.CHUNK  # a bigger output goes to delivery in pieces (a module attribute: tests lower it)
+
+
+def _out(raw: bytes | bytearray, fields: bytes, edits: list[tuple[int, int, bytes]], known: tuple[bool, bool],
          decision: Decision, placement: str = "", anomalies: tuple[str, ...] = (), doubts: tuple[str, ...] = ()
          ) -> StampResult:
     """``known``: (crlf, dotless) as the caller vouches for ``raw``. ``dotless`` is only worked out
@@ -211,33 +225,34 @@ def _out(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]], known: 
     stuffed with one ``replace`` whatever it says, and the proof (15 µs on a 10 KB reply) would be
     spent for nothing."""
     crlf, dotless = known
-    return StampResult(_join(raw, fields, edits), decision, placement, anomalies, doubts,
-                       crlf=crlf and _splices_keep_crlf(raw, fields, edits),
-                       dotless=dotless and crlf and len(raw) > wire.CHUNK and _splices_keep_dotless(raw, fields, edits))
+    big = len(raw) > PIECES_OVER
+    crlf = crlf and _splices_keep_crlf(raw, fields, edits)
+    dotless = dotless and crlf and big and _splices_keep_dotless(raw, fields, edits)
+    if not (big and crlf and dotless):
+        return StampResult((_join(raw, fields, edits),), decision, placement, anomalies, doubts, crlf=crlf)
+    # A big message that delivery can write as it stands (CRLF only, no dot to add): handed on as
+    # views of the input and the pieces put in, not joined into a second 25 MB copy (issue #14:
+    # peak memory). Whether it needs BODY=8BITMIME is worked out here, in the big-message thread.
+    pieces = tuple(c for c in _chunks(raw, fields, edits) if len(c))
+    ascii = raw.isascii() and all(bytes(c).isascii() for c in pieces if not isinstance(c, memoryview))
+    return StampResult(pieces, decision, placement, anomalies, doubts, crlf=True, dotless=True, ascii=ascii)
 
 
-def _splices_keep_dotless(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bool:
+def _splices_keep_dotless(raw: bytes | bytearray, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bool:
     """For a ``raw`` with no line starting with a dot (no ``CRLF.``, no leading dot): whether
     :func:`_join`'s output has none either. The output is walked piece by piece as ``_join`` lays
-    it out, carrying its last two octets: an inserted piece is searched whole (a few KB), a slice
-    of ``raw`` only where it meets what precedes it (inside, it has none)."""
-    view = memoryview(raw)
+    it out, carrying its last two octets: an inserted piece is searched whole (a few KB), a view of
+    ``raw`` only where it meets what precedes it (inside, it has none)."""
     tail = b"\r\n"  # the output's first line starts a line: a leading dot counts
-    pos = 0
-    chunks: list[tuple[bytes | memoryview, bool]] = [(fields, True)]
-    for start, end, new in sorted(edits):
-        chunks += [(view[pos:start], False), (new, True)]
-        pos = end
-    chunks.append((view[pos:], False))
-    for chunk, inserted in chunks:
-        head = bytes(chunk) if inserted else bytes(chunk[:2])
+    for chunk in _chunks(raw, fields, edits):
+        head = bytes(chunk[:2]) if isinstance(chunk, memoryview) else bytes(chunk)
         if b"\r\n." in tail + head:
             return False
         tail = (tail + bytes(chunk[-2:]))[-2:]
     return True
 
 
-def _splices_keep_crlf(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bool:
+def _splices_keep_crlf(raw: bytes | bytearray, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bool:
     """For a CRLF-only ``raw``: whether :func:`_join`'s output is CRLF-only too. It is when every
     piece put in is, and no cut falls between the CR and the LF of a pair (which would leave a
     bare CR before the piece or a bare LF after it). The pieces are our header fields and the
@@ -252,22 +267,27 @@ def _splices_keep_crlf(raw: bytes, fields: bytes, edits: list[tuple[int, int, by
     return True
 
 
-def _join(raw: bytes, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+def _join(raw: bytes | bytearray, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
     """``fields`` + ``raw`` with ``edits`` (start, end, replacement) applied, copying ``raw`` once:
     memoryview slices are not copies, and bytes.join sizes the result up front."""
     if not fields and not edits:
-        return raw
+        return raw if isinstance(raw, bytes) else bytes(raw)
+    return b"".join(_chunks(raw, fields, edits))
+
+
+def _chunks(raw: bytes | bytearray, fields: bytes, edits: list[tuple[int, int, bytes]]) -> list[wire.Piece]:
+    """What :func:`_join` joins: ``fields``, then views of ``raw`` between the edits' replacements."""
     eol = headers.line_ending(raw)
     if eol != b"\r\n":
         fields = fields.replace(b"\r\n", eol)
     view = memoryview(raw)
-    chunks: list[bytes | memoryview] = [fields]
+    chunks: list[wire.Piece] = [fields]
     pos = 0
     for start, end, new in sorted(edits):
         chunks += [view[pos:start], new]
         pos = end
     chunks.append(view[pos:])
-    return b"".join(chunks)
+    return chunks
 
 
 class _PassThrough(Exception):
@@ -328,8 +348,15 @@ def _attach_images(s: Scan, part: Part, new_leaf: bytes, images: list[tuple[Imag
                 (parent.close_at, parent.close_at, b"".join(delim + p.rstrip(b"\r\n") for p in parts))]
     # Deterministic (stamping twice gives the same bytes); uniqueness is checked just below. A
     # big message is hashed by its ends and length: sha256 of a 25 MB attachment costs 60 ms.
-    raw = s.raw if len(s.raw) <= 1 << 20 else s.raw[:1 << 19] + s.raw[-(1 << 19):] + b"%d" % len(s.raw)
-    digest = hashlib.sha256(raw).hexdigest()[:16]
+    h = hashlib.sha256()
+    if len(s.raw) <= 1 << 20:
+        h.update(s.raw)
+    else:  # the same digest as hashing the concatenation, without building it (1 MB more memory at peak)
+        with memoryview(s.raw) as view:
+            h.update(view[:1 << 19])
+            h.update(view[-(1 << 19):])
+        h.update(b"%d" % len(s.raw))
+    digest = h.hexdigest()[:16]
     boundary, n = f"=_signature-relay_{digest}", 0
     while wire.find(s.raw, boundary.encode()) >= 0:  # RFC 2046 §5.1.1: must not occur in the encapsulated parts
         n += 1
@@ -364,8 +391,7 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool,
                ) -> tuple[bytes, str, str]:
     """One leaf with the signature inserted: (new part bytes, placement rule, doubt)."""
     raw = s.raw
-    header = raw[part.start:part.header_end]
-    body = raw[part.header_end:part.end]
+    header, body = s.header_bytes(part), s.body_bytes(part)
     data = codec.decode_transfer(body, part.cte)
     if PGP_ARMOUR.search(data):
         raise _PassThrough("pgp-inline")

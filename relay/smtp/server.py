@@ -283,14 +283,16 @@ class RelaySMTP(SMTP):
         if problem is not None:
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
-        self.envelope.content = self.envelope.original_content = content
+        # aiosmtpd annotates these as bytes; a big message is the reader's bytearray (see
+        # _read_content), which the flow, ingress and stamper take as it is (bytes | bytearray).
+        self.envelope.content = self.envelope.original_content = content  # type: ignore[assignment]
         if isinstance(self.envelope, RelayEnvelope):
             self.envelope.dotless = dotless
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 
-    async def _read_content(self) -> tuple[bytes, str | None, bool]:
+    async def _read_content(self) -> tuple[bytes | bytearray, str | None, bool]:
         """The message content of one DATA, as aiosmtpd would produce it, at C speed.
 
         RFC 5321 §4.1.1.4 / §2.3.8: the content ends at the first line that is exactly "." — a
@@ -335,13 +337,24 @@ class RelaySMTP(SMTP):
             too_long, stuffed = await offload.run_sized(end, wire.data_shape, buf, end, self.line_length_limit)
             if too_long:  # a line counts with its CRLF, as aiosmtpd counts
                 return b"", "500 Line too long (see RFC5321 4.5.3.1.6)", False
+            if not stuffed and end > offload.OFFLOAD_BYTES:
+                # A big message is not copied out: the reader gets a new buffer with whatever
+                # followed the final dot, and this one, trimmed in place (the DATA line's CRLF
+                # off the front, ".CRLF" off the end), is the message, the one copy of it
+                # that is held (issue #14: peak memory).
+                reader._buffer = buf[end:]  # type: ignore[attr-defined]
+                del buf[end - 3:]
+                del buf[:2]
+                end = 0  # nothing left to take out of the old buffer
+                return buf, None, True
             with memoryview(buf) as view:
                 if not stuffed:
                     return bytes(view[2:end - 3]), None, True
                 raw = bytes(view[:end])
             return await offload.run_sized(end, wire.unstuff, raw), None, False
         finally:
-            del buf[:end]
+            if end:
+                del buf[:end]
             reader._maybe_resume_transport()  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:

@@ -12,6 +12,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from relay.delivery.client import send_data
+from relay.mime import headers
 from relay.wire import crlf_only
 from tests.protocol.test_relay_protocol import _NoTlsEndpoint, send
 from tests.support import Deployment, free_port, message
@@ -102,3 +103,50 @@ async def test_benchmark_profile_sends_plaintext_to_loopback_only(make_stack: An
         assert _is_loopback("127.0.0.1") and _is_loopback("::1") and not _is_loopback("localhost")
     finally:
         ctl.stop()
+
+
+async def test_a_big_message_goes_from_the_readers_buffer_to_the_endpoint_in_pieces(
+        make_stack: Any, deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #14, peak memory: over OFFLOAD_BYTES the DATA reader hands its own buffer on (no copy),
+    the stamper leaves each copy as views of it plus its insertions, and delivery writes those.
+    Two copies (external and internal signatures) share the one buffer; what each endpoint
+    transaction receives is the message with its signature, the attachment octet for octet."""
+    import base64
+
+    from relay import offload, pipeline, wire
+    from tests.protocol.test_relay_protocol import external_internal_rules
+
+    external_internal_rules(deployment)
+    st = await make_stack()
+    blob = base64.encodebytes(bytes(range(256)) * 4000).replace(b"\n", b"\r\n")  # 1.4 MB, lines of 76
+    attachment = (b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+                  b"Content-Disposition: attachment; filename=\"x.bin\"\r\n\r\n" + blob)
+    raw = message(to="a@example.net").replace(
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Type: multipart/mixed; boundary=\"b\"\r\n") + b"--b\r\nContent-Type: text/html\r\n\r\n" \
+        b"<p>Hello Bob,</p><p>the file.</p>\r\n" + attachment + b"--b--\r\n"
+    # message() put its text body after the header: that is the preamble here, left as it is
+    assert len(raw) > offload.OFFLOAD_BYTES and b"\r\n." not in raw
+
+    seen: dict[str, list[type]] = {"accept": [], "delivery": []}
+    accept, stuffed = pipeline.accept, wire.stuffed_pieces
+
+    def spy_accept(raw: Any, *a: Any, **k: Any) -> Any:
+        seen["accept"].append(type(raw))
+        return accept(raw, *a, **k)
+
+    def spy_stuffed(data: Any, *a: Any, **k: Any) -> Any:
+        seen["delivery"].append(type(data))
+        return stuffed(data, *a, **k)
+
+    monkeypatch.setattr(pipeline, "accept", spy_accept)
+    monkeypatch.setattr(wire, "stuffed_pieces", spy_stuffed)
+    code, _ = await send(st, raw, rcpts=("a@example.net", "bob@contoso.com"))
+    assert code == 250
+    assert seen == {"accept": [bytearray], "delivery": [tuple, tuple]}
+    got = st.deployment.delivered()
+    assert len(got) == 2
+    for sig in (b"EXTERNAL SIGNATURE", b"INTERNAL SIGNATURE"):
+        [copy] = [g for g in got if sig in g]
+        assert copy.endswith(attachment + b"--b--\r\n")  # after the edited leaf, every octet as sent
+        assert headers.get_all(copy, "X-CodeTwoProcessed") == ["true"]

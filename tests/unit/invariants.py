@@ -13,7 +13,7 @@ from relay.mime.stamper import StampResult
 MARKER = b"X-CodeTwoProcessed: true"
 
 
-def _defects(raw: bytes) -> set[str]:
+def _defects(raw: bytes | bytearray) -> set[str]:
     msg = email.message_from_bytes(raw, policy=email.policy.compat32)
     out = {type(d).__name__ for d in msg.defects}
     for p in msg.walk():
@@ -21,7 +21,7 @@ def _defects(raw: bytes) -> set[str]:
     return out
 
 
-def check(raw: bytes, result: StampResult, sig_html_probe: str, sig_text_probe: str) -> None:
+def check(raw: bytes | bytearray, result: StampResult, sig_html_probe: str, sig_text_probe: str) -> None:
     out = result.data
     if result.decision.action == "pass-through" and result.decision.reason == "already-processed":
         assert out == raw

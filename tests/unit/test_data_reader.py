@@ -68,7 +68,7 @@ def feed(stream: bytes, cuts: list[int]) -> asyncio.StreamReader:
     return reader
 
 
-async def ours(reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
+async def ours(reader: asyncio.StreamReader) -> tuple[bytes | bytearray, str | None]:
     fake: Any = SimpleNamespace(_reader=reader, data_size_limit=SIZE_LIMIT, line_length_limit=LINE_LIMIT,
                                 _writer=None)
     content, problem, dotless = await RelaySMTP._read_content(fake)
@@ -112,7 +112,7 @@ def same_as_aiosmtpd(body: bytes, cuts: list[int], after: bytes) -> None:
 
 
 def test_empty_message_and_leading_dots() -> None:
-    async def run(stream: bytes) -> tuple[bytes, str | None]:
+    async def run(stream: bytes) -> tuple[bytes | bytearray, str | None]:
         return await ours(feed(stream, []))
 
     assert asyncio.run(run(b".\r\n")) == (b"", None)
@@ -128,7 +128,7 @@ def test_a_message_over_the_offload_size_gets_the_same_answers() -> None:
     """Over offload.OFFLOAD_BYTES the line check and unstuffing run in a worker thread: same results."""
     from relay import offload
 
-    async def run(stream: bytes) -> tuple[bytes, str | None]:
+    async def run(stream: bytes) -> tuple[bytes | bytearray, str | None]:
         reader = asyncio.StreamReader(limit=LINE_LIMIT)
         reader.feed_data(stream)
         reader.feed_eof()

@@ -104,6 +104,24 @@ def test_reply_sample(sample: dict[str, str]) -> None:
     assert stamp(out, SIG).data == out  # idempotent: already processed
 
 
+@pytest.mark.parametrize("sample", SAMPLES, ids=[s["file"] for s in SAMPLES])
+def test_the_big_message_form_gives_the_same_bytes(sample: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big message reaches the stamper as the DATA reader's own buffer (a bytearray, issue #14)
+    and leaves it as pieces (views of that buffer and the insertions) when delivery can write them
+    as they stand: the same octets as the bytes path, on every real sample."""
+    from relay.mime import stamper
+
+    raw = ingress.accept((ROOT / sample["file"]).read_bytes(), ingress.IngressLimits()).raw
+    want = stamp(raw, SIG, crlf=True)
+    monkeypatch.setattr(stamper, "PIECES_OVER", 0)
+    dotless = not raw.startswith(b".") and b"\r\n." not in raw  # what the DATA reader would say
+    got = stamp(bytearray(raw), SIG, crlf=True, dotless=dotless)
+    assert got.data == want.data and got.decision == want.decision and got.placement == want.placement
+    assert got.size == len(want.data)
+    if dotless:  # in pieces: a single-part message's one leaf is nearly all of it, so maybe no view
+        assert got.dotless and len(got.pieces) > 1 and got.ascii == want.data.isascii()
+
+
 def test_corpus_size_and_spread() -> None:
     """Issue #9: >= 400 real messages with tests/data/corpus/, >= 150 of them replies/forwards from
     >= 15 clients and >= 12 languages, every file with its source and licence."""

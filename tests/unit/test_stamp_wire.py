@@ -23,7 +23,7 @@ def decoded(s: scanner.Scan, p: scanner.Part) -> str:
     return codec.decode_text(codec.decode_transfer(s.body_bytes(p), p.cte), p.charset)
 
 
-def bare_line_breaks(data: bytes) -> int:
+def bare_line_breaks(data: bytes | bytearray) -> int:
     return data.replace(b"\r\n", b"").count(b"\n") + data.replace(b"\r\n", b"").count(b"\r")
 
 
