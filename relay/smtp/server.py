@@ -465,6 +465,14 @@ class TlsGate(asyncio.Protocol):
             self.slot.release()
 
 
+# The accept queue: asyncio's default is 100. When it overflows, Linux (tcp_abort_on_overflow=0)
+# drops the handshake's last ACK, so the client believes it is connected and waits for a greeting
+# that never comes, until its own timeout (Exchange Online opens connections in bursts; the
+# benchmark's open loop left Postfix, backlog 200, with hundreds of such connections). The kernel
+# caps it at net.core.somaxconn (4096 by default since Linux 5.4).
+LISTEN_BACKLOG = 1024
+
+
 async def start_listener(
     factory: Callable[..., SMTP], listener: Listener, tls_context: ssl.SSLContext | None, guard: Guard,
     *, reuse_port: bool = False,
@@ -478,6 +486,6 @@ async def start_listener(
         ctx = tls_context
         return await loop.create_server(lambda: TlsGate(lambda slot: factory(slot=slot), guard, ctx),
                                         host=listener.host, port=listener.port, reuse_address=True,
-                                        reuse_port=reuse_port or None)
+                                        reuse_port=reuse_port or None, backlog=LISTEN_BACKLOG)
     return await loop.create_server(factory, host=listener.host, port=listener.port, reuse_address=True,
-                                    reuse_port=reuse_port or None)
+                                    reuse_port=reuse_port or None, backlog=LISTEN_BACKLOG)

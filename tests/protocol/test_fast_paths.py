@@ -150,3 +150,31 @@ async def test_a_big_message_goes_from_the_readers_buffer_to_the_endpoint_in_pie
         [copy] = [g for g in got if sig in g]
         assert copy.endswith(attachment + b"--b--\r\n")  # after the edited leaf, every octet as sent
         assert headers.get_all(copy, "X-CodeTwoProcessed") == ["true"]
+
+
+async def test_listeners_keep_a_deep_accept_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio's default backlog (100) overflowed under a burst in the benchmark's open loop, and an
+    overflowed accept queue leaves clients waiting for a greeting that never comes: both kinds of
+    listener ask the kernel for LISTEN_BACKLOG."""
+    import asyncio
+    import ssl
+
+    from relay.config import Listener
+    from relay.smtp import server
+
+    loop = asyncio.get_running_loop()
+    seen: list[object] = []
+    real = loop.create_server
+
+    async def spy(*a: Any, **k: Any) -> Any:
+        seen.append(k.get("backlog"))
+        return await real(*a, **k)
+
+    monkeypatch.setattr(loop, "create_server", spy)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    for listener, tls in ((Listener("127.0.0.1", free_port()), None),
+                          (Listener("127.0.0.1", free_port(), implicit_tls=True), ctx)):
+        srv = await server.start_listener(lambda **_: None, listener, tls, server.Guard())  # type: ignore[arg-type]
+        srv.close()
+        await srv.wait_closed()
+    assert seen == [server.LISTEN_BACKLOG] * 2 and server.LISTEN_BACKLOG >= 1024
