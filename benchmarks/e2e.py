@@ -744,6 +744,7 @@ def big_message_figures(relay: Relay, port: int, sink: Sink, files: dict[str, Pa
             f"max {1000 * lat[-1]:.0f} ms; longest wait for a greeting (event-loop stall) "
             f"{1000 * max(greetings, default=float('nan')):.0f} ms over {len(greetings)} connections; "
             f"CPU {1000 * (r.cpu or 0) / r.n:.0f} ms per message")
+        print(f"  {parallel} × 25 MB: {out[f'{parallel} × 25 MB']}", flush=True)
         if parallel == 4:
             # Where a small message's wait comes from: the same probe straight to the sink while the
             # relay delivers the same four messages into it (the sink is single-threaded).
@@ -759,7 +760,8 @@ def big_message_figures(relay: Relay, port: int, sink: Sink, files: dict[str, Pa
             out[f"{parallel} × 25 MB"] += (
                 f"; the same small messages straight to the sink during the same load: {len(direct)} sent, p50 "
                 f"{1000 * statistics.median(d):.0f} ms, p99 {1000 * d[min(len(d) - 1, int(len(d) * 0.99))]:.0f} ms")
-            print(f"  sink alone meanwhile: {out[f'{parallel} × 25 MB']}", flush=True)
+            print(f"  small messages straight to the sink meanwhile: {len(direct)} sent, p99 "
+                  f"{1000 * d[min(len(d) - 1, int(len(d) * 0.99))]:.0f} ms", flush=True)
     return out
 
 
