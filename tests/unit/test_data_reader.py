@@ -156,3 +156,29 @@ def test_the_reader_says_dotless_only_when_no_line_starts_with_a_dot() -> None:
     assert asyncio.run(run(b"a\n.b\r\n.\r\n"))  # bare LF: dotless by CRLF lines; ingress then says no (normalised)
     assert not asyncio.run(run(b"..a\r\n.\r\n"))  # the first line
     assert not asyncio.run(run(b"a\r\n..\r\n.\r\n"))
+
+
+def test_a_big_message_is_the_readers_own_buffer_and_what_follows_stays_for_the_next_command() -> None:
+    """Over OFFLOAD_BYTES, with nothing to unstuff, the content is the reader's buffer trimmed in
+    place (no copy, issue #14); the reader carries on with a new buffer holding the pipelined
+    commands that followed the final dot."""
+    from relay import offload
+
+    async def run() -> None:
+        reader = asyncio.StreamReader(limit=LINE_LIMIT)
+        body = b"QUJD" * 19 + b"\r\n"
+        content = b"Subject: big\r\n\r\n" + body * (offload.OFFLOAD_BYTES // len(body) + 10)
+        stream = content + b".\r\nMAIL FROM:<a@b>\r\nQUIT\r\n"
+        for i in range(0, len(stream), 65536):  # as it arrives: the end found across feeds
+            reader.feed_data(stream[i:i + 65536])
+        reader.feed_eof()
+        before = reader._buffer  # type: ignore[attr-defined]
+        fake: Any = SimpleNamespace(_reader=reader, data_size_limit=10 * offload.OFFLOAD_BYTES,
+                                    line_length_limit=1001, _writer=None)
+        got, problem, dotless = await RelaySMTP._read_content(fake)
+        assert (got, problem, dotless) == (content, None, True)
+        assert got is before and reader._buffer is not before  # type: ignore[attr-defined]
+        assert await reader.readline() == b"MAIL FROM:<a@b>\r\n"
+        assert await reader.read() == b"QUIT\r\n"
+
+    asyncio.run(run())
