@@ -762,7 +762,45 @@ def big_message_figures(relay: Relay, port: int, sink: Sink, files: dict[str, Pa
                 f"{1000 * statistics.median(d):.0f} ms, p99 {1000 * d[min(len(d) - 1, int(len(d) * 0.99))]:.0f} ms")
             print(f"  small messages straight to the sink meanwhile: {len(direct)} sent, p99 "
                   f"{1000 * d[min(len(d) - 1, int(len(d) * 0.99))]:.0f} ms", flush=True)
+    out["4 × 25 MB, Postfix sink"] = small_latency_into_postfix(relay.work.parent, sink, files)
+    print(f"  4 × 25 MB into a Postfix sink: {out['4 × 25 MB, Postfix sink']}", flush=True)
     return out
+
+
+def small_latency_into_postfix(work: Path, sink: Sink, files: dict[str, Path]) -> str:
+    """The same 4 × 25 MB load and small-message probe, the relay delivering into a Postfix that
+    discards: smtp-sink is one process, and under four 25 MB streams it keeps a small message
+    waiting up to half a second itself; Postfix gives each connection its own smtpd."""
+    pf = Postfix(work, "big-sink", free_port(), 0, discard=True)
+    pf.start()
+    relay = Relay(work / "big", free_port(), pf.port, free_port())
+    try:
+        small = files["10 KB reply"].read_bytes()
+        via: list[float] = []
+        direct: list[float] = []
+        stop = threading.Event()
+        threads = [threading.Thread(target=probe, args=(relay.port, small, stop, via), daemon=True),
+                   threading.Thread(target=probe, args=(pf.port, small, stop, direct), daemon=True)]
+        for t in threads:
+            t.start()
+        r = measure("relay", relay.port, sink, files["25 MB attachment"], "25 MB attachment", 8, 4, 1, relay.pids,
+                    900, until_sent=True)
+        stop.set()
+        for t in threads:
+            t.join(130)
+
+        def summary(xs: list[float]) -> str:
+            lat = sorted(xs) or [float("nan")]
+            return (f"{len(xs)} sent, p50 {1000 * statistics.median(lat):.0f} ms, p99 "
+                    f"{1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.0f} ms, max {1000 * lat[-1]:.0f} ms")
+
+        return (f"delivering into a private Postfix that discards (an smtpd per connection) instead of smtp-sink: "
+                f"{r.rate * files['25 MB attachment'].stat().st_size / 1e6:.1f} MB/s; small messages through the "
+                f"relay meanwhile: {summary(via)}; straight to that Postfix meanwhile (it writes and fsyncs every "
+                f"message, the 25 MB ones too): {summary(direct)}")
+    finally:
+        relay.stop()
+        pf.stop()
 
 
 def versions() -> dict[str, str]:
