@@ -288,7 +288,7 @@ class Delivery:
             if not smtp.supports_extension("smtputf8"):
                 raise PermanentError(replies.SMTPUTF8_UNSUPPORTED, f"{where} lacks SMTPUTF8 (RFC 6531 §3.2)")
             opts.append(b"SMTPUTF8")
-        if ascii is None:  # a view of the input has no isascii(): only a stamper-made piece has none
+        if ascii is None:  # not worked out by the stamper: a view (no isascii()) counts as 8-bit, to be safe
             ascii = all(not isinstance(p, memoryview) and p.isascii() for p in pieces)
         if smtp.supports_extension("8bitmime") and not ascii:
             opts.append(b"BODY=8BITMIME")  # RFC 6152

@@ -110,3 +110,21 @@ def test_images_with_a_signature_that_changes_the_transfer_encoding(name: str) -
     html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert "Ålice — ☎" in html and html.count("signature-relay") == 2  # the div class and the CID
     assert [p.get_content() for p in images_of(msg) if "signature-relay" in (p["Content-ID"] or "")] == [PNG]
+
+
+def test_a_big_message_gets_its_images_and_the_same_octets_from_the_readers_buffer() -> None:
+    """Over 1 MiB the new multipart/related boundary is derived from the message's ends (hashed
+    without building a copy); over CHUNK the relay hands the stamper a bytearray and takes pieces
+    back (issue #14). Same output either way, a valid MIME tree, the image embedded once."""
+    blob = b"QUJD" * 19 + b"\r\n"
+    raw = (b"From: alice@contoso.com\r\nTo: bob@example.net\r\nSubject: big\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=\"m\"\r\n\r\n--m\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           b"<p>Hello Bob,</p>\r\n--m\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\n" + blob * 20_000 + b"--m--\r\n")
+    assert len(raw) > 1 << 20
+    want = stamp(raw, SIG, mail_from="alice@contoso.com", crlf=True)
+    got = stamp(bytearray(raw), SIG, mail_from="alice@contoso.com", crlf=True, dotless=True)
+    assert want.decision.action == got.decision.action == "stamped"
+    assert got.dotless and len(got.pieces) > 1 and got.data == want.data
+    assert [p.get_content_type() for p in images_of(parse(got.data))] == ["image/png"]
+    assert stamp(raw, SIG, mail_from="alice@contoso.com", crlf=True).data == want.data  # deterministic
