@@ -59,8 +59,8 @@ def _bytes_count(buf: Buffer, needle: bytes, start: int, end: int) -> int:
 # checks them against each other. Module attributes, so a test can run either.
 FIND: Callable[[Buffer, bytes, int, int], int] = _sz.find if _sz is not None else _bytes_find
 RFIND: Callable[[Buffer, bytes, int, int], int] = _sz.rfind if _sz is not None else _bytes_rfind
-BACKEND = "stringzilla" if _sz is not None else "bytes"  # for `doctor`-style reports and the tests
 COUNT: Callable[[Buffer, bytes, int, int], int] = _sz.count if _sz is not None else _bytes_count
+BACKEND = "stringzilla" if _sz is not None else "bytes"  # which one runs (a test checks the installed one does)
 
 
 def crlf_only(raw: Buffer) -> bool:
