@@ -234,7 +234,7 @@ def _out(raw: bytes | bytearray, fields: bytes, edits: list[tuple[int, int, byte
     # views of the input and the pieces put in, not joined into a second 25 MB copy (issue #14:
     # peak memory). Whether it needs BODY=8BITMIME is worked out here, in the big-message thread.
     pieces = tuple(c for c in _chunks(raw, fields, edits) if len(c))
-    ascii = raw.isascii() and all(bytes(c).isascii() for c in pieces if not isinstance(c, memoryview))
+    ascii = raw.isascii() and all(c.isascii() for c in pieces if not isinstance(c, memoryview))
     return StampResult(pieces, decision, placement, anomalies, doubts, crlf=True, dotless=True, ascii=ascii)
 
 

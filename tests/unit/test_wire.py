@@ -79,12 +79,9 @@ crlf_lines = st.lists(st.sampled_from([b"a", b".", b"aa"]), max_size=8).map(
 pieces = st.lists(st.sampled_from([b"x", b"\r\n", b"\r", b"\n", b"yy"]), max_size=5).map(b"".join)
 
 
-@settings(max_examples=800, deadline=None)
-@given(crlf_lines, pieces, st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6), pieces), max_size=3))
-def test_the_stampers_crlf_proof_is_sound(raw: bytes, fields: bytes, cuts: list[tuple[int, int, bytes]]) -> None:
-    """StampResult.crlf lets delivery skip its scan; it must never say CRLF-only when it is not."""
-    from relay.mime.stamper import _join, _splices_keep_crlf
-
+def as_edits(raw: bytes, cuts: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """(start, length, new) drawn by hypothesis as the stamper's edits: in order, not overlapping,
+    inside ``raw``."""
     edits, pos = [], 0
     for start, length, new in sorted(cuts):
         start = max(start, pos)
@@ -93,6 +90,16 @@ def test_the_stampers_crlf_proof_is_sound(raw: bytes, fields: bytes, cuts: list[
         end = min(start + length, len(raw))
         edits.append((start, end, new))
         pos = end
+    return edits
+
+
+@settings(max_examples=800, deadline=None)
+@given(crlf_lines, pieces, st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6), pieces), max_size=3))
+def test_the_stampers_crlf_proof_is_sound(raw: bytes, fields: bytes, cuts: list[tuple[int, int, bytes]]) -> None:
+    """StampResult.crlf lets delivery skip its scan; it must never say CRLF-only when it is not."""
+    from relay.mime.stamper import _join, _splices_keep_crlf
+
+    edits = as_edits(raw, cuts)
     if _splices_keep_crlf(raw, fields, edits):
         assert wire.crlf_only(_join(raw, fields, edits))
 
@@ -109,14 +116,7 @@ def test_the_stampers_dotless_proof_is_sound(raw: bytes, fields: bytes, cuts: li
     starts with a dot" when one does, and the pieces it then sends are the reference stuffing."""
     from relay.mime.stamper import _join, _splices_keep_dotless
 
-    edits, pos = [], 0
-    for start, length, new in sorted(cuts):
-        start = max(start, pos)
-        if start > len(raw):
-            break
-        end = min(start + length, len(raw))
-        edits.append((start, end, new))
-        pos = end
+    edits = as_edits(raw, cuts)
     out = _join(raw, fields, edits)
     if _splices_keep_dotless(raw, fields, edits):
         assert not out.startswith(b".") and b"\r\n." not in out
