@@ -22,6 +22,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -73,6 +74,15 @@ class SinkHandler(EhloWithoutAuth):
         self.journal = maildir.parent / "deliveries.jsonl"
         self.allowed = allowed  # certificate name -> tenant name
         self.behavior = behavior
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str],
+    ) -> list[str]:
+        # Exchange Online's inbound connector advertises PIPELINING (RFC 2920), so its stand-in
+        # does too and the relay's pipelined delivery is what every end-to-end test goes through.
+        # aiosmtpd reads one command line at a time, which is all a pipelining server needs.
+        out = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        return [*out[:-1], "250-PIPELINING", out[-1]]
 
     def _tenant(self, session: Session) -> tuple[str | None, str]:
         names = tls.peer_names((session.ssl or {}).get("peercert"))

@@ -9,8 +9,10 @@ which retries); duplicates beat loss.
   stripping" attack). The server certificate is verified against the
   tenant's ``tls_server_name`` and CA bundle; the tenant's client certificate is presented.
 * MAIL/RCPT are sent as raw addresses (no re-quoting). If any recipient is deferred (4xx) we send
-  no DATA at all and defer the whole message: nothing is delivered twice and nothing is lost.
-  If some are refused for good (5xx) the rest get the message and the caller sends a DSN.
+  no message content at all and defer the whole message: nothing is delivered twice and nothing is
+  lost. If some are refused for good (5xx) the rest get the message and the caller sends a DSN.
+* To an endpoint that advertises PIPELINING (Exchange Online does), MAIL, RCPT and DATA go out as
+  one RFC 2920 group: two round trips per message instead of three plus one per recipient.
 * Messages go out with ``data()`` on the bytes we hold — never ``send_message`` (it re-folds
   headers, drops Bcc and mangles "From " lines).
 * Connections are reused per (tenant, address) and closed on any error, so the next send reopens
@@ -23,10 +25,12 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiosmtplib
 from aiosmtplib.response import SMTPResponse
@@ -263,22 +267,92 @@ class Delivery:
         where = f"{conn.target.address}:{conn.target.port}"
         enc = "utf-8" if smtputf8 else "ascii"
         crlf, dotless, ascii = known  # what the stamper proved about the pieces (see deliver)
-        await self._mail(conn, reused, where, mail_from.encode(enc),
-                         self._mail_options(conn.smtp, pieces, smtputf8, where, ascii))
+        opts = self._mail_options(conn.smtp, pieces, smtputf8, where, ascii)
+        if _can_pipeline(conn.smtp, pieces, crlf):
+            lines = [b" ".join([b"MAIL FROM:<" + mail_from.encode(enc) + b">", *opts]) + b"\r\n",
+                     *(b"RCPT TO:<" + r.encode(enc) + b">\r\n" for r in rcpts), b"DATA\r\n"]
+            return await self._pipelined(conn, reused, where, lines, rcpts, pieces, dotless)
+        await self._mail(conn, reused, where, mail_from.encode(enc), opts)
         accepted, refused, deferred = await self._rcpts(conn, where, rcpts, enc)
         if deferred or not accepted:
             await self._rset(conn.smtp)
             self._checkin(conn)
-            if deferred:
-                r, rr = deferred[0]
-                raise TransientError(_downstream(rr.code, rr.message),
-                                     f"{where}: {len(deferred)} recipient(s) deferred, first <{r}>: {_reply(rr)}")
-            first = next(iter(refused.values()))
-            raise PermanentError(_downstream(first.code, first.text),
-                                 f"{where}: every recipient refused, first: {first.code} {first.text}")
+            raise self._no_data(where, refused, deferred)
         final = await self._data(conn, where, pieces, crlf, dotless)
         self._checkin(conn)
         return Outcome(tuple(accepted), refused, _reply(final), f"{where} ({conn.target.mx_host})", reused)
+
+    async def _pipelined(
+        self, conn: _Conn, reused: bool, where: str, lines: list[bytes], rcpts: Sequence[str],
+        pieces: tuple[wire.Piece, ...], dotless: bool,
+    ) -> Outcome:
+        """The same transaction as one RFC 2920 command group: MAIL, every RCPT and DATA written
+        at once, then one reply read per command, in order (RFC 2920 §3.1: DATA ends the group,
+        and every reply is checked). Against a remote endpoint this takes two round trips instead
+        of three plus one per recipient (Exchange Online answers each command after 100-200 ms
+        seen from outside Microsoft's network), and fewer wake-ups per message on loopback.
+
+        The rules of the sequential path hold: a deferred recipient means no message at all; if
+        the endpoint nevertheless answered DATA with 354, the connection is closed before a single
+        octet of content is sent: a server that loses the connection cancels the pending
+        transaction as if it had received RSET (RFC 5321 §3.8), so nothing is delivered and a
+        retry cannot duplicate it."""
+        got = await self._group(conn, reused, where, lines)
+        started = len(got) == len(lines) and got[-1].code == 354
+        mail = got[0]
+        if mail.code != 250:
+            if started:
+                conn.smtp.close()  # a server that starts DATA after refusing MAIL: stop before any content
+            elif mail.code != 421:
+                await self._rset(conn.smtp)
+            if mail.code == 421 and reused:
+                raise _RetryFresh()
+            raise self._error(mail, where, "MAIL")
+        accepted, refused, deferred = self._sort_rcpts(conn, zip(rcpts, got[1:len(lines) - 1], strict=False))
+        if len(got) < len(lines):
+            raise TransientError(replies.ENDPOINT_UNAVAILABLE,
+                                 f"{where}: disconnected after {len(got)} of {len(lines)} pipelined replies")
+        if deferred or not accepted:
+            if started:
+                conn.smtp.close()  # see the docstring: ending it with "." would deliver to the accepted ones
+            else:
+                await self._rset(conn.smtp)
+                self._checkin(conn)
+            raise self._no_data(where, refused, deferred)
+        if not started:
+            await self._rset(conn.smtp)
+            self._checkin(conn)
+            raise self._error(got[-1], where, "DATA")
+        final = await self._data(conn, where, pieces, True, dotless, started=True)
+        self._checkin(conn)
+        return Outcome(tuple(accepted), refused, _reply(final), f"{where} ({conn.target.mx_host})", reused)
+
+    async def _group(self, conn: _Conn, reused: bool, where: str, lines: list[bytes]) -> list[SMTPResponse]:
+        """:func:`command_group`'s replies (at least MAIL's), its failures as our errors."""
+        try:
+            got = await command_group(conn.smtp, lines, self.cfg.command_timeout)
+        except aiosmtplib.SMTPTimeoutError as e:
+            raise TransientError(replies.ENDPOINT_TIMEOUT, f"{where}: timeout at MAIL/RCPT/DATA (pipelined)") from e
+        except (aiosmtplib.SMTPException, ConnectionError) as e:
+            if reused and isinstance(e, (aiosmtplib.SMTPServerDisconnected, ConnectionError)):
+                raise _RetryFresh() from e  # a pooled connection the endpoint had already closed
+            raise TransientError(replies.ENDPOINT_UNAVAILABLE, f"{where}: {e} at MAIL/RCPT/DATA") from e
+        if not got:
+            if reused:
+                raise _RetryFresh()
+            raise TransientError(replies.ENDPOINT_UNAVAILABLE, f"{where}: disconnected at MAIL")
+        return got
+
+    @staticmethod
+    def _no_data(where: str, refused: Mapping[str, Refusal], deferred: list[tuple[str, SMTPResponse]]) -> RelayError:
+        """Why no DATA was sent: a deferred recipient (4xx for the whole message) or none accepted."""
+        if deferred:
+            r, rr = deferred[0]
+            return TransientError(_downstream(rr.code, rr.message),
+                                  f"{where}: {len(deferred)} recipient(s) deferred, first <{r}>: {_reply(rr)}")
+        first = next(iter(refused.values()))
+        return PermanentError(_downstream(first.code, first.text),
+                              f"{where}: every recipient refused, first: {first.code} {first.text}")
 
     @staticmethod
     def _mail_options(smtp: aiosmtplib.SMTP, pieces: tuple[wire.Piece, ...], smtputf8: bool, where: str,
@@ -313,9 +387,7 @@ class Delivery:
 
     async def _rcpts(self, conn: _Conn, where: str, rcpts: Sequence[str], enc: str
                      ) -> tuple[list[str], dict[str, Refusal], list[tuple[str, SMTPResponse]]]:
-        accepted: list[str] = []
-        refused: dict[str, Refusal] = {}
-        deferred: list[tuple[str, SMTPResponse]] = []
+        answered: list[tuple[str, SMTPResponse]] = []
         for r in rcpts:
             try:
                 rr = await conn.smtp.execute_command(b"RCPT", b"TO:<" + r.encode(enc) + b">")
@@ -323,6 +395,17 @@ class Delivery:
                 raise TransientError(replies.ENDPOINT_TIMEOUT, f"{where}: timeout at RCPT") from e
             except (aiosmtplib.SMTPException, ConnectionError) as e:
                 raise TransientError(replies.ENDPOINT_UNAVAILABLE, f"{where}: {e} at RCPT") from e
+            answered.append((r, rr))
+        return self._sort_rcpts(conn, answered)
+
+    @staticmethod
+    def _sort_rcpts(conn: _Conn, answered: Iterable[tuple[str, SMTPResponse]]
+                    ) -> tuple[list[str], dict[str, Refusal], list[tuple[str, SMTPResponse]]]:
+        """Accepted (250/251), refused for good (5xx) and deferred (anything else) recipients."""
+        accepted: list[str] = []
+        refused: dict[str, Refusal] = {}
+        deferred: list[tuple[str, SMTPResponse]] = []
+        for r, rr in answered:
             if rr.code in (250, 251):
                 accepted.append(r)
             elif 500 <= rr.code < 600:
@@ -332,9 +415,10 @@ class Delivery:
         return accepted, refused, deferred
 
     async def _data(self, conn: _Conn, where: str, data: bytes | tuple[wire.Piece, ...], crlf: bool = False,
-                    dotless: bool = False) -> SMTPResponse:
+                    dotless: bool = False, *, started: bool = False) -> SMTPResponse:
         try:
-            return await send_data(conn.smtp, data, self.cfg.data_timeout, crlf=crlf, dotless=dotless)
+            return await send_data(conn.smtp, data, self.cfg.data_timeout, crlf=crlf, dotless=dotless,
+                                   started=started)
         except aiosmtplib.SMTPDataError as e:
             await self._rset(conn.smtp)
             self._checkin(conn)
@@ -370,8 +454,100 @@ def _is_loopback(address: str) -> bool:
         return False  # a name: never trusted to be loopback
 
 
+def _can_pipeline(smtp: aiosmtplib.SMTP, pieces: tuple[wire.Piece, ...], crlf: bool) -> bool:
+    """RFC 2920 §3.1: only to a server that advertised PIPELINING; only for content that goes out
+    on the fast path (CRLF-clean: :func:`send_data`); only with the aiosmtplib internals
+    :func:`command_group` relies on (else the sequential path, which needs none of them)."""
+    proto = smtp.protocol
+    if not smtp.supports_extension("pipelining") or proto is None or not all(
+            hasattr(proto, a) for a in ("_command_lock", "_response_pending", "_response_waiter", "_buffer",
+                                        "_read_response_from_buffer")):
+        return False
+    if len(pieces) > 1:
+        return crlf
+    one = pieces[0]
+    return bytes(one[-2:]) == b"\r\n" and (crlf or (not isinstance(one, memoryview) and wire.crlf_only(one)))
+
+
+class _Replies:
+    """What :func:`command_group` reads while its group is outstanding: every complete reply, parsed
+    as it arrives with aiosmtplib's own parser and limits; a wake-up for the waiting task on each."""
+
+    def __init__(self, proto: Any, expected: int) -> None:
+        self.proto, self.expected = proto, expected
+        self.got: list[SMTPResponse] = []
+        self.failed: Exception | None = None
+        self.wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.proto._buffer.extend(data)
+        try:
+            while len(self.got) < self.expected:
+                r = self.proto._read_response_from_buffer()
+                if r is None:
+                    break
+                self.got.append(r)
+                if r.code == 421:  # RFC 5321 §3.8: the server is closing; nothing more will come
+                    self.expected = len(self.got)
+            if len(self.proto._buffer) > _MAX_REPLY:
+                raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+        except Exception as e:  # a malformed reply: aiosmtplib's own exception
+            self.failed = e
+        self.progress()
+
+    def progress(self, _f: object = None) -> None:
+        if not self.wake.done():
+            self.wake.set_result(None)
+
+
+async def command_group(smtp: aiosmtplib.SMTP, lines: Sequence[bytes], reply_timeout: float) -> list[SMTPResponse]:
+    """Write ``lines`` (each a whole command with its CRLF) at once and read one reply per line, in
+    order (an RFC 2920 command group). Fewer replies than lines: the server closed the connection
+    (or said 421, it is closing) before answering the rest. ``reply_timeout`` bounds the wait for
+    each next reply.
+
+    aiosmtplib reads one reply per command it wrote and drops what arrives while a parsed reply
+    waits to be picked up, so while the group is outstanding the protocol's ``data_received`` is
+    :class:`_Replies`'. Anything after the last expected reply is a protocol violation (the
+    server talked out of turn): the connection is closed.
+    """
+    for line in lines:
+        # aiosmtplib's guard against command injection (no control character inside a command).
+        if not line.endswith(b"\r\n") or _CONTROL.search(line, 0, len(line) - 2):
+            raise ValueError("Command contains a prohibited control character")
+    proto: Any = smtp.protocol
+    lost: asyncio.Future[SMTPResponse] | None = getattr(proto, "_response_waiter", None)  # ended on EOF/loss
+    if proto is None or proto._command_lock is None or lost is None or lost.done():
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    replies_ = _Replies(proto, len(lines))
+    async with proto._command_lock:
+        lost.add_done_callback(replies_.progress)
+        proto.data_received = replies_.data_received
+        try:
+            proto.write(b"".join(lines))
+            while len(replies_.got) < replies_.expected and replies_.failed is None and not lost.done():
+                replies_.wake = asyncio.get_running_loop().create_future()
+                try:
+                    await asyncio.wait_for(replies_.wake, reply_timeout)
+                except TimeoutError:
+                    raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from None
+        finally:
+            del proto.data_received  # aiosmtplib's own again
+            lost.remove_done_callback(replies_.progress)
+    if replies_.failed is not None:
+        raise replies_.failed
+    if proto._buffer:
+        smtp.close()
+        raise aiosmtplib.SMTPResponseException(-1, "Unexpected data after the pipelined replies")
+    return replies_.got
+
+
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # aiosmtplib's COMMAND_INJECTION_REGEX
+_MAX_REPLY = 8192 * 4  # aiosmtplib's MAX_RESPONSE_LENGTH
+
+
 async def send_data(smtp: aiosmtplib.SMTP, data: bytes | tuple[wire.Piece, ...], reply_timeout: float, *,
-                    crlf: bool = False, dotless: bool = False) -> SMTPResponse:
+                    crlf: bool = False, dotless: bool = False, started: bool = False) -> SMTPResponse:
     """``smtp.data(data)`` at C speed for CRLF-clean data (issue #14).
 
     aiosmtplib's DATA path runs two regular expressions over the whole message (line-ending
@@ -384,7 +560,9 @@ async def send_data(smtp: aiosmtplib.SMTP, data: bytes | tuple[wire.Piece, ...],
     content, final reply, under its command lock); anything else, or an aiosmtplib whose protocol
     object no longer has those parts, goes through ``smtp.data``. ``data`` in pieces (a big
     message as the stamper left it, :attr:`relay.mime.stamper.StampResult.pieces`) is written
-    piece after piece when proved CRLF-only and dot-free, else joined first.
+    piece after piece when proved CRLF-only and dot-free, else joined first. ``started``: DATA
+    was already sent and answered 354 (a pipelined group, :func:`command_group`); only the
+    content and its final reply are left, and the content must be CRLF-clean.
     """
     proto = smtp.protocol
     lock = getattr(proto, "_command_lock", None)
@@ -397,16 +575,19 @@ async def send_data(smtp: aiosmtplib.SMTP, data: bytes | tuple[wire.Piece, ...],
         # crlf: proved by the stamper from its splices (no 25 MB scan on the event loop); else checked.
         clean = data.endswith(b"\r\n") and (crlf or wire.crlf_only(data))
     if proto is None or lock is None or not hasattr(proto, "_response_pending") or not clean:
+        if started:  # _can_pipeline() lets only clean content through: never reached
+            raise aiosmtplib.SMTPDataError(-1, "content not CRLF-clean after a pipelined DATA")
         return await smtp.data(wire.joined(data) if isinstance(data, tuple) else data, timeout=reply_timeout)
     total = wire.size_of(data) if isinstance(data, tuple) else len(data)
     drain = getattr(proto, "_drain_helper", None)
     try:
         async with lock:
-            proto._response_pending = True  # a reply is expected: nothing read is unsolicited
-            proto.write(b"DATA\r\n")
-            start = await proto.read_response(timeout=reply_timeout)
-            if start.code != 354:
-                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            if not started:
+                proto._response_pending = True  # a reply is expected: nothing read is unsolicited
+                proto.write(b"DATA\r\n")
+                start = await proto.read_response(timeout=reply_timeout)
+                if start.code != 354:
+                    raise aiosmtplib.SMTPDataError(start.code, start.message)
             proto._response_pending = True
             # A big message goes in pieces, each written once the transport has room (its flow
             # control), so the transport never holds a second copy of the whole message.
