@@ -99,6 +99,8 @@ def main() -> None:
     if a.proxy:
         asyncio.run(_proxy(int(a.proxy[0]), int(a.proxy[1]), float(a.proxy[2]) / 2000))
         return
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", a.rev], check=True, capture_output=True,
+                         text=True).stdout.strip()
     wt = Path(tempfile.mkdtemp(prefix="wan-ab-")) / "base"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(wt), a.rev], check=True,
                    capture_output=True)
@@ -117,7 +119,7 @@ def main() -> None:
     b, t = min(res["base"]), min(res["this"])
     line = (f"10 KB messages one after another (one smtp-source session, one per connection) through the relay "
             f"to smtp-sink {a.rtt:.0f} ms round trip away (delay proxy), same run, 3 alternating rounds: base "
-            f"{a.rev} {b:.1f} ms per message, this tree {t:.1f} ms; this/base = {t / b:.3f}")
+            f"{a.rev} ({rev}) {b:.1f} ms per message, this tree {t:.1f} ms; this/base = {t / b:.3f}")
     print(line)
     (HERE / "results-wan-ab.txt").write_text(line + "\n")
 

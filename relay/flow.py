@@ -313,8 +313,9 @@ class MessageFlow:
         result = "accepted" if reply.startswith("2") else "deferred" if reply.startswith("4") else "refused"
         tenant = m.prepared.binding.tenant.name if m.prepared else "-"
         metric.messages.labels(tenant, result).inc()
-        fields = log_fields(m, reply, elapsed)
-        log.info("message %s", msglog.fmt(fields), extra={"fields": fields})  # "fields": for --log-format json
+        if log.isEnabledFor(logging.INFO):  # the line is built only to be written (--log-level warning: never)
+            fields = log_fields(m, reply, elapsed)
+            log.info("message %s", msglog.fmt(fields), extra={"fields": fields})  # "fields": for --log-format json
 
 
 def log_fields(m: _Message, reply: str, elapsed: float) -> dict[str, Any]:
