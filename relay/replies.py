@@ -36,6 +36,9 @@ TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")  # RFC 3207 §4.2
 # RFC 6531 §3.4: a non-ASCII address needs the SMTPUTF8 parameter on MAIL FROM.
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 BAD_ADDRESS = Reply(553, "5.1.7", "Address not accepted: invalid or suspicious domain")
+# RFC 5321 §4.1.2: a forward-path is a Mailbox (Local-part "@" Domain); only "Postmaster" may
+# come without a domain. Postfix answers the same code.
+NOT_A_MAILBOX = Reply(501, "5.1.3", "Bad recipient address syntax: expected local-part@domain")
 # Exchange Online's own header limit is 256 KB; beyond ours the header is hostile, not mail.
 HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header too large")
 # A NUL in the header section is read differently by different parsers (RFC 5322 §2.2).

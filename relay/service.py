@@ -24,12 +24,12 @@ from relay.delivery.spool import Spool
 from relay.errors import RelayError
 from relay.flow import MessageFlow
 from relay.smtp import tls
-from relay.smtp.server import EhloWithoutAuth, Guard, RelaySMTP, Slot, start_listener
+from relay.smtp.server import Ehlo, Guard, RelaySMTP, Slot, start_listener
 
 log = logging.getLogger("relay")
 
 
-class RelayHandler(EhloWithoutAuth):
+class RelayHandler(Ehlo):
     """aiosmtpd hook object. Replies come from :mod:`relay.replies` only."""
 
     def __init__(self, relay: Relay) -> None:
@@ -66,6 +66,11 @@ class RelayHandler(EhloWithoutAuth):
     ) -> str:
         if not address.isascii() and not envelope.smtp_utf8:
             return str(replies.NEEDS_SMTPUTF8)  # RFC 6531 §3.4
+        local, at, domain = address.rpartition("@")
+        if not (at and local and domain and not domain.endswith('"')) and address.lower() != "postmaster":
+            # aiosmtpd's parser takes <not an address> as the quoted local part "not an address";
+            # relayed, the tenant would refuse it and the sender get a DSN instead of a plain 501.
+            return str(replies.NOT_A_MAILBOX)
         if len(envelope.rcpt_tos) >= self.relay.cfg.security.max_recipients:
             return str(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 §4.5.3.1.10: the earlier ones stand
         envelope.rcpt_tos.append(address)

@@ -22,13 +22,12 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import Config, Listener, TlsConfig
 from relay.smtp import tls
-from relay.smtp.server import EhloWithoutAuth, Guard, RelaySMTP, start_listener
+from relay.smtp.server import Ehlo, Guard, RelaySMTP, start_listener
 
 log = logging.getLogger("relay.sink")
 
@@ -68,21 +67,12 @@ class Maildir:
         return final
 
 
-class SinkHandler(EhloWithoutAuth):
+class SinkHandler(Ehlo):
     def __init__(self, maildir: Path, allowed: dict[str, str], behavior: SinkBehavior) -> None:
         self.maildir = Maildir(maildir)
         self.journal = maildir.parent / "deliveries.jsonl"
         self.allowed = allowed  # certificate name -> tenant name
         self.behavior = behavior
-
-    async def handle_EHLO(
-        self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str],
-    ) -> list[str]:
-        # Exchange Online's inbound connector advertises PIPELINING (RFC 2920), so its stand-in
-        # does too and the relay's pipelined delivery is what every end-to-end test goes through.
-        # aiosmtpd reads one command line at a time, which is all a pipelining server needs.
-        out = await super().handle_EHLO(server, session, envelope, hostname, responses)
-        return [*out[:-1], "250-PIPELINING", out[-1]]
 
     def _tenant(self, session: Session) -> tuple[str | None, str]:
         names = tls.peer_names((session.ssl or {}).get("peercert"))

@@ -1,6 +1,7 @@
-"""Delivery with RFC 2920 pipelining (issue #14), against scripted endpoints that answer in every way
+"""RFC 2920 pipelining (issue #14). Delivery, against scripted endpoints that answer in every way
 RFC 2920 §3.1 allows: MAIL, each RCPT and DATA go out as one group when the endpoint advertises
-PIPELINING, every reply is checked, and a deferred recipient still means no message at all."""
+PIPELINING, every reply is checked, and a deferred recipient still means no message at all. And
+the relay's own listener, which advertises PIPELINING to Exchange Online."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from relay.config import Config, Tenant
 from relay.delivery import client
 from relay.delivery.client import Delivery, _Replies
 from relay.errors import PermanentError, TransientError
+from tests.protocol.rawsmtp import Raw
 from tests.protocol.test_relay_protocol import send
+from tests.protocol.test_security import client_ctx
 from tests.support import Deployment, free_port, message
 
 BODY = (b"From: <alice@contoso.com>\r\nSubject: pipelined\r\n\r\n"
@@ -414,3 +417,35 @@ async def test_the_dev_sink_advertises_pipelining_and_the_relay_uses_it_over_sta
     assert code == 250
     assert [g[0][:4] for g in groups] == [b"MAIL"] and groups[0][-1] == b"DATA\r\n"
     assert len(deployment.delivered()) == 1
+
+
+# --- inbound: Exchange Online pipelining to the relay ------------------------------------------
+
+
+async def test_the_relay_advertises_pipelining_and_answers_each_group_in_order(
+        stack: Any, deployment: Deployment) -> None:
+    """Exchange Online pipelines when the smart host advertises PIPELINING (RFC 2920). One group
+    per message, the second one sent right after the first message's final dot: each reply comes
+    in order, a refused recipient does not disturb the others, and each message arrives once."""
+    c = await Raw.open(deployment.relay_port)
+    assert (await c.reply()).startswith("220")
+    assert "250-PIPELINING" in (await c.cmd(b"EHLO exo.test")).splitlines()
+    assert (await c.cmd(b"STARTTLS")).startswith("220")
+    await c.starttls(client_ctx(stack))
+    assert "250-PIPELINING" in (await c.cmd(b"EHLO exo.test")).splitlines()
+    await c.send(b"MAIL FROM:<alice@contoso.com>\r\nRCPT TO:<bob@example.net>\r\n"
+                 b"RCPT TO:<dave@example.net> FOO=BAR\r\nDATA\r\n")
+    got = [await c.reply() for _ in range(4)]
+    assert [g[:1] for g in got] == ["2", "2", "5", "3"], got
+    first = message(to="bob@example.net")
+    await c.send(first + b".\r\nMAIL FROM:<alice@contoso.com>\r\nRCPT TO:<carol@example.net>\r\nDATA\r\n")
+    got = [await c.reply() for _ in range(4)]
+    assert [g[:3] for g in got] == ["250", "250", "250", "354"], got
+    second = message(to="carol@example.net")
+    await c.send(second + b".\r\nQUIT\r\n")
+    assert (await c.reply()).startswith("250") and (await c.reply()).startswith("221")
+    c.close()
+    delivered = deployment.delivered()
+    assert len(delivered) == 2
+    assert sum(b"To: <bob@example.net>" in m for m in delivered) == 1
+    assert sum(b"To: <carol@example.net>" in m for m in delivered) == 1

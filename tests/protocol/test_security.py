@@ -220,6 +220,21 @@ async def test_talking_before_the_greeting_is_refused(make_stack: MakeStack, dep
     assert st.deployment.delivered() == []
 
 
+async def test_a_recipient_that_is_not_a_mailbox_is_a_syntax_error(stack: Stack) -> None:
+    """RFC 5321 §4.1.2: a forward-path is local-part@domain (only Postmaster may lack a domain).
+    aiosmtpd's parser reads <not an address> as a quoted local part; it gets 501 5.1.3 here
+    instead of being relayed to the tenant, refused there and bounced to the sender as a DSN."""
+    c = await session(stack)
+    assert (await c.cmd(b"MAIL FROM:<alice@contoso.com>")).startswith("250")
+    for bad in (b"<not an address>", b'<"bob@example.net">', b"<bob@>", b"<@example.net>"):
+        r = await c.cmd(b"RCPT TO:" + bad)
+        assert r[:1] == "5" and r[4:9] == "5.1.3", (bad, r)  # ours 501, or aiosmtpd's own 553
+    for good in (b"<Postmaster>", b'<"bob smith"@example.net>', b"<bob@example.net>"):
+        r = await c.cmd(b"RCPT TO:" + good)
+        assert r.startswith("250"), (good, r)
+    c.close()
+
+
 # --- 6. limits -----------------------------------------------------------------------------------
 
 
