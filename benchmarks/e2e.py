@@ -254,13 +254,16 @@ class TlsFiles:
 
 class Relay:
     def __init__(self, work: Path, port: int, sink_port: int, metrics_port: int, workers: int = 1,
-                 tls: bool = False, certs_from: Path | None = None) -> None:
+                 tls: bool = False, certs_from: Path | None = None, second_tenant_sink: int | None = None) -> None:
         self.work, self.port, self.workers = work / f"relay-{workers}{'-tls' if tls else ''}", port, workers
         self.work.mkdir(parents=True, exist_ok=True)
         rules = self.work / "rules"
         shutil.copytree(ROOT / "rules", rules, dirs_exist_ok=True)
         tenant = rules / "contoso" / "tenant.toml"
         tenant.write_text(re.sub(r'(?m)^endpoint = .*$', f'endpoint = "127.0.0.1:{sink_port}"', tenant.read_text()))
+        signatures = ROOT / "signatures"
+        if second_tenant_sink is not None:
+            signatures = self._second_tenant(rules, second_tenant_sink)
         certs = self.work / "certs"
         conf = self.work / "bench.toml"
         conf.write_text(f"""# Benchmark profile: STARTTLS off on loopback on both sides, explicitly (issue #14).
@@ -268,7 +271,7 @@ class Relay:
 hostname = "smtp.signature-relay.test"
 service_domain = "signature-relay.test"
 tenants_dir = "{rules}"
-signatures_dir = "{ROOT / 'signatures'}"
+signatures_dir = "{signatures}"
 var_dir = "{self.work / 'var'}"
 [listen]
 smtp = ["127.0.0.1:{port}"]
@@ -310,6 +313,22 @@ enabled = false
 
     def pids(self) -> list[int]:
         return [self.proc.pid, *descendants(self.proc.pid)]
+
+    def _second_tenant(self, rules: Path, sink_port: int) -> Path:
+        """A copy of the sample tenant as "fabrikam" (its own id, domains and rules) delivering into
+        its own sink; returns the signatures directory that has its templates too."""
+        shutil.copytree(rules / "contoso", rules / "fabrikam")
+        t = rules / "fabrikam" / "tenant.toml"
+        text = t.read_text().replace("3f6e1b2a-9c4d-4e8f-a1b2-5c7d9e0f1a2b", "4a7f2c3b-0d5e-4f90-b2c3-6d8e0f1a2b3c")
+        text = text.replace("contoso", "fabrikam").replace("fabrikam-7q4k2m", "fabrikam-2b9x1k")
+        t.write_text(re.sub(r'(?m)^endpoint = .*$', f'endpoint = "127.0.0.1:{sink_port}"', text))
+        for f in (rules / "fabrikam").iterdir():
+            if f.name != "tenant.toml" and f.suffix in (".csv", ".toml"):
+                f.write_text(f.read_text().replace("contoso", "fabrikam"))
+        signatures = self.work / "signatures"
+        shutil.copytree(ROOT / "signatures", signatures, dirs_exist_ok=True)
+        shutil.copytree(signatures / "contoso", signatures / "fabrikam", dirs_exist_ok=True)
+        return signatures
 
     def restart(self) -> None:
         """A fresh process (empty pools, peak RSS from zero)."""
@@ -420,13 +439,13 @@ def measure(system: str, port: int, sink: Sink, msg: Path, label: str, n: int, s
     return Run(system, label, per_conn, sessions, n, elapsed, relay_cpu, machine_busy() - busy0, done)
 
 
-def probe(port: int, raw: bytes, stop: threading.Event, out: list[float]) -> None:
+def probe(port: int, raw: bytes, stop: threading.Event, out: list[float], sender: str = SENDER) -> None:
     """Small messages one after another while big ones are in flight: the latency other sessions see."""
     while not stop.is_set():
         t0 = time.perf_counter()
         try:
             with smtplib.SMTP("127.0.0.1", port, timeout=120) as c:
-                c.sendmail(SENDER, [RCPT], raw)
+                c.sendmail(sender, [RCPT], raw)
         except (OSError, smtplib.SMTPException) as e:
             print(f"  probe: {e}", flush=True)
             return
@@ -762,9 +781,44 @@ def big_message_figures(relay: Relay, port: int, sink: Sink, files: dict[str, Pa
                 f"{1000 * statistics.median(d):.0f} ms, p99 {1000 * d[min(len(d) - 1, int(len(d) * 0.99))]:.0f} ms")
             print(f"  small messages straight to the sink meanwhile: {len(direct)} sent, p99 "
                   f"{1000 * d[min(len(d) - 1, int(len(d) * 0.99))]:.0f} ms", flush=True)
+    out["4 × 25 MB, own sink"] = small_latency_own_sink(relay.work.parent, sink, files)
+    print(f"  4 × 25 MB, small messages into their own sink: {out['4 × 25 MB, own sink']}", flush=True)
     out["4 × 25 MB, Postfix sink"] = small_latency_into_postfix(relay.work.parent, sink, files)
     print(f"  4 × 25 MB into a Postfix sink: {out['4 × 25 MB, Postfix sink']}", flush=True)
     return out
+
+
+def _summary(xs: list[float]) -> str:
+    lat = sorted(xs) or [float("nan")]
+    return (f"{len(xs)} sent, p50 {1000 * statistics.median(lat):.0f} ms, p99 "
+            f"{1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.0f} ms, max {1000 * lat[-1]:.0f} ms")
+
+
+def small_latency_own_sink(work: Path, sink: Sink, files: dict[str, Path]) -> str:
+    """The same 4 × 25 MB load, the small-message probe sent for a second tenant whose endpoint is
+    a second smtp-sink: what the relay itself makes a small message wait, with the sink's own
+    one-connection-at-a-time reading of a 25 MB DATA out of the small messages' way."""
+    sink2 = Sink(free_port())
+    relay = Relay(work / "own-sink", free_port(), sink.port, free_port(), second_tenant_sink=sink2.port)
+    try:
+        small = files["10 KB reply"].read_bytes().replace(SENDER.encode(), b"alice@fabrikam.com")
+        lat: list[float] = []
+        stop = threading.Event()
+        t = threading.Thread(target=probe, args=(relay.port, small, stop, lat, "alice@fabrikam.com"), daemon=True)
+        t.start()
+        r = measure("relay", relay.port, sink, files["25 MB attachment"], "25 MB attachment", 8, 4, 1, relay.pids,
+                    900, until_sent=True)
+        stop.set()
+        t.join(130)
+        if not sink2.wait_for(len(lat), 30):  # each was answered 250 only after that sink's 250
+            raise SystemExit(f"the second tenant's sink got {sink2.count} of {len(lat)} small messages")
+        return (f"the small messages for a second tenant whose endpoint is its own smtp-sink (the big ones' "
+                f"sink reads one 25 MB DATA at a time and answers nothing else meanwhile): "
+                f"{r.rate * files['25 MB attachment'].stat().st_size / 1e6:.1f} MB/s; small messages through "
+                f"the relay meanwhile: {_summary(lat)}")
+    finally:
+        relay.stop()
+        sink2.stop()
 
 
 def small_latency_into_postfix(work: Path, sink: Sink, files: dict[str, Path]) -> str:
@@ -789,15 +843,10 @@ def small_latency_into_postfix(work: Path, sink: Sink, files: dict[str, Path]) -
         for t in threads:
             t.join(130)
 
-        def summary(xs: list[float]) -> str:
-            lat = sorted(xs) or [float("nan")]
-            return (f"{len(xs)} sent, p50 {1000 * statistics.median(lat):.0f} ms, p99 "
-                    f"{1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.0f} ms, max {1000 * lat[-1]:.0f} ms")
-
         return (f"delivering into a private Postfix that discards (an smtpd per connection) instead of smtp-sink: "
                 f"{r.rate * files['25 MB attachment'].stat().st_size / 1e6:.1f} MB/s; small messages through the "
-                f"relay meanwhile: {summary(via)}; straight to that Postfix meanwhile (it writes and fsyncs every "
-                f"message, the 25 MB ones too): {summary(direct)}")
+                f"relay meanwhile: {_summary(via)}; straight to that Postfix meanwhile (it writes and fsyncs every "
+                f"message, the 25 MB ones too): {_summary(direct)}")
     finally:
         relay.stop()
         pf.stop()
