@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/relay_ab.py [REV]        (default HEAD; needs Postfix's smtp-source/-sink)
     .venv/bin/python benchmarks/relay_ab.py --big [REV]  (the 25 MB-attachment message instead)
+    .venv/bin/python benchmarks/relay_ab.py --tls [REV]  (STARTTLS on both sides, as bench-e2e's TLS phase)
 
 The base revision is checked out into a temporary git worktree. Each round starts the relay from
 one tree then the other (A B A B ...: drift on a noisy machine hits both alike) in e2e.py's
@@ -9,7 +10,10 @@ plaintext benchmark profile, sends 500 warm-up then 3 x 3000 messages with smtp-
 sessions, one message per connection) into smtp-sink, and takes the least CPU per message of the
 relay's processes. Writes benchmarks/results-relay-ab.txt. With ``--big``: one session sends
 the 25 MB-attachment message 1 + 3 x 4 times (one after another, so MB/s is one message's end to
-end rate) and the line goes to benchmarks/results-relay-ab-big.txt.
+end rate) and the line goes to benchmarks/results-relay-ab-big.txt. With ``--tls``: STARTTLS on
+both sides, loadgen.py sends 300 warm-up then 3 x 1500 messages (20 sessions, one per connection)
+into a private Postfix TLS sink that discards, as bench-e2e's STARTTLS phase does
+(results-relay-ab-tls.txt).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-args = [a for a in sys.argv[1:] if a != "--big"]
+args = [a for a in sys.argv[1:] if a not in ("--big", "--tls")]
 big = "--big" in sys.argv[1:]
+tls = "--tls" in sys.argv[1:]
 rev = args[0] if args else "HEAD"
 wt = Path(tempfile.mkdtemp(prefix="relay-ab-")) / "base"
 subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(wt), rev], check=True, capture_output=True)
@@ -39,6 +44,23 @@ work = Path(tempfile.mkdtemp(prefix="sab-"))
 raw = with_attachment(25, html=True) if big else outlook_reply()
 (work / "r.eml").write_bytes(raw.replace(b"\r\n", b"\n"))
 sink_port, port, mport = e2e.free_port(), e2e.free_port(), e2e.free_port()
+if sys.argv[2] == "tls":
+    import os
+    os.chmod(work, 0o755)  # the private Postfix sink reads its certificates as postfix
+    relay = e2e.Relay(work, port, sink_port, mport, tls=True)
+    c = relay.certs
+    ca, cc, ck = c / "ca.crt", c / "tenants" / "contoso.crt", c / "tenants" / "contoso.key"
+    sink = e2e.Postfix(work, "tls-sink", sink_port, 0, tls=e2e.TlsFiles(c / "sink.crt", c / "sink.key", ca, cc, ck),
+                       discard=True)
+    sink.start()
+    try:
+        e2e.measure_lg("relay", port, work / "r.eml", "10", 300, 20, 1, None, None, ca)
+        runs = [e2e.measure_lg("relay", port, work / "r.eml", "10", 1500, 20, 1, relay.pids, None, ca)
+                for _ in range(3)]
+        print(f"{1000 * min(r.cpu / r.n for r in runs):.3f} {max(r.rate for r in runs):.1f}")
+    finally:
+        relay.stop(); sink.stop()
+    raise SystemExit(0)
 sink = e2e.Sink(sink_port); relay = e2e.Relay(work, port, sink_port, mport)
 if big:
     e2e.measure("relay", port, sink, work / "r.eml", "25", 1, 1, 1, relay.pids, 120)
@@ -56,12 +78,12 @@ try:
     for _ in range(3):
         for name, root in (("base", wt), ("this", REPO)):
             env = dict(os.environ, PYTHONPATH=str(root))
-            out = subprocess.run([sys.executable, "-c", child, str(root), "big" if big else "small"],
+            out = subprocess.run([sys.executable, "-c", child, str(root), "big" if big else "tls" if tls else "small"],
                                  capture_output=True, text=True, env=env, timeout=900, check=True)
             cpu, mbs = map(float, out.stdout.strip().splitlines()[-1].split())
             res[name].append(cpu)
             rate[name].append(mbs)
-            print(name, cpu, "ms", mbs, "MB/s" if big else "", flush=True)
+            print(name, cpu, "ms", mbs, "MB/s" if big else "msg/s" if tls else "", flush=True)
 finally:
     subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], capture_output=True)
 b, t = min(res["base"]), min(res["this"])
@@ -70,8 +92,15 @@ if big:
     line = (f"relay CPU per 25 MB-attachment message (one session, messages one after another, plaintext "
             f"profile), same run, 3 alternating rounds: base {rev} {b:.1f} ms at {rb:.1f} MB/s, this tree "
             f"{t:.1f} ms at {rt:.1f} MB/s; CPU this/base = {t / b:.3f}, MB/s this/base = {rt / rb:.3f}")
+elif tls:
+    rb, rt = max(rate["base"]), max(rate["this"])
+    line = (f"relay CPU per 10 KB message over STARTTLS on both sides (loadgen.py, 20 sessions, one per connection, "
+            f"into a Postfix TLS sink that discards), same run, 3 alternating rounds: base {rev} {b:.3f} ms at "
+            f"{rb:.1f} msg/s, this tree {t:.3f} ms at {rt:.1f} msg/s; CPU this/base = {t / b:.3f}, msg/s "
+            f"this/base = {rt / rb:.3f}")
 else:
     line = (f"relay CPU per 10 KB message (smtp-source, 20 sessions, one per connection, plaintext profile), "
             f"same run, 3 alternating rounds: base {rev} {b:.3f} ms, this tree {t:.3f} ms; this/base = {t / b:.3f}")
 print(line)
-(HERE / ("results-relay-ab-big.txt" if big else "results-relay-ab.txt")).write_text(line + "\n")
+(HERE / ("results-relay-ab-big.txt" if big else "results-relay-ab-tls.txt" if tls else "results-relay-ab.txt")
+ ).write_text(line + "\n")
