@@ -178,6 +178,7 @@ class RelaySMTP(SMTP):
         self._rejection: str | None = None
         self._slot = slot  # already admitted (implicit TLS: by the TlsGate, at TCP accept)
         self._idle = idle_timeout
+        self._corked: list[bytes] | None = None  # the lines of a multi-line reply, written at once
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
@@ -241,12 +242,36 @@ class RelaySMTP(SMTP):
                         "limit if this is legitimate mail", self.session.peer if self.session else None,
                         self.guard.max_line_length)
             line = status = str(replies.DATA_LINE_TOO_LONG)
+        if self._corked is not None and line.startswith("250"):
+            data = status if isinstance(status, bytes) else status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+            self._corked.append(data + b"\r\n")
+            return
+        await self._flush_corked()
         await super().push(status)
         if line[:1] in ("4", "5") and not line.startswith("421"):
             self._errors += 1
             if self._errors >= self.guard.max_errors:
                 await super().push("421 4.7.0 Too many errors, closing connection")
                 self._close()
+
+    async def _flush_corked(self) -> None:
+        if self._corked:
+            self._writer.write(b"".join(self._corked))
+            self._corked = []
+            await self._writer.drain()
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # aiosmtpd pushes each line of the EHLO reply as its own write: one send() and, under TLS,
+        # one TLS record per line, twice per STARTTLS session. RFC 5321 §4.2.1 makes the
+        # multi-line reply one reply: its 250 lines go out in one write (any other line, e.g. a
+        # 501, first writes what was held, so the order never changes).
+        self._corked = []
+        try:
+            await super().smtp_EHLO(hostname)
+            await self._flush_corked()
+        finally:
+            self._corked = None
 
     @syntax("DATA")
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:

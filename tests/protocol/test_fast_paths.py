@@ -178,3 +178,39 @@ async def test_listeners_keep_a_deep_accept_queue(monkeypatch: pytest.MonkeyPatc
         srv.close()
         await srv.wait_closed()
     assert seen == [server.LISTEN_BACKLOG] * 2 and server.LISTEN_BACKLOG >= 1024
+
+
+async def test_the_ehlo_reply_goes_out_in_one_write(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiosmtpd writes each line of a multi-line reply on its own (one send(), under TLS one TLS
+    record, per line); the relay writes the EHLO reply at once, the same lines in the same order,
+    before and after STARTTLS. A refused EHLO still gets its 501."""
+    import asyncio
+
+    from tests.protocol.rawsmtp import Raw
+    from tests.protocol.test_security import client_ctx
+
+    writes: list[bytes] = []
+    real = asyncio.StreamWriter.write
+
+    def counting(self: asyncio.StreamWriter, data: bytes) -> None:
+        if bytes(data).startswith(b"250"):
+            writes.append(bytes(data))
+        real(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
+    c = await Raw.open(stack.deployment.relay_port)
+    await c.reply()
+    for tls in (False, True):
+        writes.clear()
+        reply = await c.cmd(b"EHLO exo.test")
+        lines = reply.splitlines()
+        assert lines[0] == "250-smtp.signature-relay.test" and lines[-1] == "250 HELP"
+        assert ("250-STARTTLS" in lines) is not tls and "250-PIPELINING" in lines
+        assert not any(line[4:].startswith("AUTH") for line in lines)
+        assert writes == ["\r\n".join(lines).encode() + b"\r\n"]  # one write, exactly the reply
+        if not tls:
+            assert (await c.cmd(b"STARTTLS")).startswith("220")
+            await c.starttls(client_ctx(stack))
+    assert (await c.cmd(b"EHLO")).startswith("501")
+    assert (await c.cmd(b"NOOP")).startswith("250")  # nothing held back in between
+    c.close()
