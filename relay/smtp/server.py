@@ -273,7 +273,6 @@ class RelaySMTP(SMTP):
         finally:
             self._corked = None
 
-    @syntax("DATA")
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         m = _SIMPLE_PATH.fullmatch(arg)
         if m is None:
@@ -283,6 +282,7 @@ class RelaySMTP(SMTP):
             return None, None
         return addr, m.group(2) or ""
 
+    @syntax("DATA")  # what HELP shows, and what makes HELP list DATA at all
     async def smtp_DATA(self, arg: str) -> None:
         # The checks before 354 are aiosmtpd's (state, RCPT given, no argument); the content is
         # read by :meth:`_read_content`, buffer-wise instead of aiosmtpd's line-by-line loop.

@@ -214,3 +214,13 @@ async def test_the_ehlo_reply_goes_out_in_one_write(stack: Any, monkeypatch: pyt
     assert (await c.cmd(b"EHLO")).startswith("501")
     assert (await c.cmd(b"NOOP")).startswith("250")  # nothing held back in between
     c.close()
+
+
+async def test_help_lists_data(stack: Any) -> None:
+    """The relay's own DATA reader replaces aiosmtpd's smtp_DATA; HELP still knows the command."""
+    from tests.protocol.test_security import session
+
+    c = await session(stack)
+    assert "DATA" in (await c.cmd(b"HELP")).split()
+    assert await c.cmd(b"HELP DATA") == "250 Syntax: DATA"
+    c.close()
