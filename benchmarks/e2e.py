@@ -763,6 +763,13 @@ def big_message_figures(relay: Relay, port: int, sink: Sink, files: dict[str, Pa
             f"max {1000 * lat[-1]:.0f} ms; longest wait for a greeting (event-loop stall) "
             f"{1000 * max(greetings, default=float('nan')):.0f} ms over {len(greetings)} connections; "
             f"CPU {1000 * (r.cpu or 0) / r.n:.0f} ms per message")
+        if parallel == 1:
+            # The baseline for one message's MB/s: the same message straight into the same sink, one
+            # session, no probes. The relay stores and forwards, so its time is two such transfers
+            # (in, then out) plus its own work.
+            d = measure("direct", sink.port, sink, files["25 MB attachment"], "25 MB attachment", 4, 1, 1, None, 900)
+            out["1 × 25 MB"] += (f"; the same message straight into that smtp-sink, one session, no probes: "
+                                 f"{d.rate * size / 1e6:.1f} MB/s ({1000 / d.rate:.0f} ms per message)")
         print(f"  {parallel} × 25 MB: {out[f'{parallel} × 25 MB']}", flush=True)
         if parallel == 4:
             # Where a small message's wait comes from: the same probe straight to the sink while the
