@@ -454,19 +454,27 @@ def _is_loopback(address: str) -> bool:
         return False  # a name: never trusted to be loopback
 
 
+def _clean(data: bytes | bytearray | tuple[wire.Piece, ...], crlf: bool) -> bool:
+    """Whether :func:`send_data` writes ``data`` itself: every line break CRLF (``crlf``: proved by
+    the stamper; else checked, for one buffer) and a CRLF at the end. Pieces are only ever
+    proved, never scanned."""
+    if isinstance(data, tuple):
+        last = next((p for p in reversed(data) if len(p)), b"")
+        return crlf and bytes(last[-2:]) == b"\r\n"
+    return data.endswith(b"\r\n") and (crlf or wire.crlf_only(data))
+
+
 def _can_pipeline(smtp: aiosmtplib.SMTP, pieces: tuple[wire.Piece, ...], crlf: bool) -> bool:
     """RFC 2920 §3.1: only to a server that advertised PIPELINING; only for content that goes out
-    on the fast path (CRLF-clean: :func:`send_data`); only with the aiosmtplib internals
-    :func:`command_group` relies on (else the sequential path, which needs none of them)."""
+    on the fast path (:func:`_clean`, as :func:`send_data` decides it); only with the aiosmtplib
+    internals :func:`command_group` relies on (else the sequential path, which needs none of them)."""
     proto = smtp.protocol
     if not smtp.supports_extension("pipelining") or proto is None or not all(
             hasattr(proto, a) for a in ("_command_lock", "_response_pending", "_response_waiter", "_buffer",
                                         "_read_response_from_buffer")):
         return False
-    if len(pieces) > 1:
-        return crlf
-    one = pieces[0]
-    return bytes(one[-2:]) == b"\r\n" and (crlf or (not isinstance(one, memoryview) and wire.crlf_only(one)))
+    one = pieces[0] if len(pieces) == 1 else None
+    return _clean(one if isinstance(one, (bytes, bytearray)) else pieces, crlf)
 
 
 class _Replies:
@@ -568,13 +576,8 @@ async def send_data(smtp: aiosmtplib.SMTP, data: bytes | tuple[wire.Piece, ...],
     lock = getattr(proto, "_command_lock", None)
     if isinstance(data, tuple) and not (crlf and dotless):
         data = wire.joined(data)
-    if isinstance(data, tuple):
-        last = next((p for p in reversed(data) if len(p)), b"")
-        clean = bytes(last[-2:]) == b"\r\n"
-    else:
-        # crlf: proved by the stamper from its splices (no 25 MB scan on the event loop); else checked.
-        clean = data.endswith(b"\r\n") and (crlf or wire.crlf_only(data))
-    if proto is None or lock is None or not hasattr(proto, "_response_pending") or not clean:
+    # crlf: proved by the stamper from its splices (no 25 MB scan on the event loop); else checked.
+    if proto is None or lock is None or not hasattr(proto, "_response_pending") or not _clean(data, crlf):
         if started:  # _can_pipeline() lets only clean content through: never reached
             raise aiosmtplib.SMTPDataError(-1, "content not CRLF-clean after a pipelined DATA")
         return await smtp.data(wire.joined(data) if isinstance(data, tuple) else data, timeout=reply_timeout)
