@@ -242,11 +242,12 @@ class RelaySMTP(SMTP):
                         "limit if this is legitimate mail", self.session.peer if self.session else None,
                         self.guard.max_line_length)
             line = status = str(replies.DATA_LINE_TOO_LONG)
-        if self._corked is not None and line.startswith("250"):
-            data = status if isinstance(status, bytes) else status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
-            self._corked.append(data + b"\r\n")
-            return
-        await self._flush_corked()
+        if self._corked is not None:  # inside EHLO (smtp_EHLO): its 250 lines are held, anything else flushes them
+            if line.startswith("250"):
+                enc = "utf-8" if self.enable_SMTPUTF8 else "ascii"
+                self._corked.append((status if isinstance(status, bytes) else status.encode(enc)) + b"\r\n")
+                return
+            await self._flush_corked()
         await super().push(status)
         if line[:1] in ("4", "5") and not line.startswith("421"):
             self._errors += 1
