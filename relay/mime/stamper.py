@@ -227,24 +227,24 @@ def _out(raw: bytes | bytearray, fields: bytes, edits: list[tuple[int, int, byte
     crlf, dotless = known
     big = len(raw) > PIECES_OVER
     crlf = crlf and _splices_keep_crlf(raw, fields, edits)
-    dotless = dotless and crlf and big and _splices_keep_dotless(raw, fields, edits)
-    if not (big and crlf and dotless):
+    chunks = _chunks(raw, fields, edits) if dotless and crlf and big else []
+    if not (chunks and _splices_keep_dotless(chunks)):
         return StampResult((_join(raw, fields, edits),), decision, placement, anomalies, doubts, crlf=crlf)
     # A big message that delivery can write as it stands (CRLF only, no dot to add): handed on as
     # views of the input and the pieces put in, not joined into a second 25 MB copy (issue #14:
     # peak memory). Whether it needs BODY=8BITMIME is worked out here, in the big-message thread.
-    pieces = tuple(c for c in _chunks(raw, fields, edits) if len(c))
+    pieces = tuple(c for c in chunks if len(c))
     ascii = raw.isascii() and all(c.isascii() for c in pieces if not isinstance(c, memoryview))
     return StampResult(pieces, decision, placement, anomalies, doubts, crlf=True, dotless=True, ascii=ascii)
 
 
-def _splices_keep_dotless(raw: bytes | bytearray, fields: bytes, edits: list[tuple[int, int, bytes]]) -> bool:
-    """For a ``raw`` with no line starting with a dot (no ``CRLF.``, no leading dot): whether
-    :func:`_join`'s output has none either. The output is walked piece by piece as ``_join`` lays
-    it out, carrying its last two octets: an inserted piece is searched whole (a few KB), a view of
-    ``raw`` only where it meets what precedes it (inside, it has none)."""
+def _splices_keep_dotless(chunks: list[wire.Piece]) -> bool:
+    """For :func:`_chunks` of a ``raw`` with no line starting with a dot (no ``CRLF.``, no leading
+    dot): whether their join has none either. The output is walked piece by piece, carrying its
+    last two octets: an inserted piece is searched whole (a few KB), a view of ``raw`` only where
+    it meets what precedes it (inside, it has none)."""
     tail = b"\r\n"  # the output's first line starts a line: a leading dot counts
-    for chunk in _chunks(raw, fields, edits):
+    for chunk in chunks:
         head = bytes(chunk[:2]) if isinstance(chunk, memoryview) else bytes(chunk)
         if b"\r\n." in tail + head:
             return False
