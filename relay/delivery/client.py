@@ -477,9 +477,14 @@ def _can_pipeline(smtp: aiosmtplib.SMTP, pieces: tuple[wire.Piece, ...], crlf: b
     return _clean(one if isinstance(one, (bytes, bytearray)) else pieces, crlf)
 
 
-class _Replies:
+class _Replies(asyncio.Protocol):
     """What :func:`command_group` reads while its group is outstanding: every complete reply, parsed
-    as it arrives with aiosmtplib's own parser and limits; a wake-up for the waiting task on each."""
+    as it arrives with aiosmtplib's own parser and limits; a wake-up for the waiting task on each.
+
+    It is the transport's protocol for that time (``transport.set_protocol``), and hands every
+    other event (connection lost, EOF, flow control) to aiosmtplib's protocol. Assigning a
+    ``data_received`` attribute on aiosmtplib's protocol instead would be lost on uvloop, whose
+    transports look the method up once, when the protocol is set."""
 
     def __init__(self, proto: Any, expected: int) -> None:
         self.proto, self.expected = proto, expected
@@ -507,6 +512,18 @@ class _Replies:
         if not self.wake.done():
             self.wake.set_result(None)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proto.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return bool(self.proto.eof_received())
+
+    def pause_writing(self) -> None:
+        self.proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.proto.resume_writing()
+
 
 async def command_group(smtp: aiosmtplib.SMTP, lines: Sequence[bytes], reply_timeout: float) -> list[SMTPResponse]:
     """Write ``lines`` (each a whole command with its CRLF) at once and read one reply per line, in
@@ -515,8 +532,8 @@ async def command_group(smtp: aiosmtplib.SMTP, lines: Sequence[bytes], reply_tim
     each next reply.
 
     aiosmtplib reads one reply per command it wrote and drops what arrives while a parsed reply
-    waits to be picked up, so while the group is outstanding the protocol's ``data_received`` is
-    :class:`_Replies`'. Anything after the last expected reply is a protocol violation (the
+    waits to be picked up, so while the group is outstanding the transport's protocol is a
+    :class:`_Replies`. Anything after the last expected reply is a protocol violation (the
     server talked out of turn): the connection is closed.
     """
     for line in lines:
@@ -527,10 +544,13 @@ async def command_group(smtp: aiosmtplib.SMTP, lines: Sequence[bytes], reply_tim
     lost: asyncio.Future[SMTPResponse] | None = getattr(proto, "_response_waiter", None)  # ended on EOF/loss
     if proto is None or proto._command_lock is None or lost is None or lost.done():
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    transport = proto.transport
+    if transport is None or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     replies_ = _Replies(proto, len(lines))
     async with proto._command_lock:
         lost.add_done_callback(replies_.progress)
-        proto.data_received = replies_.data_received
+        transport.set_protocol(replies_)
         try:
             proto.write(b"".join(lines))
             while len(replies_.got) < replies_.expected and replies_.failed is None and not lost.done():
@@ -540,7 +560,7 @@ async def command_group(smtp: aiosmtplib.SMTP, lines: Sequence[bytes], reply_tim
                 except TimeoutError:
                     raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from None
         finally:
-            del proto.data_received  # aiosmtplib's own again
+            transport.set_protocol(proto)  # aiosmtplib's own again
             lost.remove_done_callback(replies_.progress)
     if replies_.failed is not None:
         raise replies_.failed

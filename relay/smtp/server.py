@@ -34,7 +34,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import MISSING, SMTP, syntax
@@ -393,8 +393,9 @@ class RelaySMTP(SMTP):
                     self._data_bytes / elapsed < self.guard.min_data_rate:
                 log.warning("%r DATA too slow: %d bytes in %.0f s", self.session.peer if self.session else None,
                             self._data_bytes, elapsed)
-                if isinstance(self.transport, asyncio.WriteTransport):
-                    self.transport.write(b"421 4.4.2 Data rate too low, closing connection\r\n")
+                if self.transport is not None:  # uvloop's transports are no asyncio.WriteTransport subclass
+                    cast(asyncio.WriteTransport, self.transport).write(
+                        b"421 4.4.2 Data rate too low, closing connection\r\n")
                 self._close()
                 return
         super().data_received(data)
@@ -460,7 +461,9 @@ class TlsGate(asyncio.Protocol):
         self.early: list[bytes] = []  # bytes that arrive between handshake and hand-over
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # Not isinstance(transport, asyncio.Transport): uvloop's TCP transport is no subclass of it
+        # (uvloop itself does not serve this gate: relay.eventloop).
+        transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         got = self.guard.slot(str(peer[0]) if peer else None)
         if not isinstance(got, Slot):
