@@ -48,6 +48,8 @@ typecheck: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test system-deps lint typecheck
 	$(BIN)/pytest -q
+	@echo "protocol tier again, every in-process server and client on uvloop (serve's default loop):"
+	SR_TEST_EVENT_LOOP=uvloop $(BIN)/pytest -q -p no:cacheprovider tests/protocol
 
 unit: $(VENV)/.installed-test
 	$(BIN)/pytest -q tests/unit

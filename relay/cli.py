@@ -92,10 +92,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return supervisor.worker_config(c, args.worker_index, args.worker_metrics_port)
 
     cfg = view(cfg)
-    from relay import offload
+    from relay import eventloop, offload
     from relay.service import Relay
 
     offload.release_big_buffers()
+    loop_name = eventloop.install(cfg.event_loop, implicit_tls=any(lst.implicit_tls for lst in cfg.listeners))
     from relay.sink import Sink
 
     async def run() -> None:
@@ -113,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await sink.start()
         await relay.start()
         _say(args, f"signature-relay {__version__} ready: {len(cfg.tenants)} tenant(s) "
-                   f"[{', '.join(t.name for t in cfg.tenants)}], config {cfg.source}")
+                   f"[{', '.join(t.name for t in cfg.tenants)}], config {cfg.source}, event loop {loop_name}")
         reload.ready()
         if main_process:
             dircli.start_scheduler(cfg, lambda m: _say(args, m))
@@ -165,7 +166,10 @@ class _Reloader:
 
 def cmd_sink(args: argparse.Namespace) -> int:
     cfg = _config(args, policies=False)
+    from relay import eventloop
     from relay.sink import Sink, SinkBehavior
+
+    eventloop.install(cfg.event_loop)
 
     behavior = SinkBehavior(
         reject_rcpt=re.compile(args.reject_rcpt) if args.reject_rcpt else None,

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
-from relay import addresses
+from relay import addresses, eventloop
 from relay.errors import ConfigError
 from relay.mime.scanner import Limits
 
@@ -250,6 +250,7 @@ class Config:
     security: SecurityConfig = field(default_factory=lambda: _default_security())
     mime_limits: Limits = field(default_factory=Limits)
     metrics_listen: tuple[str, int] | None = None  # [metrics] listen; None = off
+    event_loop: str = "auto"  # [service] event_loop: relay.eventloop.CHOICES
     # Not a file setting: `serve --workers N` sets it so every worker binds the same ports
     # (SO_REUSEPORT; the kernel spreads connections over them).
     reuse_port: bool = False
@@ -299,6 +300,7 @@ class _Service:
     tenants_dir: Path
     signatures_dir: Path
     var_dir: Path
+    event_loop: str
 
 
 def _service(root: _Section) -> _Service:
@@ -311,8 +313,12 @@ def _service(root: _Section) -> _Service:
     tenants_dir = svc.path("tenants_dir", "rules")
     signatures_dir = svc.path("signatures_dir", "signatures")
     var_dir = svc.path("var_dir", "var")
+    event_loop = svc.choice("event_loop", eventloop.CHOICES, "auto")
+    if event_loop == "uvloop" and not eventloop.available():
+        raise ConfigError(root.file, svc.key("event_loop"),
+                          "uvloop is not installed (pip install uvloop), or say \"auto\" or \"asyncio\"")
     svc.done()
-    return _Service(hostname, service_domain, processed_header, tenants_dir, signatures_dir, var_dir)
+    return _Service(hostname, service_domain, processed_header, tenants_dir, signatures_dir, var_dir, event_loop)
 
 
 def _listen(root: _Section) -> tuple[list[Listener], bool, int, float, float]:
@@ -460,6 +466,10 @@ def _load_text(text: str, name: str, base: Path) -> Config:
     root = _Section(data, name, "", base)
     svc = _service(root)
     listeners, require_starttls, max_size, idle_timeout, stop_grace = _listen(root)
+    if svc.event_loop == "uvloop" and any(lst.implicit_tls for lst in listeners):
+        raise ConfigError(name, "service.event_loop", "uvloop cannot serve listen.implicit_tls (it hands the "
+                          "client's first TLS bytes to the relay before the TLS layer is in place); say \"auto\" "
+                          "(asyncio's loop when there is an implicit-TLS listener) or \"asyncio\"")
     tls = _tls(root)
     delivery = _delivery(root, svc.var_dir)
     certs = _certs(root, svc.hostname, svc.service_domain)
@@ -480,7 +490,7 @@ def _load_text(text: str, name: str, base: Path) -> Config:
         require_starttls=require_starttls, max_message_size=max_size, idle_timeout=idle_timeout,
         stop_grace=stop_grace, tls=tls, delivery=delivery, sink=sink, certs=certs, tenants_dir=svc.tenants_dir,
         signatures_dir=svc.signatures_dir, var_dir=svc.var_dir, tenants=tuple(tenants), security=security,
-        mime_limits=mime_limits, metrics_listen=metrics_listen,
+        mime_limits=mime_limits, metrics_listen=metrics_listen, event_loop=svc.event_loop,
         _by_id=MappingProxyType(by_id), _by_domain=MappingProxyType(by_domain),
     )
 

@@ -138,6 +138,8 @@ class Relay:
         self.delivery.update(new.delivery, new.tenants)
         if new.listeners != self.cfg.listeners or new.metrics_listen != self.cfg.metrics_listen:
             log.warning("reload: listener addresses changed; that takes a restart (old ones kept)")
+        if new.event_loop != self.cfg.event_loop:
+            log.warning("reload: service.event_loop changed; that takes a restart (the running loop is kept)")
         if new.delivery.spool_dir != self.cfg.delivery.spool_dir:
             log.warning("reload: delivery.spool_dir changed; that takes a restart (the old spool is kept)")
         self.guard.configure(sec)

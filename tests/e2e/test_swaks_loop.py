@@ -111,6 +111,8 @@ def test_swaks_starttls_loop_delivers_marked_message_unchanged(loop: Procs) -> N
     assert body == sent[headers.header_end(sent):]
     log = loop.stop("relay")
     assert re.search(r"message qid=\S+ .*tenant=contoso .*decision=marked", log), log
+    # serve's default loop ([service] event_loop = "auto"): uvloop, a dependency
+    assert re.search(r"ready: .*, event loop uvloop \S+$", log, re.MULTILINE), log
 
 
 def test_swaks_without_tls_gets_530(loop: Procs) -> None:

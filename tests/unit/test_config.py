@@ -141,3 +141,50 @@ def test_production_example_config_is_valid(tmp_path: Path, pki_dir: Path) -> No
     from relay.smtp import tls
 
     tls.server_context(cfg.tls)  # cert + key + separate chain load
+
+
+def test_event_loop_choice(tmp_path: Path, pki_dir: Path) -> None:
+    """[service] event_loop: "auto" by default; a wrong word, or uvloop with an implicit-TLS
+    listener (relay.eventloop says why), stops start-up naming file, key and reason."""
+    p = write(tmp_path, pki_dir)
+    base = p.read_text()
+    assert config.load(p).event_loop == "auto"
+    svc = 'service_domain = "signature-relay.test"'
+    p.write_text(base.replace(svc, f'{svc}\nevent_loop = "asyncio"'))
+    assert config.load(p).event_loop == "asyncio"
+    p.write_text(base.replace(svc, f'{svc}\nevent_loop = "libuv"'))
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert (e.value.file, e.value.key) == (str(p), "service.event_loop")
+    assert "must be one of auto, asyncio, uvloop" in e.value.reason
+    implicit = base.replace("idle_timeout = 30", 'idle_timeout = 30\nimplicit_tls = ["127.0.0.1:1465"]')
+    p.write_text(implicit.replace(svc, f'{svc}\nevent_loop = "uvloop"'))
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert (e.value.file, e.value.key) == (str(p), "service.event_loop")
+    assert "implicit_tls" in e.value.reason
+    p.write_text(implicit)  # "auto" with an implicit-TLS listener: loads, and serves on asyncio's loop
+    assert any(lst.implicit_tls for lst in config.load(p).listeners)
+
+
+def test_event_loop_install() -> None:
+    """What `serve` installs for each choice (uvloop is a dependency, so "auto" finds it)."""
+    import asyncio
+
+    import uvloop
+
+    from relay import eventloop
+
+    before = asyncio.get_event_loop_policy()
+    try:
+        assert eventloop.install("auto").startswith("uvloop ")
+        assert isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy)
+        assert eventloop.install("auto", implicit_tls=True) == "asyncio"
+        assert not isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy)
+        assert eventloop.install("uvloop").startswith("uvloop ")
+        assert eventloop.install("asyncio") == "asyncio"
+        assert type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy
+        with pytest.raises(ValueError, match="implicit-TLS"):
+            eventloop.install("uvloop", implicit_tls=True)
+    finally:
+        asyncio.set_event_loop_policy(before)
