@@ -55,8 +55,8 @@ def pct(xs: list[float], p: float) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=400.0, help="open loop: messages per second (default 400)")
-    ap.add_argument("-n", type=int, default=4000, help="messages per open-loop round (default 4000)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("-n", type=int, default=2000, help="messages per open-loop round (default 2000)")
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", type=Path, default=HERE / "results-loop-ab.txt")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loop-ab-"))

@@ -1,10 +1,13 @@
 """Which asyncio event loop serves: the standard one, or uvloop (libuv, in C) when it is there.
 
-Measured on the 2-core benchmark machine (issue #14, ``benchmarks/loop_ab.py``), the same relay
-at a fixed rate of one 10 KB message per connection spent 16-21 % less CPU per message on uvloop,
-because each message takes some twenty trips round the event loop (one or two per SMTP command and
-reply) and uvloop's are cheaper. Flat out, with many sessions per loop trip, both loops cost the
-same. Exchange Online's load is the first kind: bursts, most of the time far below saturation.
+Each message takes some twenty trips round the event loop (one or two per SMTP command and reply,
+in and out), and uvloop's are cheaper. Measured on the 2-core benchmark machine (issue #14,
+``benchmarks/loop_ab.py``, the two loops side by side in the same run): at a fixed rate of 400
+10 KB messages/s, one per connection, uvloop's relay spent 0.85x, 0.92x and 0.94x asyncio's CPU
+per message in three runs, and was lower in every round of the 6-round one. Flat out (20
+sessions, many connections ready at each trip) it was 0.92x, 1.10x and 1.05x: no gain there, where
+``--workers`` is the lever. Exchange Online's load is the first kind: bursts, most of the time far
+below saturation, where CPU per message and latency are what an operator sees.
 
 ``auto`` (the default) takes uvloop when it can be imported and no listener is implicit TLS,
 else asyncio's own loop; ``asyncio`` and ``uvloop`` insist (the latter is a configuration error
