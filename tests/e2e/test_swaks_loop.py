@@ -373,3 +373,31 @@ def test_privacy_mode_without_a_key_refuses_to_start(monkeypatch: pytest.MonkeyP
 
     monkeypatch.delenv("SIGNATURE_RELAY_LOG_KEY", raising=False)
     assert cli.main(["check", "--log-privacy"]) == 2
+
+
+def test_implicit_tls_listener_serves_on_asyncio_loop_and_relays(tmp_path: Path, pki_dir: Path) -> None:
+    """serve with an implicit-TLS listener and the default event_loop ("auto"): its start-up line
+    says asyncio (uvloop would hand the ClientHello to the admission gate, relay.eventloop), and
+    swaks over implicit TLS (--tlsc) gets the message through."""
+    from tests.support import free_port
+
+    dep = make_deployment(tmp_path, pki_from=pki_dir)
+    port = free_port()
+    dep.config_path.write_text(dep.config_path.read_text().replace(
+        "idle_timeout = 30", f'idle_timeout = 30\nimplicit_tls = ["127.0.0.1:{port}"]'))
+    procs = Procs(dep)
+    try:
+        procs.start("sink", "sink", port=dep.sink_port)
+        procs.start("relay", "serve", "--no-sink", port=port)
+        r = subprocess.run(
+            [need("swaks"), "--server", f"127.0.0.1:{port}", "--tlsc", "--tls-verify", "--tls-ca-path",
+             str(dep.root / "certs" / "ca.crt"), "--helo", "mail-x.outbound.protection.outlook.com",
+             "--from", "alice@contoso.com", "--to", "bob@example.net", "--timeout", "30"],
+            capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        [got] = dep.delivered()
+        assert headers.get_all(got, "X-CodeTwoProcessed") == ["true"]
+        log = procs.stop("relay")
+        assert re.search(r"ready: .*, event loop asyncio$", log, re.MULTILINE), log
+    finally:
+        procs.stop_all()
