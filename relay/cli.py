@@ -262,7 +262,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     if errors:
         print(f"FAILED: {len(errors)} error(s)", file=sys.stderr)
         return 1
-    print(f"OK: {cfg.source}, {len(cfg.tenants)} tenant(s), {renders} template render(s) checked")
+    from relay import eventloop
+
+    loop = eventloop.choose(cfg.event_loop, implicit_tls=any(lst.implicit_tls for lst in cfg.listeners))
+    print(f"OK: {cfg.source}, {len(cfg.tenants)} tenant(s), {renders} template render(s) checked; "
+          f"serve runs on {loop}")
     return 0
 
 

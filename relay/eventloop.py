@@ -34,17 +34,25 @@ def available() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
-def install(choice: str, *, implicit_tls: bool = False) -> str:
-    """Set the event loop policy for ``asyncio.run`` according to ``choice`` (and whether any
-    listener is implicit TLS); returns what serves, for the log ("uvloop 0.23.0" or "asyncio")."""
+def choose(choice: str, *, implicit_tls: bool = False) -> str:
+    """What ``choice`` (and whether any listener is implicit TLS) gives here: "uvloop 0.23.0" or
+    "asyncio" (`check` says it; `serve` installs it)."""
     if choice not in CHOICES:
         raise ValueError(f"event loop {choice!r}: one of {', '.join(CHOICES)}")
     if choice == "uvloop" and implicit_tls:
         raise ValueError("uvloop cannot serve an implicit-TLS listener")
     if choice == "asyncio" or (choice == "auto" and (implicit_tls or not available())):
-        asyncio.set_event_loop_policy(None)  # the default policy
         return "asyncio"
-    import uvloop
-
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return f"uvloop {importlib.metadata.version('uvloop')}"
+
+
+def install(choice: str, *, implicit_tls: bool = False) -> str:
+    """Set the event loop policy for ``asyncio.run`` as :func:`choose` says; returns its answer."""
+    name = choose(choice, implicit_tls=implicit_tls)
+    if name == "asyncio":
+        asyncio.set_event_loop_policy(None)  # the default policy
+    else:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return name

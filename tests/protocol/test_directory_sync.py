@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -247,3 +248,4 @@ def test_a_graph_tenant_must_be_synced_before_the_relay_starts(env: tuple[Deploy
     assert rc == 1 and "has not been synced yet" in err and "directory sync --tenant contoso" in err
     assert sync(dep, capsys)[0] == 0
     assert cli.main(["check", "-c", str(dep.config_path)]) == 0
+    assert re.search(r"^OK: .*; serve runs on uvloop \S+$", capsys.readouterr().out, re.MULTILINE)
