@@ -5,8 +5,9 @@ in and out), and uvloop's are cheaper. Measured on the 2-core benchmark machine 
 ``benchmarks/loop_ab.py``, the two loops side by side in the same run): at a fixed rate of 400
 10 KB messages/s, one per connection, uvloop's relay spent 0.85x, 0.92x, 0.92x and 0.94x
 asyncio's CPU per message in four runs, and was lower in every round of the 6-round one. Flat out
-(20 sessions, many connections ready at each trip) it was 0.92x, 1.04x, 1.05x and 1.10x: no gain
-there, rather a few per cent more, and ``--workers`` is the lever. Exchange Online's load is the
+(20 sessions, many connections ready at each trip) it was 0.92x, 1.04x, 1.05x and 1.10x in
+plaintext: no gain there, rather a few per cent more, and ``--workers`` is the lever; with STARTTLS
+on both sides, as in production, 0.95x (``benchmarks/relay_ab.py --tls``). Exchange Online's load is the
 first kind: bursts, most of the time far below saturation, where CPU per message and latency are
 what an operator sees.
 
