@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -102,6 +103,7 @@ def main() -> int:
             if r.proc.poll() is None:
                 r.stop()
         sink.stop()
+        shutil.rmtree(work, ignore_errors=True)
     med = statistics.median
     a, u = "asyncio", "uvloop"
     lines = [
