@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay.service import Relay
 
     offload.release_big_buffers()
-    loop_name = eventloop.install(cfg.event_loop, implicit_tls=any(lst.implicit_tls for lst in cfg.listeners))
+    loop_name = eventloop.install(cfg.event_loop, implicit_tls=cfg.implicit_tls)
     from relay.sink import Sink
 
     async def run() -> None:
@@ -264,7 +264,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     from relay import eventloop
 
-    loop = eventloop.choose(cfg.event_loop, implicit_tls=any(lst.implicit_tls for lst in cfg.listeners))
+    loop = eventloop.choose(cfg.event_loop, implicit_tls=cfg.implicit_tls)
     print(f"OK: {cfg.source}, {len(cfg.tenants)} tenant(s), {renders} template render(s) checked; "
           f"serve runs on {loop}")
     return 0

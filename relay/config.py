@@ -257,6 +257,11 @@ class Config:
     _by_id: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
     _by_domain: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def implicit_tls(self) -> bool:
+        """Whether any listener is implicit TLS (it decides the event loop: relay.eventloop)."""
+        return any(lst.implicit_tls for lst in self.listeners)
+
     def tenant_by_id(self, tenant_id: str) -> Tenant | None:
         return self._by_id.get(tenant_id.strip().lower())
 
