@@ -5,6 +5,9 @@ it reports includes queueing, as a real sender sees it).
 
     python benchmarks/loadgen.py --port 2525 --message m.eml -n 1000 -s 20 [--per-conn 10] [--tls --ca ca.crt]
 
+``--message`` may name a directory: its *.eml files are sent in turn (sorted by name, round
+robin over all sessions), as a mix of real mail.
+
 Prints one JSON object: sent, failed, seconds, latencies (ms, per message: connection start or
 MAIL to the final reply). A message counts as sent only on a 2xx reply to its end of data.
 """
@@ -71,10 +74,11 @@ class Session:
 
 
 class Stats:
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, messages: list[bytes]) -> None:
         self.todo = n
         self.latencies: list[float] = []
         self.failed: list[str] = []
+        self.messages, self.next = messages, 0
 
     def take(self) -> bool:
         if self.todo <= 0:
@@ -82,11 +86,17 @@ class Stats:
         self.todo -= 1
         return True
 
+    def message(self) -> bytes:
+        """The next message to send (the files of a --message directory in turn)."""
+        data = self.messages[self.next % len(self.messages)]
+        self.next += 1
+        return data
+
 
 ERRORS = (OSError, RuntimeError, ConnectionError, ssl.SSLError)
 
 
-async def closed_loop(args: argparse.Namespace, ctx: ssl.SSLContext | None, data: bytes, st: Stats) -> None:
+async def closed_loop(args: argparse.Namespace, ctx: ssl.SSLContext | None, st: Stats) -> None:
     """One session slot: connections one after another, ``per_conn`` messages each."""
     while st.take():  # a message is taken before its connection: a failure uses it up (no endless retry)
         s = Session(args, ctx)
@@ -96,7 +106,7 @@ async def closed_loop(args: argparse.Namespace, ctx: ssl.SSLContext | None, data
             for i in range(args.per_conn):
                 if i and not st.take():
                     break
-                await s.send(data)
+                await s.send(st.message())
                 st.latencies.append((time.perf_counter() - start) * 1000)
                 start = time.perf_counter()
         except ERRORS as e:
@@ -106,14 +116,14 @@ async def closed_loop(args: argparse.Namespace, ctx: ssl.SSLContext | None, data
                 await s.close()
 
 
-async def one(args: argparse.Namespace, ctx: ssl.SSLContext | None, data: bytes, st: Stats, at: float) -> None:
+async def one(args: argparse.Namespace, ctx: ssl.SSLContext | None, st: Stats, at: float) -> None:
     """Open loop: one message on its own connection, started at ``at`` whatever came before."""
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     s = Session(args, ctx)
     start = time.perf_counter()
     try:
         await s.open()
-        await s.send(data)
+        await s.send(st.message())
         st.latencies.append((time.perf_counter() - start) * 1000)
     except ERRORS as e:
         st.failed.append(str(e))
@@ -122,17 +132,21 @@ async def one(args: argparse.Namespace, ctx: ssl.SSLContext | None, data: bytes,
             await s.close()
 
 
-async def main(args: argparse.Namespace, raw: bytes) -> dict[str, object]:
+def wire_form(raw: bytes) -> bytes:
+    """The message as DATA content: CRLF line endings, dot-stuffed (RFC 5321 §4.5.2), final dot."""
     raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     data = (b"." if raw.startswith(b".") else b"") + raw.replace(b"\r\n.", b"\r\n..")
-    data += (b"" if data.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+    return data + (b"" if data.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+
+
+async def main(args: argparse.Namespace, raws: list[bytes]) -> dict[str, object]:
+    st = Stats(args.n, [wire_form(raw) for raw in raws])
     ctx = ssl.create_default_context(cafile=args.ca) if args.tls else None
-    st = Stats(args.n)
     t0 = time.perf_counter()
     if args.rate > 0:
-        await asyncio.gather(*(one(args, ctx, data, st, t0 + i / args.rate) for i in range(args.n)))
+        await asyncio.gather(*(one(args, ctx, st, t0 + i / args.rate) for i in range(args.n)))
     else:
-        await asyncio.gather(*(closed_loop(args, ctx, data, st) for _ in range(args.sessions)))
+        await asyncio.gather(*(closed_loop(args, ctx, st) for _ in range(args.sessions)))
     return {"sent": len(st.latencies), "failed": len(st.failed), "errors": sorted(set(st.failed))[:5],
             "seconds": time.perf_counter() - t0, "latencies": st.latencies}
 
@@ -153,4 +167,8 @@ if __name__ == "__main__":
     ap.add_argument("--sender", default="alice@contoso.com")
     ap.add_argument("--rcpt", default="bob@example.net")
     args = ap.parse_args()
-    json.dump(asyncio.run(main(args, Path(args.message).read_bytes())), sys.stdout)
+    where = Path(args.message)
+    files = sorted(where.glob("*.eml")) if where.is_dir() else [where]
+    if not files:
+        raise SystemExit(f"loadgen: no *.eml in {where}")
+    json.dump(asyncio.run(main(args, [f.read_bytes() for f in files])), sys.stdout)

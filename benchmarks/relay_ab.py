@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/relay_ab.py [REV]        (default HEAD; needs Postfix's smtp-source/-sink)
     .venv/bin/python benchmarks/relay_ab.py --big [REV]  (the 25 MB-attachment message instead)
     .venv/bin/python benchmarks/relay_ab.py --tls [REV]  (STARTTLS on both sides, as bench-e2e's TLS phase)
+    .venv/bin/python benchmarks/relay_ab.py --mix [REV]  (real mail: every message of the public corpora)
 
 The base revision is checked out into a temporary git worktree. Each round starts the relay from
 one tree then the other (A B A B ...: drift on a noisy machine hits both alike) in e2e.py's
@@ -13,12 +14,16 @@ the 25 MB-attachment message 1 + 3 x 4 times (one after another, so MB/s is one 
 end rate) and the line goes to benchmarks/results-relay-ab-big.txt. With ``--tls``: STARTTLS on
 both sides, loadgen.py sends 300 warm-up then 3 x 1500 messages (20 sessions, one per connection)
 into a private Postfix TLS sink that discards, as bench-e2e's STARTTLS phase does
-(results-relay-ab-tls.txt).
+(results-relay-ab-tls.txt). With ``--mix``: the real-mail mix of bench-e2e (every message of the
+public corpora in tests/data, From: set to the benchmark sender; e2e.real_mail_mix), sent in turn
+by this tree's loadgen.py, plaintext, 20 sessions, one message per connection, 300 warm-up then
+3 x 3 passes over the mix, into smtp-sink (results-relay-ab-mix.txt).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,9 +31,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-args = [a for a in sys.argv[1:] if a not in ("--big", "--tls")]
+args = [a for a in sys.argv[1:] if a not in ("--big", "--tls", "--mix")]
 big = "--big" in sys.argv[1:]
 tls = "--tls" in sys.argv[1:]
+mix = "--mix" in sys.argv[1:]
 rev = args[0] if args else "HEAD"
 wt = Path(tempfile.mkdtemp(prefix="relay-ab-")) / "base"
 subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(wt), rev], check=True, capture_output=True)
@@ -41,6 +47,8 @@ from run import outlook_reply, with_attachment
 e2e.ROOT = root
 big = sys.argv[2] == "big"
 work = Path(tempfile.mkdtemp(prefix="sab-"))
+import atexit, shutil
+atexit.register(shutil.rmtree, work, True)
 raw = with_attachment(25, html=True) if big else outlook_reply()
 (work / "r.eml").write_bytes(raw.replace(b"\r\n", b"\n"))
 sink_port, port, mport = e2e.free_port(), e2e.free_port(), e2e.free_port()
@@ -61,6 +69,20 @@ if sys.argv[2] == "tls":
     finally:
         relay.stop(); sink.stop()
     raise SystemExit(0)
+if sys.argv[2] == "mix":  # this tree's loadgen (it sends a directory in turn) and mix, whatever the tree
+    e2e.LOADGEN, mixdir = Path(sys.argv[3]), Path(sys.argv[4])
+    n = 3 * len(list(mixdir.glob("*.eml")))
+    sink = e2e.Sink(sink_port); relay = e2e.Relay(work, port, sink_port, mport)
+    try:
+        e2e.measure_lg("relay", port, mixdir, "mix", 300, 20, 1, None, lambda: sink.count, None)
+        runs = [e2e.measure_lg("relay", port, mixdir, "mix", n, 20, 1, relay.pids, lambda: sink.count, None)
+                for _ in range(3)]
+        if not all(r.complete for r in runs):
+            raise SystemExit("mix: a run was incomplete (a message refused or lost)")
+        print(f"{1000 * min(r.cpu / r.n for r in runs):.3f} {max(r.rate for r in runs):.1f}")
+    finally:
+        relay.stop(); sink.stop()
+    raise SystemExit(0)
 sink = e2e.Sink(sink_port); relay = e2e.Relay(work, port, sink_port, mport)
 if big:
     e2e.measure("relay", port, sink, work / "r.eml", "25", 1, 1, 1, relay.pids, 120)
@@ -72,20 +94,29 @@ best = min(r.cpu / r.n for r in runs)
 print(f"{1000*best:.3f} {max(r.rate for r in runs) * len(raw) / 1e6:.1f}")
 relay.stop(); sink.stop()
 '''
+mode = ["big" if big else "tls" if tls else "mix" if mix else "small"]
+if mix:
+    sys.path.insert(0, str(HERE))
+    import e2e  # this tree's: the mix is built once, the same files for both trees
+
+    mixdir = wt.parent / "mix"
+    used, left_out = e2e.real_mail_mix(mixdir)
+    mode += [str(HERE / "loadgen.py"), str(mixdir)]
 res: dict[str, list[float]] = {"base": [], "this": []}
 rate: dict[str, list[float]] = {"base": [], "this": []}
 try:
     for _ in range(3):
         for name, root in (("base", wt), ("this", REPO)):
             env = dict(os.environ, PYTHONPATH=str(root))
-            out = subprocess.run([sys.executable, "-c", child, str(root), "big" if big else "tls" if tls else "small"],
+            out = subprocess.run([sys.executable, "-c", child, str(root), *mode],
                                  capture_output=True, text=True, env=env, timeout=900, check=True)
             cpu, mbs = map(float, out.stdout.strip().splitlines()[-1].split())
             res[name].append(cpu)
             rate[name].append(mbs)
-            print(name, cpu, "ms", mbs, "MB/s" if big else "msg/s" if tls else "", flush=True)
+            print(name, cpu, "ms", mbs, "MB/s" if big else "msg/s" if tls or mix else "", flush=True)
 finally:
     subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], capture_output=True)
+    shutil.rmtree(wt.parent, ignore_errors=True)
 b, t = min(res["base"]), min(res["this"])
 if big:
     rb, rt = max(rate["base"]), max(rate["this"])
@@ -98,9 +129,16 @@ elif tls:
             f"into a Postfix TLS sink that discards), same run, 3 alternating rounds: base {rev} {b:.3f} ms at "
             f"{rb:.1f} msg/s, this tree {t:.3f} ms at {rt:.1f} msg/s; CPU this/base = {t / b:.3f}, msg/s "
             f"this/base = {rt / rb:.3f}")
+elif mix:
+    rb, rt = max(rate["base"]), max(rate["this"])
+    line = (f"relay CPU per message of the real-mail mix ({used} messages of the public corpora in tests/data, "
+            f"{left_out} left out; loadgen.py, plaintext, 20 sessions, one per connection, into smtp-sink), same run, "
+            f"3 alternating rounds: base {rev} {b:.3f} ms at {rb:.1f} msg/s, this tree {t:.3f} ms at {rt:.1f} msg/s; "
+            f"CPU this/base = {t / b:.3f}, msg/s this/base = {rt / rb:.3f}")
 else:
     line = (f"relay CPU per 10 KB message (smtp-source, 20 sessions, one per connection, plaintext profile), "
             f"same run, 3 alternating rounds: base {rev} {b:.3f} ms, this tree {t:.3f} ms; this/base = {t / b:.3f}")
 print(line)
-(HERE / ("results-relay-ab-big.txt" if big else "results-relay-ab-tls.txt" if tls else "results-relay-ab.txt")
+(HERE / ("results-relay-ab-big.txt" if big else "results-relay-ab-tls.txt" if tls else
+          "results-relay-ab-mix.txt" if mix else "results-relay-ab.txt")
  ).write_text(line + "\n")
