@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from relay import pipeline
 from relay.mime.stamper import Signature, stamp
+from tests.exo_mail import exchange_online_header
 
 SIG = Signature(html='<p style="margin:0"><b>Alice Wilber</b> · Sales Director · Contoso Ltd.</p>',
                 text="Alice Wilber · Sales Director · Contoso Ltd.")
@@ -40,6 +41,13 @@ def outlook_reply(size: int = 10_000) -> bytes:
             b"Thanks!\r\n\r\n--b1\r\nContent-Type: text/html; charset=utf-8\r\n"
             b"Content-Transfer-Encoding: quoted-printable\r\n\r\n<html><body>" + quoted.encode() +
             b"</body></html>\r\n--b1--\r\n")
+
+
+def outlook_reply_from_exchange_online(size: int = 10_000) -> bytes:
+    """The 10 KB reply with the header section Exchange Online gives it (exchange_online_header)."""
+    raw = outlook_reply(size)
+    body = raw[raw.index(b"MIME-Version: 1.0\r\n") + len(b"MIME-Version: 1.0\r\n"):]
+    return exchange_online_header() + body
 
 
 def with_attachment(mb: int = 25, *, html: bool = False) -> bytes:

@@ -71,4 +71,4 @@ def accept(raw: bytes | bytearray, limits: IngressLimits, *, dotless: bool = Fal
     fields = lines - raw.count(b"\r\n ", 0, hend) - raw.count(b"\r\n\t", 0, hend)
     if fields > limits.max_header_fields:
         raise PermanentError(replies.HEADER_TOO_LARGE, f"about {fields} header fields > {limits.max_header_fields}")
-    return Inbound(raw, headers.index(raw), changed, dotless and not changed)
+    return Inbound(raw, headers.index(raw, hend), changed, dotless and not changed)
