@@ -41,15 +41,16 @@ def header_end(raw: bytes | bytearray) -> int:
 # One field: a name (no white space, no colon), optional WSP, ":", then the rest of the line and
 # every continuation line (leading WSP, RFC 5322 §2.2.3). Lines matching neither are skipped.
 _FIELD_RE: Final = re.compile(rb"^([^ \t\r\n:]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*\n?)", re.M)
-_UNFOLD_RE: Final = re.compile(rb"\r?\n")
 
 
 def _value(folded: bytes) -> str:
     """A field's value as :class:`Field` holds it: line breaks removed (RFC 5322 §2.2.3
     unfolding), latin-1, stripped. Most fields are one line: their only line break is the last
-    byte, which strip() removes anyway, so the regex runs only for folded ones."""
+    byte, which strip() removes anyway, so only folded ones are unfolded, with two replace()s:
+    what removing every "\r?\n" removes (each "\n" and a "\r" right before it), at C speed, where
+    the regex tried a match at every byte of Exchange Online's 3 KB antispam fields."""
     if folded.find(b"\n", 0, len(folded) - 1) >= 0:
-        folded = _UNFOLD_RE.sub(b"", folded)
+        folded = folded.replace(b"\r\n", b"").replace(b"\n", b"")
     return folded.decode("latin-1").strip()
 
 
@@ -72,8 +73,8 @@ def index(raw: bytes | bytearray, limit: int | None = None) -> dict[str, list[st
     """All top-level fields by lower-cased name, values in order: one pass for many lookups
     (the fields of :func:`fields`; ``limit``: the header's end when the caller knows it)."""
     out: dict[str, list[str]] = {}
-    for m in _FIELD_RE.finditer(raw, 0, header_end(raw) if limit is None else limit):
-        out.setdefault(m.group(1).decode("latin-1").lower(), []).append(_value(m.group(2)))
+    for name, folded in _FIELD_RE.findall(raw, 0, header_end(raw) if limit is None else limit):
+        out.setdefault(name.decode("latin-1").lower(), []).append(_value(folded))
     return out
 
 
