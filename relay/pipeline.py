@@ -144,7 +144,7 @@ def plan_copies(  # noqa: PLR0913 -- keyword-only; what ingress proved rides alo
     the former, ``dotless`` when no line starts with a dot). To/Cc are never touched: copies
     differ only in body and envelope."""
     recipients = list(envelope.recipients)
-    scanned = scan(raw, settings.limits)  # one MIME walk for the rules' view and every copy's stamp
+    scanned = scan(raw, settings.limits, crlf=crlf)  # one MIME walk for the rules' view and every copy's stamp
     if policy is None or not policy.has_rules:
         groups: list[tuple[Outcome, list[str]]] = [((), recipients)]
         msg = None

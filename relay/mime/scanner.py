@@ -207,13 +207,16 @@ def _header_end(raw: bytes | bytearray, start: int, end: int) -> int | None:
     return m.end() if m else None
 
 
-def scan(raw: bytes | bytearray, limits: Limits | None = None) -> Scan:
-    """Walk ``raw`` (a whole message) and return every part with its byte ranges."""
+def scan(raw: bytes | bytearray, limits: Limits | None = None, *, crlf: bool = False) -> Scan:
+    """Walk ``raw`` (a whole message) and return every part with its byte ranges. ``crlf``: the
+    caller vouches that every line break is CRLF (ingress made it so), so there are no line-ending
+    anomalies to count."""
     s = Scan(raw, [], [])
     _entity(s, limits or Limits(), 0, len(raw), None, 0)
     # The top-level header only: counting a 25 MB attachment would cost more than stamping it.
     # The stamper checks the leaves it edits.
-    s.anomalies += line_anomalies(raw, 0, s.parts[0].header_end if s.parts else len(raw))
+    if not crlf:
+        s.anomalies += line_anomalies(raw, 0, s.parts[0].header_end if s.parts else len(raw))
     return s
 
 

@@ -92,7 +92,7 @@ def stamp(  # noqa: PLR0913 -- keyword-only options; the relay passes what ingre
     top = headers.index(raw) if top is None else top
     if already_processed(raw, processed_header, top):
         return _out(raw, prefix, [], (crlf, dotless), Decision("pass-through", "already-processed"))
-    s = scan(raw, limits) if scanned is None else scanned
+    s = scan(raw, limits, crlf=crlf) if scanned is None else scanned
     fields = prefix + trace.marker(processed_header)
     shows = (_visible_html(signature.html), bool(signature.text.strip())) if signature is not None else (False, False)
     early = _early_decision(s, signature, shows, mail_from, top)
@@ -112,7 +112,7 @@ def stamp(  # noqa: PLR0913 -- keyword-only options; the relay passes what ingre
         edits, rules, doubts = _edit_targets(s, targets, signature, bottom)
     except _PassThrough as e:
         return _out(raw, fields, [], (crlf, dotless), Decision("pass-through", str(e)))
-    return _out(raw, fields, edits, (crlf, dotless), Decision("stamped"), " ".join(rules), _anomalies(s, targets),
+    return _out(raw, fields, edits, (crlf, dotless), Decision("stamped"), " ".join(rules), _anomalies(s, targets, crlf),
                        tuple(doubts))
 
 
@@ -184,12 +184,13 @@ def _needs_text_search(s: Scan, targets: dict[str, Part], part: Part, plain_rule
                 and s.parts[part.parent].ctype == "multipart/alternative")
 
 
-def _anomalies(s: Scan, targets: dict[str, Part]) -> tuple[str, ...]:
-    """Tolerated oddities worth a log line: the scanner's, plus bare CR/LF and long lines in the
-    unencoded leaves we edited (encoded bodies carry their text's line breaks escaped)."""
+def _anomalies(s: Scan, targets: dict[str, Part], crlf: bool) -> tuple[str, ...]:
+    """Tolerated oddities worth a log line: the scanner's, plus bare CR/LF (none when ``crlf``:
+    ingress made every line break CRLF) and long lines in the unencoded leaves we edited (encoded
+    bodies carry their text's line breaks escaped)."""
     out = list(s.anomalies)
     raw_leaves = [p for p in targets.values() if p.cte in ("7bit", "8bit", "binary")]
-    for p in raw_leaves:
+    for p in [] if crlf else raw_leaves:
         out += [a for a in line_anomalies(s.raw, p.header_end, p.end) if a not in out]
     if any(codec.line_over(s.body_bytes(p), _MAX_LINE) for p in raw_leaves):
         out.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998

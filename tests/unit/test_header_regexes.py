@@ -15,7 +15,9 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay import ingress
 from relay.mime import headers, scanner
+from relay.mime.stamper import Signature, stamp
 from tests.exo_mail import exchange_online_header
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,3 +104,14 @@ _TOKENS = [b"\r\n", b"\n", b"\r", b"\r\n\r\n", b"\n\n", b"\r\n\n", b"\n\r\n", b"
 @given(st.lists(st.sampled_from(_TOKENS), max_size=40).map(b"".join))
 def test_the_same_on_generated_headers(raw: bytes) -> None:
     _same(raw)
+
+
+def test_what_ingress_vouches_for_loses_no_anomaly() -> None:
+    """scan(crlf=True) and stamp(crlf=True) skip counting bare CR/LF (ingress rewrote them all);
+    on every corpus message, normalised as ingress does, the anomalies reported are the same."""
+    sig = Signature(html="<p>Alice</p>", text="Alice")
+    for raw in _messages():
+        norm = bytes(ingress.normalise_line_endings(raw)[0])
+        assert scanner.scan(norm, crlf=True).anomalies == scanner.scan(norm).anomalies
+        vouched = stamp(norm, sig, crlf=True)
+        assert vouched.anomalies == stamp(norm, sig).anomalies
