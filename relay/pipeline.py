@@ -149,7 +149,7 @@ def plan_copies(  # noqa: PLR0913 -- keyword-only; what ingress proved rides alo
         groups: list[tuple[Outcome, list[str]]] = [((), recipients)]
         msg = None
     else:
-        msg = message_of(raw, envelope.mail_from, envelope.at, top, scanned)
+        msg = message_of(raw, envelope.mail_from, envelope.at, top, scanned, body=policy.rules.reads_body())
         groups = policy.plan(msg, recipients)
     job = _Job(raw, top, policy, msg, envelope, settings, received_for, bottom, crlf, dotless, scanned)
     return [_copy(job, outcome, group) for outcome, group in groups]

@@ -113,13 +113,15 @@ def _body_text(raw: bytes | bytearray, scanned: scanner.Scan | None = None) -> s
 
 
 def message_of(raw: bytes | bytearray, mail_from: str, at: dt.datetime, top: dict[str, list[str]] | None = None,
-               scanned: scanner.Scan | None = None) -> Message:
-    """What rules and templates may read of a message; every value free of control characters."""
+               scanned: scanner.Scan | None = None, *, body: bool = True) -> Message:
+    """What rules and templates may read of a message; every value free of control characters.
+    ``body=False`` leaves the body text empty: for rules that never read it (RuleSet.reads_body;
+    templates do not see it)."""
     top = headers.index(raw) if top is None else top
     subject = _subject(top)
     reply = rules_mod.is_reply(subject, bool(top.get("in-reply-to") or top.get("references")))
-    return Message(sender=sender_identity(raw, mail_from, top).address, subject=subject, body=_body_text(raw, scanned),
-                   kind="reply" if reply else "new", at=at)
+    return Message(sender=sender_identity(raw, mail_from, top).address, subject=subject,
+                   body=_body_text(raw, scanned) if body else "", kind="reply" if reply else "new", at=at)
 
 
 class Policy:

@@ -251,6 +251,11 @@ class RuleSet:
         key = (msg.sender, msg.kind, hits, bisect.bisect_right(idx.boundaries, msg.at), rclass)
         return self._outcome_cache.get_or_compute(key, lambda: self.outcome_uncached(directory, msg, recipient))
 
+    def reads_body(self) -> bool:
+        """Whether any rule has a keyword condition on the body: if none has, a message's body text
+        need not be decoded for the rules (it costs an HTML parse for HTML-only mail)."""
+        return any("body" in fields for fields in self._index().field_sets)
+
     def _index(self) -> _Index:
         idx = self._idx.get(0)
         if idx is None:

@@ -475,3 +475,52 @@ def test_keyword_hits_find_overlapping_keywords() -> None:
     rx = _re.compile("(?=(" + "|".join(_re.escape(k) for k in sorted(kws, key=len, reverse=True)) + "))")
     idx = _Index(kws, rx, (), frozenset())
     assert idx.keyword_hits("Two QUOTES and a Contract") == {"quote", "quotes", "tes", "contract"}
+
+
+def test_the_body_is_decoded_only_for_rules_that_read_it(tmp_path: Path) -> None:
+    """plan_copies decodes a message's body text (an HTML parse for HTML-only mail) only when a
+    keyword condition reads the body (RuleSet.reads_body); either way a body keyword is found."""
+    from relay import pipeline
+
+    html_only = (b"From: alice@contoso.com\r\nTo: x@example.net\r\nSubject: Hello\r\nMIME-Version: 1.0\r\n"
+                 b"Content-Type: text/html; charset=utf-8\r\n\r\n<html><body><p>see the contract</p></body></html>\r\n")
+    env = pipeline.Envelope("alice@contoso.com", ("x@example.net",), dt.datetime(2026, 6, 1, 12, tzinfo=UTC))
+    cases = [('in = ["subject"]', False, ""), ("", True, "disclaimer:Legal"),
+             ('in = ["body"]', True, "disclaimer:Legal"), ('in = ["subject", "body"]', True, "disclaimer:Legal")]
+    for i, (where, reads, expected) in enumerate(cases):
+        inner = ", ".join(x for x in ('trigger = ["contract"]', where) if x)
+        p = tenant(tmp_path / str(i), f'[[rule]]\nname = "Legal"\nsection = "disclaimer"\nkeywords = {{ {inner} }}\n'
+                   'new = "legal"\n')
+        assert p.rules.reads_body() is reads
+        inbound = pipeline.accept(html_only, pipeline.Settings())
+        copies = pipeline.run(inbound, policy=p, envelope=env, settings=pipeline.Settings())
+        assert [c.sections for c in copies] == [expected]
+
+
+def test_rules_without_body_keywords_plan_the_same_without_the_body(tmp_path: Path) -> None:
+    """Rules that read no body (keywords on the subject only, and other conditions) give the same
+    outcome for every corpus message whether or not its body was decoded."""
+    p = tenant(tmp_path, """
+        [[rule]]
+        name = "Legal"
+        section = "disclaimer"
+        keywords = { trigger = ["contract", "re:"], suppress = ["[nosig]"], in = ["subject"] }
+        new = "legal"
+        [[rule]]
+        name = "Sales"
+        senders = { groups = ["Sales"] }
+        recipients = { scope = "external" }
+        new = "sig"
+        reply = "short"
+    """)
+    assert not p.rules.reads_body()
+    at = dt.datetime(2026, 6, 1, 12, tzinfo=UTC)
+    root = Path(__file__).resolve().parents[2]
+    for path in sorted((root / "tests" / "data").rglob("*.eml")):
+        raw = path.read_bytes()
+        with_body = message_of(raw, "alice@contoso.com", at)
+        without = message_of(raw, "alice@contoso.com", at, body=False)
+        assert without.body == "" and without.subject == with_body.subject
+        for rcpt in ("x@example.net", "bob@contoso.com"):
+            assert p.rules.outcome_uncached(p.directory, with_body, rcpt) == \
+                   p.rules.outcome_uncached(p.directory, without, rcpt)
