@@ -120,7 +120,7 @@ _NEXT_LINES: Final = r"[^\n]*\r?\n(?:[^\n]*\r?\n){0,3}?"  # the rest of the line
 def _at_line_start(body: str, flags: int = re.M | re.I) -> re.Pattern[str]:
     """A regex for ``body`` at the start of a line, to be searched in ``"\\n" + text``
     (:func:`_lined`). Written with "^" and re.M, the engine tests "^" at every character; with a
-    literal "\\n" in front it jumps from line break to line break, 3-6x faster on text without
+    literal "\\n" in front it jumps from line break to line break, 2.5-6x faster on text without
     markers (new messages: every character is searched; benchmarks/stamp_ab.py). A match at
     index i of the prefixed text is a line start at index i of ``text``: the "\\n" before it
     stands for the start of ``text`` or its own line break. Search with :func:`_line_search`
@@ -324,7 +324,7 @@ def _quote_shape(text: str, start: int, after: int) -> str | None:
 _FOOTER: Final = re.compile(r"^(?:_{2,}|--)$")  # a line of underscores (list footers) or the "-- " delimiter
 _HINT: Final = re.compile(r"wrote:|schrieb|a écrit|^(?:from|von|de)\s?:|-----|^>", re.I | re.M)
 # The same search, case-sensitive, on "\n" + text.lower(): every alternative starts with a literal,
-# so it runs about 4x faster than the IGNORECASE one (it is run over the whole of every body
+# so it runs about 3x faster than the IGNORECASE one (it is run over the whole of every body
 # without a history marker: new messages). The two agree except where re.I and str.lower() fold
 # differently; for the letters above that is only these three, and a text holding one of them
 # takes _HINT (tests/unit/test_placement_regexes.py checks this for every code point).
