@@ -346,7 +346,7 @@ enabled = false
                                  "warning", "--workers", str(self.workers)], stdout=self.log, stderr=subprocess.STDOUT)
         wait_port(self.port, proc)
         if self.workers > 1:
-            time.sleep(1.5)  # every worker listening, not only the first
+            time.sleep(1.5)  # the supervisor's socket answers at once: let every worker start serving it
         return proc
 
     def pids(self) -> list[int]:

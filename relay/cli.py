@@ -89,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def view(c: config.Config) -> config.Config:  # a worker's own spool and metrics port
         if args.worker_index is None:
             return c
-        return supervisor.worker_config(c, args.worker_index, args.worker_metrics_port)
+        return supervisor.worker_config(c, args.worker_index, args.worker_metrics_port, args.listen_fds or "")
 
     cfg = view(cfg)
     from relay import eventloop, offload
@@ -682,11 +682,13 @@ def _add_serve_command(sub: Any) -> None:
     _add_config(s)
     s.add_argument("--no-sink", action="store_true", help="do not start the dev tenant-inbound sink")
     s.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="run N relay processes on the same ports (SO_REUSEPORT), supervised: a dead one is "
-                        "restarted, SIGHUP/SIGTERM are passed on, /metrics shows every worker (label worker=I). "
+                   help="run N relay processes serving the same listening sockets (bound once by a supervisor: "
+                        "an idle worker takes the next connection), supervised: a dead one is restarted, "
+                        "SIGHUP/SIGTERM are passed on, /metrics shows every worker (label worker=I). "
                         "One per core is the usual choice")
     s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     s.add_argument("--worker-metrics-port", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--listen-fds", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
 

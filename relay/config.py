@@ -251,9 +251,9 @@ class Config:
     mime_limits: Limits = field(default_factory=Limits)
     metrics_listen: tuple[str, int] | None = None  # [metrics] listen; None = off
     event_loop: str = "auto"  # [service] event_loop: relay.eventloop.CHOICES
-    # Not a file setting: `serve --workers N` sets it so every worker binds the same ports
-    # (SO_REUSEPORT; the kernel spreads connections over them).
-    reuse_port: bool = False
+    # Not a file setting: a worker of `serve --workers N` serves the listening sockets its supervisor
+    # bound (inherited descriptors, per listener one per address; relay.smtp.server.bind_sockets).
+    listen_sockets: tuple[tuple[int, ...], ...] = ()
     _by_id: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
     _by_domain: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -117,12 +118,15 @@ class Relay:
         if self.cfg.delivery.mode != "inline" or any(t.delivery_mode not in ("", "inline") for t in self.cfg.tenants) \
                 or self.cfg.delivery.spool_dir.exists():
             await self.runner.start()  # before listening: whatever the spool holds is scheduled first
-        for lst in self.cfg.listeners:
+        for i, lst in enumerate(self.cfg.listeners):
             factory = functools.partial(self.smtp_factory, lst.implicit_tls)
             # Implicit-TLS listeners keep the context they started with (asyncio binds it to the
-            # server); STARTTLS ones pick up a reloaded certificate for each new session.
-            self.servers.append(await start_listener(factory, lst, self.tls_context, self.guard,
-                                                     reuse_port=self.cfg.reuse_port))
+            # server); STARTTLS ones pick up a reloaded certificate for each new session. A worker
+            # serves the sockets its supervisor bound (one per address of the listener).
+            fds: tuple[int | None, ...] = self.cfg.listen_sockets[i] if self.cfg.listen_sockets else (None,)
+            for fd in fds:
+                sock = socket.socket(fileno=fd) if fd is not None else None
+                self.servers.append(await start_listener(factory, lst, self.tls_context, self.guard, sock=sock))
             log.info("listening on %s:%s (%s)", lst.host, lst.port, "implicit TLS" if lst.implicit_tls else "STARTTLS")
         if self.cfg.metrics_listen:
             host, port = self.cfg.metrics_listen

@@ -1,9 +1,13 @@
 """``serve --workers N``: N relay processes sharing the listening ports, kept alive by a supervisor.
 
 One Python process uses one core; a relay is CPU-bound (issue #14), so on an N-core host N
-processes relay about N times as much. Each worker is a full relay (``serve --worker-index I``),
-binding the same addresses with ``SO_REUSEPORT`` so the kernel spreads new connections over them.
-The supervisor (this module, no event loop of its own) does what a process manager would:
+processes relay about N times as much. Each worker is a full relay (``serve --worker-index I``)
+serving the listening sockets the supervisor bound once and passed on (``--listen-fds``): whichever
+worker is idle accepts the next connection, and one that arrives while workers restart waits in the
+socket's queue. (With ``SO_REUSEPORT`` each worker bound its own socket and the kernel hashed every
+connection to one of them, busy or not: a tail of connections queued behind a busy worker, and a
+worker's queue was reset when it died.) The supervisor (this module; it runs an event loop only for
+a moment, to bind the sockets as asyncio binds them) does what a process manager would:
 
 * **restarts** a worker that died (crash, OOM kill, ``kill -9``), with a back-off when it dies
   again within seconds, so a broken deployment does not spin; the others keep serving meanwhile;
@@ -45,6 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from relay.config import Config
+from relay.smtp.server import bind_sockets
 
 log = logging.getLogger("relay.supervisor")
 BACKOFF_MAX = 30.0
@@ -84,21 +89,28 @@ class Supervisor:
         self.stopping = False
         self._lock = threading.Lock()
         self._http: http.server.ThreadingHTTPServer | None = None
+        self.sockets: list[list[int]] = []  # per listener, the listening sockets' descriptors (start)
 
     # --- processes ------------------------------------------------------------------------------
 
     def _spawn(self, w: Worker) -> None:
         cmd = [sys.executable, "-m", "relay", "serve", *self.argv, "--worker-index", str(w.index),
-               "--worker-metrics-port", str(w.metrics_port)]
+               "--worker-metrics-port", str(w.metrics_port), "--listen-fds", fds_arg(self.sockets)]
         if self.no_sink or w.index:
             cmd.append("--no-sink")
         # our own interpreter and module, arguments from our own command line; preexec only calls prctl(2)
-        w.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)  # noqa: S603
+        w.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent,  # noqa: S603
+                                  pass_fds=[fd for group in self.sockets for fd in group])
         w.started = time.monotonic()
         w.history.append(w.proc.pid)
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)
 
     def start(self) -> None:
+        # The listening sockets are bound here, once, and every worker serves the same ones: an
+        # idle worker takes the next connection, where SO_REUSEPORT hashed each connection to one
+        # worker whether or not it was busy (a tail of queued connections behind a busy one), and a
+        # worker that dies or restarts leaves nothing in an accept queue of its own to be reset.
+        self.sockets = bind_sockets(self.cfg.listeners)
         for w in self.workers:
             self._spawn(w)
         if self.cfg.metrics_listen:
@@ -244,10 +256,18 @@ def _exit_text(rc: int) -> str:
     return f"status {rc}"
 
 
-def worker_config(cfg: Config, index: int, metrics_port: int) -> Config:
-    """A worker's view of the configuration: its own spool and loopback metrics port."""
+def worker_config(cfg: Config, index: int, metrics_port: int, listen_fds: str = "") -> Config:
+    """A worker's view of the configuration: its own spool and loopback metrics port, and the
+    listening sockets it inherited (``listen_fds`` as :func:`fds_arg` wrote it)."""
     import dataclasses
 
     delivery = dataclasses.replace(cfg.delivery, spool_dir=cfg.delivery.spool_dir / f"worker-{index}")
+    sockets = tuple(tuple(int(fd) for fd in group.split(",") if fd) for group in listen_fds.split(";")) \
+        if listen_fds else ()
     return dataclasses.replace(cfg, delivery=delivery, metrics_listen=("127.0.0.1", metrics_port),
-                               reuse_port=True)
+                               listen_sockets=sockets)
+
+
+def fds_arg(fds: list[list[int]]) -> str:
+    """``--listen-fds``: per listener its descriptors, listeners separated by ";"."""
+    return ";".join(",".join(str(fd) for fd in group) for group in fds)

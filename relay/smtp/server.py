@@ -29,10 +29,12 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import os
 import re
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -514,17 +516,43 @@ LISTEN_BACKLOG = 1024
 
 async def start_listener(
     factory: Callable[..., SMTP], listener: Listener, tls_context: ssl.SSLContext | None, guard: Guard,
-    *, reuse_port: bool = False,
+    *, sock: socket.socket | None = None,
 ) -> asyncio.Server:
     """Bind one listener. STARTTLS listeners get plain TCP (admission happens in the SMTP
-    protocol's ``connection_made``, at accept); implicit-TLS ones go through a :class:`TlsGate`."""
+    protocol's ``connection_made``, at accept); implicit-TLS ones go through a :class:`TlsGate`.
+    ``sock``: serve this already listening socket instead (a worker's share of its supervisor's,
+    :func:`bind_sockets`)."""
     loop = asyncio.get_running_loop()
+    where: dict[str, Any] = {"sock": sock} if sock is not None else {
+        "host": listener.host, "port": listener.port, "reuse_address": True}
     if listener.implicit_tls:
         if tls_context is None:
             raise ValueError("an implicit-TLS listener needs a TLS context")
         ctx = tls_context
         return await loop.create_server(lambda: TlsGate(lambda slot: factory(slot=slot), guard, ctx),
-                                        host=listener.host, port=listener.port, reuse_address=True,
-                                        reuse_port=reuse_port or None, backlog=LISTEN_BACKLOG)
-    return await loop.create_server(factory, host=listener.host, port=listener.port, reuse_address=True,
-                                    reuse_port=reuse_port or None, backlog=LISTEN_BACKLOG)
+                                        backlog=LISTEN_BACKLOG, **where)
+    return await loop.create_server(factory, backlog=LISTEN_BACKLOG, **where)
+
+
+def bind_sockets(listeners: Sequence[Listener]) -> list[list[int]]:
+    """Listening sockets for ``listeners``, bound as :func:`start_listener` binds (asyncio's rules:
+    every address the host resolves to, IPv6 ones v6-only), as inheritable file descriptors: per
+    listener, one per address. A supervisor binds them once and its workers serve them
+    (``start_listener(sock=...)``)."""
+    async def bind() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        out: list[list[int]] = []
+        for lst in listeners:
+            server = await loop.create_server(asyncio.Protocol, host=lst.host, port=lst.port, reuse_address=True,
+                                              backlog=LISTEN_BACKLOG, start_serving=False)
+            fds = [os.dup(s.fileno()) for s in server.sockets]
+            server.close()
+            for fd in fds:
+                sk = socket.socket(fileno=fd)
+                sk.listen(LISTEN_BACKLOG)  # the kernel queues connections even while no worker is up
+                sk.detach()
+                os.set_inheritable(fd, True)
+            out.append(fds)
+        return out
+
+    return asyncio.run(bind())

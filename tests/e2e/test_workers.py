@@ -7,6 +7,7 @@ shows each worker; SIGTERM drains and ends them all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -48,8 +49,11 @@ def metrics(port: int) -> str:
 def until(cond: object, timeout: float = 20.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if cond():  # type: ignore[operator]
-            return
+        # The port answers as soon as the supervisor has bound it (the workers serve the
+        # supervisor's sockets), before its metrics endpoint is up: not yet, rather than an error.
+        with contextlib.suppress(OSError):
+            if cond():  # type: ignore[operator]
+                return
         time.sleep(0.1)
     raise AssertionError(f"not within {timeout} s")
 
@@ -96,6 +100,49 @@ def test_killed_worker_is_replaced_while_the_other_serves(tmp_path: Path, pki_di
         assert "worker 1 (pid" in log and "exited with signal SIGKILL" in log
         assert log.count("signature-relay: configuration reloaded") == 2, log  # once per worker
         assert workers(sup.pid) == {}
+    finally:
+        for p in (sup, sink):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_workers_share_the_supervisors_socket_and_no_connection_is_refused_between_workers(
+        tmp_path: Path, pki_dir: Path) -> None:
+    """The supervisor binds the port once and every worker serves that socket: an idle worker
+    takes the next connection (SO_REUSEPORT hashed connections to a worker, busy or not), and a
+    connection made while every worker is dead waits in the socket's queue until a replacement
+    accepts it, instead of being refused."""
+    dep = make_deployment(tmp_path, pki_from=pki_dir)
+    ca = str(dep.root / "certs" / "ca.crt")
+    sink = subprocess.Popen([sys.executable, "-m", "relay", "sink", "-c", str(dep.config_path)], cwd=dep.root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sup = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--workers", "2", "--no-sink",
+                            "-c", str(dep.config_path)], cwd=dep.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    send = ("--tls", "--tls-verify", "--tls-ca-path", ca, "--from", "alice@contoso.com", "--to", "bob@example.net")
+    try:
+        wait_port(dep.sink_port, sink)
+        wait_port(dep.relay_port, sup)
+        until(lambda: len(workers(sup.pid)) == 2)
+        rc, out = swaks(dep, *send)
+        assert rc == 0, out
+
+        def listening(pid: int) -> set[str]:
+            """The socket inodes ``pid`` has open (its listening socket among them)."""
+            fd_dir = Path(f"/proc/{pid}/fd")
+            return {os.readlink(fd_dir / f) for f in os.listdir(fd_dir)
+                    if os.readlink(fd_dir / f).startswith("socket:")}
+
+        shared = listening(sup.pid)
+        assert shared, "the supervisor holds the listening socket"
+        assert all(shared & listening(pid) for pid in workers(sup.pid).values())  # the very same socket
+        for pid in workers(sup.pid).values():
+            os.kill(pid, signal.SIGKILL)
+        until(lambda: not workers(sup.pid) or all(
+            Path(f"/proc/{p}/stat").read_text().split(") ")[1].startswith("Z") for p in workers(sup.pid).values()))
+        rc, out = swaks(dep, *send)  # no worker is up: the connection waits for the replacement's greeting
+        assert rc == 0, out
+        assert len(dep.delivered()) == 2
     finally:
         for p in (sup, sink):
             if p.poll() is None:
