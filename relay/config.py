@@ -252,8 +252,9 @@ class Config:
     metrics_listen: tuple[str, int] | None = None  # [metrics] listen; None = off
     event_loop: str = "auto"  # [service] event_loop: relay.eventloop.CHOICES
     # Not a file setting: a worker of `serve --workers N` serves the listening sockets its supervisor
-    # bound (inherited descriptors, per listener one per address; relay.smtp.server.bind_sockets).
-    listen_sockets: tuple[tuple[int, ...], ...] = ()
+    # bound: inherited descriptors by listener (host, port), one per address the host resolves to
+    # (relay.smtp.server.bind_sockets).
+    listen_sockets: tuple[tuple[tuple[str, int], tuple[int, ...]], ...] = ()
     _by_id: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
     _by_domain: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
 

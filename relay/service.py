@@ -22,7 +22,7 @@ from relay.config import Config
 from relay.delivery.client import Delivery
 from relay.delivery.queue import QueueRunner
 from relay.delivery.spool import Spool
-from relay.errors import RelayError
+from relay.errors import ConfigError, RelayError
 from relay.flow import MessageFlow
 from relay.smtp import tls
 from relay.smtp.server import Ehlo, Guard, RelaySMTP, Slot, start_listener
@@ -118,12 +118,19 @@ class Relay:
         if self.cfg.delivery.mode != "inline" or any(t.delivery_mode not in ("", "inline") for t in self.cfg.tenants) \
                 or self.cfg.delivery.spool_dir.exists():
             await self.runner.start()  # before listening: whatever the spool holds is scheduled first
-        for i, lst in enumerate(self.cfg.listeners):
+        for lst in self.cfg.listeners:
             factory = functools.partial(self.smtp_factory, lst.implicit_tls)
             # Implicit-TLS listeners keep the context they started with (asyncio binds it to the
             # server); STARTTLS ones pick up a reloaded certificate for each new session. A worker
             # serves the sockets its supervisor bound (one per address of the listener).
-            fds: tuple[int | None, ...] = self.cfg.listen_sockets[i] if self.cfg.listen_sockets else (None,)
+            fds: tuple[int | None, ...] = (None,)
+            if self.cfg.listen_sockets:
+                inherited = dict(self.cfg.listen_sockets)
+                if (lst.host, lst.port) not in inherited:
+                    raise ConfigError(str(self.cfg.source), "listen",
+                                      f"{lst.host}:{lst.port} is not a socket the supervisor bound: the listen "
+                                      f"addresses changed since `serve --workers` started; restart it")
+                fds = inherited[(lst.host, lst.port)]
             for fd in fds:
                 sock = socket.socket(fileno=fd) if fd is not None else None
                 self.servers.append(await start_listener(factory, lst, self.tls_context, self.guard, sock=sock))

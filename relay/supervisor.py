@@ -95,7 +95,7 @@ class Supervisor:
 
     def _spawn(self, w: Worker) -> None:
         cmd = [sys.executable, "-m", "relay", "serve", *self.argv, "--worker-index", str(w.index),
-               "--worker-metrics-port", str(w.metrics_port), "--listen-fds", fds_arg(self.sockets)]
+               "--worker-metrics-port", str(w.metrics_port), "--listen-fds", fds_arg(self.cfg, self.sockets)]
         if self.no_sink or w.index:
             cmd.append("--no-sink")
         # our own interpreter and module, arguments from our own command line; preexec only calls prctl(2)
@@ -262,12 +262,17 @@ def worker_config(cfg: Config, index: int, metrics_port: int, listen_fds: str = 
     import dataclasses
 
     delivery = dataclasses.replace(cfg.delivery, spool_dir=cfg.delivery.spool_dir / f"worker-{index}")
-    sockets = tuple(tuple(int(fd) for fd in group.split(",") if fd) for group in listen_fds.split(";")) \
-        if listen_fds else ()
+    sockets = []
+    for group in filter(None, listen_fds.split(";")):
+        where, _, fds = group.partition("=")
+        host, _, port = where.rpartition("|")
+        sockets.append(((host, int(port)), tuple(int(fd) for fd in fds.split(",") if fd)))
     return dataclasses.replace(cfg, delivery=delivery, metrics_listen=("127.0.0.1", metrics_port),
-                               listen_sockets=sockets)
+                               listen_sockets=tuple(sockets))
 
 
-def fds_arg(fds: list[list[int]]) -> str:
-    """``--listen-fds``: per listener its descriptors, listeners separated by ";"."""
-    return ";".join(",".join(str(fd) for fd in group) for group in fds)
+def fds_arg(cfg: Config, fds: list[list[int]]) -> str:
+    """``--listen-fds``: per listener "host|port=fd,fd" (the descriptors :func:`bind_sockets`
+    returned for it), listeners separated by ";"."""
+    return ";".join(f"{lst.host}|{lst.port}=" + ",".join(str(fd) for fd in group)
+                    for lst, group in zip(cfg.listeners, fds, strict=True))

@@ -188,3 +188,39 @@ def test_event_loop_install() -> None:
             eventloop.install("uvloop", implicit_tls=True)
     finally:
         asyncio.set_event_loop_policy(before)
+
+
+def test_a_worker_serves_the_sockets_its_supervisor_bound(tmp_path: Path, pki_dir: Path) -> None:
+    """``serve --workers``: the supervisor binds every listener once (bind_sockets) and hands each
+    worker the descriptors by listener address (--listen-fds); the worker serves exactly those, and
+    a listener the supervisor did not bind (the config changed since it started) stops the worker
+    naming the key, instead of serving the wrong socket."""
+    import asyncio
+    import dataclasses
+    import socket
+
+    from relay import supervisor
+    from relay.service import Relay
+    from relay.smtp.server import bind_sockets
+
+    cfg = config.load(write(tmp_path, pki_dir))
+    fds = bind_sockets(cfg.listeners)
+    try:
+        arg = supervisor.fds_arg(cfg, fds)
+        worker = supervisor.worker_config(cfg, 1, 0, arg)
+        assert [addr for addr, _ in worker.listen_sockets] == [(lst.host, lst.port) for lst in cfg.listeners]
+        assert [list(group) for _, group in worker.listen_sockets] == fds
+        v6 = supervisor.worker_config(cfg, 0, 0, "::|2525=7,8;0.0.0.0|25=9")
+        assert v6.listen_sockets == ((("::", 2525), (7, 8)), (("0.0.0.0", 25), (9,)))
+        for group in fds:  # listening already: a client connects before any worker serves
+            for fd in group:
+                with socket.socket(fileno=os.dup(fd)) as s, socket.create_connection(s.getsockname()[:2], 2):
+                    pass
+        moved = dataclasses.replace(worker, listeners=(dataclasses.replace(cfg.listeners[0], port=1),))
+        with pytest.raises(ConfigError) as e:
+            asyncio.run(Relay(moved).start())
+        assert e.value.key == "listen" and "not a socket the supervisor bound" in e.value.reason
+    finally:
+        for group in fds:
+            for fd in group:
+                os.close(fd)
