@@ -130,23 +130,25 @@ finally:
     subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], capture_output=True)
     shutil.rmtree(wt.parent, ignore_errors=True)
 b, t = min(res["base"]), min(res["this"])
+
+
+def with_rate(what: str, unit: str, digits: int) -> str:
+    """The report line for a mode that also measures a rate (best round of each tree)."""
+    rb, rt = max(rate["base"]), max(rate["this"])
+    return (f"{what}, same run, 3 alternating rounds: base {rev} {b:.{digits}f} ms at {rb:.1f} {unit}, this tree "
+            f"{t:.{digits}f} ms at {rt:.1f} {unit}; CPU this/base = {t / b:.3f}, {unit} this/base = {rt / rb:.3f}")
+
+
 if big:
-    rb, rt = max(rate["base"]), max(rate["this"])
-    line = (f"relay CPU per 25 MB-attachment message (one session, messages one after another, plaintext "
-            f"profile), same run, 3 alternating rounds: base {rev} {b:.1f} ms at {rb:.1f} MB/s, this tree "
-            f"{t:.1f} ms at {rt:.1f} MB/s; CPU this/base = {t / b:.3f}, MB/s this/base = {rt / rb:.3f}")
+    line = with_rate("relay CPU per 25 MB-attachment message (one session, messages one after another, plaintext "
+                     "profile)", "MB/s", 1)
 elif tls:
-    rb, rt = max(rate["base"]), max(rate["this"])
-    line = (f"relay CPU per 10 KB message over STARTTLS on both sides (loadgen.py, 20 sessions, one per connection, "
-            f"into a Postfix TLS sink that discards), same run, 3 alternating rounds: base {rev} {b:.3f} ms at "
-            f"{rb:.1f} msg/s, this tree {t:.3f} ms at {rt:.1f} msg/s; CPU this/base = {t / b:.3f}, msg/s "
-            f"this/base = {rt / rb:.3f}")
+    line = with_rate("relay CPU per 10 KB message over STARTTLS on both sides (loadgen.py, 20 sessions, one per "
+                     "connection, into a Postfix TLS sink that discards)", "msg/s", 3)
 elif mix:
-    rb, rt = max(rate["base"]), max(rate["this"])
-    line = (f"relay CPU per message of the real-mail mix ({used} messages of the public corpora in tests/data, "
-            f"{left_out} left out; loadgen.py, plaintext, 20 sessions, one per connection, into smtp-sink), same run, "
-            f"3 alternating rounds: base {rev} {b:.3f} ms at {rb:.1f} msg/s, this tree {t:.3f} ms at {rt:.1f} msg/s; "
-            f"CPU this/base = {t / b:.3f}, msg/s this/base = {rt / rb:.3f}")
+    line = with_rate(f"relay CPU per message of the real-mail mix ({used} messages of the public corpora in "
+                     f"tests/data, {left_out} left out; loadgen.py, plaintext, 20 sessions, one per connection, into "
+                     f"smtp-sink)", "msg/s", 3)
 elif exo:
     line = (f"relay CPU per 10 KB reply with the header section Exchange Online hands a connector (58 fields, "
             f"12 KB; tests/exo_mail.py), smtp-source, 20 sessions, one per connection, plaintext profile, same run, "

@@ -161,7 +161,7 @@ def test_html_markers_agree_on_generated_html(html: bytes) -> None:
     _same_html(html)
 
 
-def test_the_rewritten_patterns_are_faster() -> None:
+def test_the_rewritten_patterns_start_with_a_literal() -> None:
     """Not a timing test (machines here are noisy): the new forms are the kind the regex engine
     can skip through. A pattern that must start with a literal character gets a literal or
     charset prefix in its compiled INFO block; the old forms had none."""
