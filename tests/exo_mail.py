@@ -30,9 +30,11 @@ def _folded(name: str, value: str, width: int = 76) -> bytes:
 def exchange_online_header(tenant_id: str = "3f6e1b2a-9c4d-4e8f-a1b2-5c7d9e0f1a2b") -> bytes:
     """A header section the size and shape of what Exchange Online hands an outbound connector
     (with "Retain internal Exchange email headers"): six internal Received hops, ARC and DKIM,
-    the antispam fields (long, folded), the cross-tenant and organization fields; about 80 fields
-    and 11 KB, where the synthetic reply has 5 fields. The values are made up; the sizes, the
-    folding and the field names are those of real Exchange Online traffic."""
+    the antispam fields (long, folded), the cross-tenant and organization fields: 58 fields, 12 KB,
+    where the synthetic reply has 5. The values are made up. The field names are those the
+    reference names (../shared/reference/exchange-online.md) and those Exchange Online adds to
+    every message (ARC, antispam report and message data); their sizes and folding are typical of
+    its traffic, not copied from a captured message (none is in the public corpora here)."""
     hops = b"".join(
         f"Received: from SN{i}PR11MB{4000 + i}.namprd11.prod.outlook.com (2603:10b6:806:{i:x}::1{i})\r\n"
         f" by SN{i + 1}PR11MB{5000 + i}.namprd11.prod.outlook.com (2603:10b6:806:{i + 1:x}::2{i}) with Microsoft\r\n"
