@@ -463,26 +463,48 @@ def _body_start(lower: bytes) -> int:
 
 
 def _project(lower: bytes, start: int, end: int) -> tuple[str, list[int], list[int]]:
-    """Visible text of ``lower[start:end]`` and a map back: text index → byte offset."""
+    """Visible text of ``lower[start:end]`` and a map back: text index → byte offset.
+
+    The tokens come from one ``findall`` (no match object each) of :data:`_TOKENS`, which also
+    takes a lone "<" as a token, so they cover the range end to end and each one's offset is the
+    sum of the lengths before it; a lone "<" shows nothing, as when it was skipped. Whether a tag
+    is a line break is remembered per short tag (Outlook repeats a few dozen). About 5x faster
+    than a finditer loop over the same tokens (tests/unit/test_placement_regexes.py compares)."""
     chunks: list[bytes] = []
     tpos: list[int] = []  # text offset (in bytes of the joined projection) where each chunk starts
     bpos: list[int] = []  # byte offset in ``lower`` of that chunk
-    n = 0
-    for m in _TOKEN.finditer(lower, start, end):
-        tok = m.group()
-        if tok[:1] == b"<":
-            if _BLOCK_TAG.match(tok):
+    n, pos = 0, start
+    breaks, entities = _BREAKS, _ENTITIES
+    for tok in _TOKENS.findall(lower, start, end):
+        size = len(tok)
+        if tok[0] == 0x3C:  # "<": a tag, comment, skipped block or lone "<"
+            brk = breaks.get(tok)
+            if brk is None:
+                brk = _BLOCK_TAG.match(tok) is not None
+                if size <= _BREAKS_TAG and len(breaks) < _BREAKS_KEPT:
+                    breaks[tok] = brk
+            if brk:
                 chunks.append(b"\n")
                 tpos.append(n)
-                bpos.append(m.start())
+                bpos.append(pos)
                 n += 1
-            continue
-        piece = _ENTITIES.get(tok, tok)
-        chunks.append(piece)
-        tpos.append(n)
-        bpos.append(m.start())
-        n += len(piece)
+        else:
+            piece = entities.get(tok, tok)
+            chunks.append(piece)
+            tpos.append(n)
+            bpos.append(pos)
+            n += len(piece)
+        pos += size
     return b"".join(chunks).decode("utf-8", "replace"), tpos, bpos
+
+
+# _TOKEN with a lone "<" as a last alternative: the tokens then cover the whole range (see _project).
+_TOKENS: Final = re.compile(_TOKEN.pattern + rb"|<", re.S)
+# Whether a tag (at most _BREAKS_TAG bytes) is a line break in the projection; bounded, as the tags
+# are the sender's to choose.
+_BREAKS: dict[bytes, bool] = {}
+_BREAKS_TAG: Final = 200
+_BREAKS_KEPT: Final = 4096
 
 
 def _textual(lower: bytes, start: int, end: int) -> Placement | None:

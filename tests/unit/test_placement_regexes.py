@@ -193,3 +193,48 @@ def test_lower_folds_like_ignorecase_for_the_hint_letters() -> None:
         assert by_lower[x] - apart == ignorecase - apart, repr(x)
     spaces = set(re.findall(r"\s", everything))
     assert {c for c in chars if c not in apart and c.lower() in spaces} == spaces - apart
+
+
+def old_project(lower: bytes, start: int, end: int) -> tuple[str, list[int], list[int]]:
+    """placement._project before it used findall (a finditer loop over _TOKEN), verbatim."""
+    chunks: list[bytes] = []
+    tpos: list[int] = []
+    bpos: list[int] = []
+    n = 0
+    for m in P._TOKEN.finditer(lower, start, end):
+        tok = m.group()
+        if tok[:1] == b"<":
+            if P._BLOCK_TAG.match(tok):
+                chunks.append(b"\n")
+                tpos.append(n)
+                bpos.append(m.start())
+                n += 1
+            continue
+        piece = P._ENTITIES.get(tok, tok)
+        chunks.append(piece)
+        tpos.append(n)
+        bpos.append(m.start())
+        n += len(piece)
+    return b"".join(chunks).decode("utf-8", "replace"), tpos, bpos
+
+
+def _same_projection(html: bytes) -> None:
+    n = len(html)
+    for start, end in {(0, n), (1, n), (0, n // 2), (n // 3, n), (P._body_start(html), n)}:
+        assert P._project(html, start, end) == old_project(html, start, end), (start, end)
+
+
+def test_the_projection_is_the_same_on_the_corpora() -> None:
+    for html in HTMLS:
+        _same_projection(html)
+
+
+_PROJ_TOKENS = [*_HTML_TOKENS, b"<!-- c -->", b"<!--", b"-->", b"<style>x</style>", b"<style>", b"</style>",
+                b"&nbsp;", b"&amp;", b"&", b"&lt", b"text", b"<br>", b"<p>", b"</p>", b"<", b"<<", b"\xc3\xa9",
+                b"<head><title>t</title></head>", b"<script>a<b</script>", b"<div", b"on Mon, Bob wrote:"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from(_PROJ_TOKENS), max_size=40).map(b"".join))
+def test_the_projection_is_the_same_on_generated_html(html: bytes) -> None:
+    _same_projection(html)
