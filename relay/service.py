@@ -118,14 +118,14 @@ class Relay:
         if self.cfg.delivery.mode != "inline" or any(t.delivery_mode not in ("", "inline") for t in self.cfg.tenants) \
                 or self.cfg.delivery.spool_dir.exists():
             await self.runner.start()  # before listening: whatever the spool holds is scheduled first
+        inherited = dict(self.cfg.listen_sockets)  # a worker's: its supervisor's sockets by (host, port)
         for lst in self.cfg.listeners:
             factory = functools.partial(self.smtp_factory, lst.implicit_tls)
             # Implicit-TLS listeners keep the context they started with (asyncio binds it to the
             # server); STARTTLS ones pick up a reloaded certificate for each new session. A worker
             # serves the sockets its supervisor bound (one per address of the listener).
             fds: tuple[int | None, ...] = (None,)
-            if self.cfg.listen_sockets:
-                inherited = dict(self.cfg.listen_sockets)
+            if inherited:
                 if (lst.host, lst.port) not in inherited:
                     raise ConfigError(str(self.cfg.source), "listen",
                                       f"{lst.host}:{lst.port} is not a socket the supervisor bound: the listen "

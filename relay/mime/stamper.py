@@ -190,8 +190,9 @@ def _anomalies(s: Scan, targets: dict[str, Part], crlf: bool) -> tuple[str, ...]
     bodies carry their text's line breaks escaped)."""
     out = list(s.anomalies)
     raw_leaves = [p for p in targets.values() if p.cte in ("7bit", "8bit", "binary")]
-    for p in [] if crlf else raw_leaves:
-        out += [a for a in line_anomalies(s.raw, p.header_end, p.end) if a not in out]
+    if not crlf:
+        for p in raw_leaves:
+            out += [a for a in line_anomalies(s.raw, p.header_end, p.end) if a not in out]
     if any(codec.line_over(s.body_bytes(p), _MAX_LINE) for p in raw_leaves):
         out.append("long-line")  # in a leaf we re-encoded: our output lines are <= 998
     return tuple(out)
