@@ -13,7 +13,6 @@ certificate, SNI. Which networks may connect at all is decided earlier, in ``rel
 
 from __future__ import annotations
 
-import email.utils
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -87,23 +86,14 @@ def bind(cfg: Config, mail_from: str, raw: bytes | bytearray, peer: Peer | None 
 
 def from_domains(top: dict[str, list[str]]) -> list[str]:
     """The From: addresses' domains, normalised as tenant lookups expect (A-labels)."""
-    # RFC 6532: header values are UTF-8 (the index holds them as latin-1 text, losslessly).
-    values = [_utf8(v) for v in top.get("from", [])]
     out = []
-    for _, a in email.utils.getaddresses(values):
+    for a in headers.addresses(top, "from"):  # the parse policy.sender_identity reads too
         dom = a.rpartition("@")[2]
         try:
             out.append(addresses.normalise_domain(dom))
         except addresses.BadDomain:
             out.append(f"(invalid) {dom}")
     return out
-
-
-def _utf8(value: str) -> str:
-    try:
-        return value.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        return value
 
 
 def _check_layers(cfg: Config, t: Tenant, top: dict[str, list[str]], peer: Peer) -> None:

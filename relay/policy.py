@@ -53,8 +53,9 @@ def sender_identity(raw: bytes | bytearray, mail_from: str, top: dict[str, list[
     Sender: the user typed themselves must not earn them someone else's (the CEO's) signature
     (issue #10, finding 6)."""
     top = headers.index(raw) if top is None else top
-    frm = [_clean(a.lower()) for _, a in email.utils.getaddresses(top.get("from", [])) if a]
-    snd = [_clean(a.lower()) for _, a in email.utils.getaddresses(top.get("sender", [])) if a]
+    # The From: parse binding checked the domain of (headers.addresses: one parse, RFC 6532 text).
+    frm = [_clean(a.lower()) for a in headers.addresses(top, "from") if a]
+    snd = [_clean(a.lower()) for a in headers.addresses(top, "sender") if a]
     if snd and frm and snd[0] != frm[0] and snd[0] == mail_from.lower():
         return SenderIdentity(snd[0], "send-on-behalf (Sender:)")
     if frm:
@@ -73,7 +74,7 @@ def _clean(value: str) -> str:
 
 
 def _subject(top: dict[str, list[str]]) -> str:
-    value = (top.get("subject") or [""])[0]
+    value = headers.text((top.get("subject") or [""])[0])  # RFC 6532: raw UTF-8 is allowed
     try:
         decoded = str(email.header.make_header(email.header.decode_header(value)))
     except (UnicodeError, LookupError, email.errors.HeaderParseError):

@@ -6,8 +6,9 @@ and loses bytes. These helpers find fields by byte offsets and insert new fields
 
 from __future__ import annotations
 
+import email.utils
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Final, NamedTuple
 
 # A header section ends at the first empty line. Accept CRLF and, tolerantly, bare LF: the email
@@ -73,10 +74,21 @@ def get_all(raw: bytes | bytearray, name: str) -> list[str]:
     return [f.value for f in fields(raw) if f.name.lower() == lname]
 
 
-def index(raw: bytes | bytearray, limit: int | None = None) -> dict[str, list[str]]:
+class Index(dict[str, list[str]]):
+    """What :func:`index` returns: the fields by lower-cased name, plus the parses derived from
+    them (:func:`addresses`), made once per message and shared by whoever holds the index."""
+
+    __slots__ = ("parsed",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parsed: dict[str, tuple[str, ...]] = {}
+
+
+def index(raw: bytes | bytearray, limit: int | None = None) -> Index:
     """All top-level fields by lower-cased name, values in order: one pass for many lookups
     (the fields of :func:`fields`; ``limit``: the header's end when the caller knows it)."""
-    out: dict[str, list[str]] = {}
+    out = Index()
     names = _NAMES
     end = header_end(raw) if limit is None else limit
     for name, folded in _FIELD_LINED_RE.findall(b"\n" + raw[:end]):
@@ -91,6 +103,34 @@ def index(raw: bytes | bytearray, limit: int | None = None) -> dict[str, list[st
             out[key] = [value]
         else:
             got.append(value)
+    return out
+
+
+def text(value: str) -> str:
+    """A field value as text: RFC 6532 §3.2 lets a header carry UTF-8, which the index holds as
+    latin-1 (lossless); valid UTF-8 is read as UTF-8, anything else stays as it is."""
+    if value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
+def addresses(top: Mapping[str, list[str]], name: str) -> tuple[str, ...]:
+    """The addr-specs of every ``name`` field (From:, Sender:) as written, "" for a group or a
+    display name without an address, in order: RFC 5322 §3.4 parsed by ``email.utils``, the
+    values read as :func:`text`. Parsed once per message: binding (the From: domain a tenant
+    must own) and policy (whose signature) must see the same address, and on an :class:`Index`
+    the second caller gets the first one's parse."""
+    memo = top.parsed if isinstance(top, Index) else None
+    if memo is not None:
+        got = memo.get(name)
+        if got is not None:
+            return got
+    out = tuple(a for _, a in email.utils.getaddresses([text(v) for v in top.get(name, [])]))
+    if memo is not None:
+        memo[name] = out
     return out
 
 

@@ -266,6 +266,30 @@ def test_a_sender_field_that_is_not_the_envelope_sender_is_ignored() -> None:
     assert (who.address, who.how) == ("alice@contoso.com", "from")
 
 
+
+def test_a_utf8_from_is_read_alike_by_binding_and_policy(tmp_path: Path) -> None:
+    """RFC 6532 lets an SMTPUTF8 message carry raw UTF-8 in From: and Subject:. Binding read the
+    From: domain as UTF-8 while policy read the same field as latin-1, so an EAI sender's own
+    rules and directory entry never applied ("jã¶rg@…"). One parse now serves both."""
+    from relay import binding
+    from relay.mime import headers
+
+    raw = ("From: Jörg Müller <jörg@bücher.example>\r\nTo: x@example.net\r\n"
+           "Subject: Angebot für Jörg\r\n\r\nbody\r\n").encode()
+    top = headers.index(raw)
+    assert binding.from_domains(top) == ["xn--bcher-kva.example"]
+    assert policy.sender_identity(raw, "jörg@bücher.example", top).address == "jörg@bücher.example"
+    assert top.parsed["from"] == ("jörg@bücher.example",)  # the one parse both read
+    m = message_of(raw, "jörg@bücher.example", dt.datetime.now(UTC), top)
+    assert (m.sender, m.subject) == ("jörg@bücher.example", "Angebot für Jörg")
+    csv = DIRECTORY + "jörg@bücher.example,Jörg Müller,Buyer,Sales,,,\n"
+    assert render(tmp_path, "<p>{{ user.displayName }}, {{ user.jobTitle }}</p>\n", csv,
+                  m.sender) == "<p>Jörg Müller, Buyer</p>\n"
+    # Not UTF-8 (a legacy 8-bit header): kept as latin-1 text, as before.
+    legacy = b"From: J\xf6rg <j@contoso.com>\r\nSubject: f\xfcr\r\n\r\nbody\r\n"
+    assert message_of(legacy, "", dt.datetime.now(UTC)).subject == "f\xfcr"
+    assert policy.sender_identity(legacy, "").address == "j@contoso.com"
+
 # --- templates ---------------------------------------------------------------------------------------
 
 
