@@ -644,7 +644,8 @@ def bench(work: Path, files: dict[str, Path], args: argparse.Namespace) -> int:
                                   f"{r.rate:8.1f} msg/s  {'' if r.complete else 'INCOMPLETE '}"
                                   f"cpu {1000 * (r.cpu or 0) / n:6.2f} ms/msg", flush=True)
             mix_note = mix_phase(work, ports, pids, sink, runs, args, relay)
-            extra |= big_message_figures(relay, ports["relay"], sink, files)
+            extra |= big_message_figures(relay, ports["relay"], sink, files, env["postfix"],  # type: ignore[arg-type]
+                                         ports["postfix"])
             latency = open_loop(ports, files["10 KB reply"], runs, q, pids)
         finally:
             sink.stop()
@@ -801,6 +802,7 @@ def open_loop(ports: dict[str, int], msg: Path, runs: list[Run], quick: bool,
     plaintext), open loop, and what it adds over the direct sink at the same rate; with the
     system's CPU per message during the run (a fixed rate costs more per message than flat out)."""
     out: list[str] = []
+    seen: dict[tuple[str, float], tuple[float, float, float, float]] = {}  # p50, p99, added p50, added p99
     best = {r.system: r.rate for r in runs if r.message == "10 KB reply" and r.per_conn == 1}
     for system in ("postfix", "relay", "relay ×2"):
         for share in (0.5, 0.8):
@@ -833,14 +835,27 @@ def open_loop(ports: dict[str, int], msg: Path, runs: list[Run], quick: bool,
                        f"same rate: p50 {pct(lat, 0.5) - pct(blat, 0.5):+.1f} ms, p99 "
                        f"{pct(lat, 0.99) - pct(blat, 0.99):+.1f} ms{busy}{'' if got['failed'] == 0 else ' (failures)'}")
             print("  " + out[-1], flush=True)
+            seen[system, share] = (pct(lat, 0.5), pct(lat, 0.99), pct(lat, 0.5) - pct(blat, 0.5),
+                                   pct(lat, 0.99) - pct(blat, 0.99))
+    for system in ("relay", "relay ×2"):
+        for share in (0.5, 0.8):
+            if (system, share) in seen and ("postfix", share) in seen:
+                (r50, r99, ra50, ra99), (p50, p99, pa50, pa99) = seen[system, share], seen["postfix", share]
+                times = best[system] / best["postfix"]
+                out.append(f"{system} ÷ postfix, each at {share:.0%} of its own maximum ({times:.2f} × the rate): "
+                           f"p50 {r50 / p50:.2f} ×, p99 {r99 / p99:.2f} ×; added p99 {ra99:+.1f} ms "
+                           f"against {pa99:+.1f} ms, added p50 {ra50:+.1f} ms against {pa50:+.1f} ms")
     return out
 
 
-def big_message_figures(relay: Relay, port: int, sink: Sink, files: dict[str, Path]) -> dict[str, str]:
-    """Peak RSS while four 25 MB messages are relayed at once, and what a small message sees meanwhile."""
+def big_message_figures(relay: Relay, port: int, sink: Sink, files: dict[str, Path],
+                        pf: Postfix, pf_port: int) -> dict[str, str]:
+    """Peak RSS while four 25 MB messages are relayed at once, and what a small message sees meanwhile;
+    the same for Postfix, the baseline."""
     size = files["25 MB attachment"].stat().st_size
     small = files["10 KB reply"].read_bytes()
     out: dict[str, str] = {}
+    four: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # MB/s, peak RSS, small p99, longest greeting
     for parallel in (1, 4):
         relay.restart()
         latencies: list[float] = []
@@ -866,13 +881,16 @@ def big_message_figures(relay: Relay, port: int, sink: Sink, files: dict[str, Pa
             f"max {1000 * lat[-1]:.0f} ms; longest wait for a greeting (event-loop stall) "
             f"{1000 * max(greetings, default=float('nan')):.0f} ms over {len(greetings)} connections; "
             f"CPU {1000 * (r.cpu or 0) / r.n:.0f} ms per message")
+        if parallel == 4:
+            four = (r.rate * size / 1e6, peak / (parallel * size), p99, max(greetings, default=float("nan")))
         if parallel == 1:
             # The baseline for one message's MB/s: the same message straight into the same sink, one
             # session, no probes. The relay stores and forwards, so its time is two such transfers
             # (in, then out) plus its own work.
             d = measure("direct", sink.port, sink, files["25 MB attachment"], "25 MB attachment", 4, 1, 1, None, 900)
             out["1 × 25 MB"] += (f"; the same message straight into that smtp-sink, one session, no probes: "
-                                 f"{d.rate * size / 1e6:.1f} MB/s ({1000 / d.rate:.0f} ms per message)")
+                                 f"{d.rate * size / 1e6:.1f} MB/s ({1000 / d.rate:.0f} ms per message; the relay "
+                                 f"{r.rate / d.rate:.2f} × that)")
         print(f"  {parallel} × 25 MB: {out[f'{parallel} × 25 MB']}", flush=True)
         if parallel == 4:
             # Where a small message's wait comes from: the same probe straight to the sink while the
@@ -891,11 +909,71 @@ def big_message_figures(relay: Relay, port: int, sink: Sink, files: dict[str, Pa
                 f"{1000 * statistics.median(d):.0f} ms, p99 {1000 * d[min(len(d) - 1, int(len(d) * 0.99))]:.0f} ms")
             print(f"  small messages straight to the sink meanwhile: {len(direct)} sent, p99 "
                   f"{1000 * d[min(len(d) - 1, int(len(d) * 0.99))]:.0f} ms", flush=True)
+    out["4 × 25 MB through Postfix (the baseline)"] = big_messages_through_postfix(pf, pf_port, sink, files, four)
+    print(f"  4 × 25 MB through Postfix: {out['4 × 25 MB through Postfix (the baseline)']}", flush=True)
     out["4 × 25 MB, own sink"] = small_latency_own_sink(relay.work.parent, sink, files)
     print(f"  4 × 25 MB, small messages into their own sink: {out['4 × 25 MB, own sink']}", flush=True)
     out["4 × 25 MB, Postfix sink"] = small_latency_into_postfix(relay.work.parent, sink, files)
     print(f"  4 × 25 MB into a Postfix sink: {out['4 × 25 MB, Postfix sink']}", flush=True)
     return out
+
+
+def big_messages_through_postfix(pf: Postfix, port: int, sink: Sink, files: dict[str, Path],
+                                 relay: tuple[float, float, float, float]) -> str:
+    """The 4 × 25 MB figures of the relay for Postfix's plain relay, the same load and probes, and the
+    relay's as ratios to them. Postfix answers 250 once a message is in its queue, so its rate here is
+    the rate it accepted them at (it delivers them afterwards). Its memory: Postfix is many processes
+    (an smtpd per connection, cleanup, qmgr, smtp), each with the same libraries mapped, so their peak
+    RSS would count those once per process; the figure is the highest sum of their PSS (shared pages
+    split between the processes sharing them), sampled every 0.2 s."""
+    size = files["25 MB attachment"].stat().st_size
+    small = files["10 KB reply"].read_bytes()
+    latencies: list[float] = []
+    greetings: list[float] = []
+    pss: list[int] = [0]
+    stop = threading.Event()
+    threads = [threading.Thread(target=probe, args=(port, small, stop, latencies), daemon=True),
+               threading.Thread(target=greeting_probe, args=(port, stop, greetings), daemon=True),
+               threading.Thread(target=pss_sampler, args=(pf.pids, stop, pss), daemon=True)]
+    before = sink.count
+    for t in threads:
+        t.start()
+    r = measure("postfix", port, sink, files["25 MB attachment"], "25 MB attachment", 8, 4, 1, pf.pids, 900,
+                until_sent=True)
+    stop.set()
+    for t in threads:
+        t.join(130)
+    peak = pss[0]
+    # Everything Postfix queued reaches the sink before the next phase begins.
+    drained = sink.wait_for(before + 8 + len(latencies), 300)
+    lat = sorted(latencies) or [float("nan")]
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    stall = max(greetings, default=float("nan"))
+    mbs, rss_ratio, relay_p99, relay_stall = relay
+    return (f"accepted at {r.rate * size / 1e6:.1f} MB/s; peak memory (summed PSS of its processes) "
+            f"{peak / 1e6:.0f} MB = {peak / (4 * size):.2f} × the 4 messages; small messages meanwhile: "
+            f"{_summary(latencies)}; longest "
+            f"wait for a greeting {1000 * stall:.0f} ms over {len(greetings)} connections; CPU "
+            f"{1000 * (r.cpu or 0) / r.n:.0f} ms per message (until accepted){'' if drained else ' (NOT DRAINED)'}. "
+            f"The relay's 4 × 25 MB figures as ratios to these: MB/s {mbs / (r.rate * size / 1e6):.2f} × (the "
+            f"relay's 250 comes after the tenant's), peak memory per message in flight "
+            f"{rss_ratio / (peak / (4 * size)):.2f} ×, small messages' p99 {relay_p99 / p99:.2f} × (the relay "
+            f"answers a small message once the sink has taken it, and the sink reads one 25 MB DATA at a time; "
+            f"Postfix answers once it has queued it), longest greeting wait {relay_stall / stall:.2f} ×")
+
+
+def pss_sampler(pids: Callable[[], list[int]], stop: threading.Event, peak: list[int]) -> None:
+    """The highest sum of the processes' PSS (proportional set size, /proc/<pid>/smaps_rollup) until
+    ``stop``, in ``peak[0]``, sampled every 0.2 s."""
+    while not stop.wait(0.2):
+        total = 0
+        for pid in pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        peak[0] = max(peak[0], total)
 
 
 def _summary(xs: list[float]) -> str:
@@ -1013,6 +1091,26 @@ def table(runs: list[Run], labels: list[str]) -> list[str]:
     return lines
 
 
+def cpu_table(runs: list[Run], labels: list[str]) -> list[str]:
+    """CPU per message of each signature-relay configuration as a ratio to each baseline's, row by
+    row of :func:`table` (the same runs): below 1, the relay spent less CPU on a message."""
+    lines = [
+        "| message | connection | relay ÷ Postfix | relay ÷ Postfix + alterMIME | 2 workers ÷ Postfix | "
+        "2 workers ÷ Postfix + alterMIME |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in labels:
+        for per_conn in (1, 0):
+            rs = {s: best(runs, s, label, per_conn) for s in ("postfix", "altermime", "relay", "relay ×2")}
+            cpu = {s: r.cpu / r.n for s, r in rs.items() if r and r.cpu}
+            if len(cpu) < len(rs):
+                continue
+            lines.append(f"| {label} | {'one message' if per_conn else 'many messages'} | "
+                         f"{cpu['relay'] / cpu['postfix']:.2f} | {cpu['relay'] / cpu['altermime']:.2f} | "
+                         f"{cpu['relay ×2'] / cpu['postfix']:.2f} | {cpu['relay ×2'] / cpu['altermime']:.2f} |")
+    return lines
+
+
 def targets(runs: list[Run], what: str) -> list[str]:
     ten = {s: best(runs, s, "10 KB reply", 1) for s in SYSTEMS}
     r, r2, a, p = ten["relay"], ten["relay ×2"], ten["altermime"], ten["postfix"]
@@ -1050,6 +1148,10 @@ def write_report(path: Path, runs: list[Run], checked: dict[str, str], extra: di
         "Baselines checked before timing: " + "; ".join(f"{k}: {v_}" for k, v_ in checked.items()) + ".",
         "",
         *table(runs, [*files, MIX]),
+        "",
+        "CPU per message as a ratio to the baselines' (the runs of the table above; below 1, less CPU):",
+        "",
+        *cpu_table(runs, [*files, MIX]),
     ]
     if EXO in files:
         lines += ["", f"The \"{EXO}\" row: the 10 KB reply with the header section Exchange Online hands an "
@@ -1074,7 +1176,9 @@ def write_report(path: Path, runs: list[Run], checked: dict[str, str], extra: di
                   "sends to each system, which delivers over STARTTLS to a Postfix sink that discards (its own "
                   "row, \"direct sink\", is the sink measured alone). Postfix verifies the sink's name and CA and "
                   "presents a client certificate, as the relay does. The load generator runs on the same 2 cores "
-                  "for every system.", "", *table(tls_runs, [x for x in files if "25 MB" not in x]),
+                  "for every system.", "", *table(tls_runs, [x for x in files if "25 MB" not in x]), "",
+                  "CPU per message as a ratio to the baselines' (below 1, less CPU):", "",
+                  *cpu_table(tls_runs, [x for x in files if "25 MB" not in x]),
                   *targets(tls_runs, "STARTTLS")]
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")
