@@ -1,0 +1,44 @@
+"""The end-to-end benchmark's report arithmetic (benchmarks/e2e.py): each figure's ratio to the
+baselines of the same run comes from the right runs and the right way round (issue #14)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import e2e  # noqa: E402
+
+
+def run(system: str, rate: float, cpu_ms: float, per_conn: int = 1, message: str = "10 KB reply") -> e2e.Run:
+    n = 1000
+    return e2e.Run(system, message, per_conn, 20, n, n / rate, cpu_ms * n / 1000, 0.0, True)
+
+
+RUNS = [
+    run("direct", 5000, 0), run("postfix", 800, 2.0), run("altermime", 200, 10.0),
+    run("relay", 900, 1.0), run("relay ×2", 1200, 1.5),
+    # a slower repetition of the relay: the table takes each system's best (least disturbed) one
+    run("relay", 600, 3.0),
+]
+
+
+def test_cpu_table_divides_the_best_runs_cpu_by_each_baselines() -> None:
+    lines = e2e.cpu_table(RUNS, ["10 KB reply"])
+    assert lines[0].startswith("| message | connection | relay ÷ Postfix | relay ÷ Postfix + alterMIME")
+    assert lines[2] == "| 10 KB reply | one message | 0.50 | 0.10 | 0.75 | 0.15 |"
+    assert len(lines) == 3  # no "many messages" runs, no row for them
+
+
+def test_throughput_table_ratios_match_the_cpu_tables_runs() -> None:
+    row = e2e.table(RUNS, ["10 KB reply"])[2]
+    # relay ÷ alterMIME, relay ÷ Postfix, 2 workers ÷ alterMIME, 2 workers ÷ Postfix
+    assert row.endswith("| 4.50 | 1.12 | 6.00 | 1.50 |")
+    assert "900.0 msg/s (1.00 ms CPU)" in row
+
+
+def test_a_row_with_a_baseline_missing_its_cpu_is_left_out() -> None:
+    runs = [r for r in RUNS if r.system != "altermime"] + [run("altermime", 200, 0)]
+    assert len(e2e.cpu_table(runs, ["10 KB reply"])) == 2
