@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import e2e  # noqa: E402
+import e2e  # type: ignore[import-not-found]  # noqa: E402  (benchmarks/ is no package; not type-checked here)
 
 
 def run(system: str, rate: float, cpu_ms: float, per_conn: int = 1, message: str = "10 KB reply") -> e2e.Run:
