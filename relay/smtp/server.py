@@ -426,6 +426,17 @@ class RelaySMTP(SMTP):
                 return
         super().data_received(data)
 
+    # RFC 5321 §4.1.1.8: HELP says what the server takes. The relay never offers AUTH (Exchange
+    # Online does not authenticate to a connector; EHLO does not advertise it), so HELP does not
+    # list it either; a client that sends it anyway gets aiosmtpd's answer (538 before TLS, 504
+    # after). STARTTLS is listed whenever it is offered, as aiosmtpd's own method is.
+    _auth_offered = False
+
+    @syntax("AUTH <mechanism>", when="_auth_offered")
+    async def smtp_AUTH(self, arg: str) -> None:
+        await super().smtp_AUTH(arg)
+
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         # RFC 3207 §4.2: once TLS is active the client MUST NOT issue STARTTLS again; a second
         # handshake inside the first one was answered 220 by aiosmtpd and, abandoned, leaked

@@ -224,3 +224,18 @@ async def test_help_lists_data(stack: Any) -> None:
     assert "DATA" in (await c.cmd(b"HELP")).split()
     assert await c.cmd(b"HELP DATA") == "250 Syntax: DATA"
     c.close()
+
+
+async def test_help_lists_what_ehlo_offers(stack: Any) -> None:
+    """HELP listed AUTH, which the relay never offers (EHLO does not advertise it), and left out
+    STARTTLS, which it does (the relay's own smtp_STARTTLS had lost aiosmtpd's HELP text)."""
+    from tests.protocol.test_security import session
+
+    c = await session(stack)
+    listed = (await c.cmd(b"HELP")).split()
+    assert "STARTTLS" in listed and "AUTH" not in listed
+    assert (await c.cmd(b"HELP AUTH")).startswith("501 Supported commands:")
+    assert await c.cmd(b"HELP STARTTLS") == "250 Syntax: STARTTLS"
+    assert (await c.cmd(b"AUTH PLAIN")).startswith("504")  # sent anyway: refused as before
+    assert "AUTH" not in await c.cmd(b"EHLO mail-x.outbound.protection.outlook.com")
+    c.close()
