@@ -82,9 +82,15 @@ class Resolver:
         out: list[str] = []
         for rdtype in ("AAAA", "A"):
             try:
-                out += [a for _, a in await self._query(host, rdtype)]
+                found = [a for _, a in await self._query(host, rdtype)]
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                 continue
+            # IPv6 first, each family in random order (Postfix's smtp_randomize_addresses): the
+            # answer is cached for its TTL, so the DNS server's own rotation does not reach us,
+            # and a tenant's endpoint is one host with several addresses (*.mail.protection.
+            # outlook.com); in DNS order every new connection would go to the first of them.
+            random.shuffle(found)
+            out += found
         return out
 
     async def targets(self, ep: Endpoint) -> list[Target]:

@@ -85,3 +85,29 @@ async def test_answers_are_cached_for_their_ttl(dns: tuple[dnsserver.Zone, int])
     for _ in range(3):
         await r.targets(Endpoint.parse("mx:c.onmicrosoft.com"))
     assert zone.queries.count(("c.onmicrosoft.com.", "MX")) == 1
+
+
+async def test_equal_preferences_and_a_hosts_addresses_are_spread(dns: tuple[dnsserver.Zone, int]) -> None:
+    """RFC 5321 §5.1: equal-preference MX hosts in random order (a MUST); and, as Postfix does, the
+    addresses of one host too, IPv6 before IPv4: a tenant's endpoint is one host with several
+    addresses, and the cached answer would otherwise send every connection to the first one."""
+    zone, port = dns
+    zone.records = {
+        ("c.onmicrosoft.com.", "MX"): ["10 a.mx.test.", "10 b.mx.test.", "20 z.mx.test."],
+        ("a.mx.test.", "A"): ["127.0.1.1", "127.0.1.2", "127.0.1.3"],
+        ("a.mx.test.", "AAAA"): ["::1"],
+        ("b.mx.test.", "A"): ["127.0.2.1"],
+        ("z.mx.test.", "A"): ["127.0.9.9"],
+    }
+    r = Resolver((f"127.0.0.1:{port}",), timeout=2)
+    first_host, first_a = set(), set()
+    for _ in range(60):
+        t = await r.targets(Endpoint.parse("mx:c.onmicrosoft.com"))
+        assert [x.preference for x in t] == [10] * 5 + [20] and t[-1].address == "127.0.9.9"
+        a = [x.address for x in t if x.mx_host == "a.mx.test"]
+        assert a[0] == "::1" and sorted(a[1:]) == ["127.0.1.1", "127.0.1.2", "127.0.1.3"]
+        first_host.add(t[0].mx_host)
+        first_a.add(a[1])
+    assert first_host == {"a.mx.test", "b.mx.test"}  # 2**-59 to fail by chance
+    assert first_a == {"127.0.1.1", "127.0.1.2", "127.0.1.3"}  # 3 * (2/3)**60, about 1e-10
+    assert zone.queries.count(("a.mx.test.", "A")) == 1  # one cached answer, shuffled each time
