@@ -1172,7 +1172,7 @@ def write_report(path: Path, runs: list[Run], checked: dict[str, str], extra: di
     lines += targets(runs, "plaintext")
     if tls_runs:
         lines += ["", "## STARTTLS on both sides", "",
-                  "benchmarks/loadgen.py (asyncio, STARTTLS verified against the dev CA; smtp-source has no TLS) "
+                  "benchmarks/loadgen.py (Python on uvloop, STARTTLS verified against the dev CA; smtp-source has no TLS) "
                   "sends to each system, which delivers over STARTTLS to a Postfix sink that discards (its own "
                   "row, \"direct sink\", is the sink measured alone). Postfix verifies the sink's name and CA and "
                   "presents a client certificate, as the relay does. The load generator runs on the same 2 cores "
