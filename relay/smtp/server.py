@@ -205,6 +205,7 @@ class RelaySMTP(SMTP):
         self._slot = slot  # already admitted (implicit TLS: by the TlsGate, at TCP accept)
         self._idle = idle_timeout
         self._corked: list[bytes] | None = None  # the lines of a multi-line reply, written at once
+        self._held: list[bytes] = []  # replies to a pipelined group, written with the group's last
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
@@ -270,20 +271,39 @@ class RelaySMTP(SMTP):
             line = status = str(replies.DATA_LINE_TOO_LONG)
         if self._corked is not None:  # inside EHLO (smtp_EHLO): its 250 lines are held, anything else flushes them
             if line.startswith("250"):
-                enc = "utf-8" if self.enable_SMTPUTF8 else "ascii"
-                self._corked.append((status if isinstance(status, bytes) else status.encode(enc)) + b"\r\n")
+                self._corked.append(self._encode(status) + b"\r\n")
                 return
             await self._flush_corked()
-        await super().push(status)
+        if line.startswith("250") and not self._in_data and b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+            # RFC 2920 §3.2: the client pipelined (its next command is already here), so this
+            # success waits for the group's last reply and they go out in one write: one send()
+            # and, under TLS, one record, where aiosmtpd wrote one per reply (MAIL, each RCPT,
+            # then DATA's 354, as Exchange Online groups them). Only 250s wait: any other reply
+            # (354, an error, 221, 421) writes what is held first, so the order never changes;
+            # nothing waits while the client waits for us (no complete command left unread).
+            self._held.append(self._encode(status) + b"\r\n")
+            return
+        if self._held:
+            held, self._held = self._held, []
+            self._writer.write(b"".join(held) + self._encode(status) + b"\r\n")
+            await self._writer.drain()
+        else:
+            await super().push(status)
         if line[:1] in ("4", "5") and not line.startswith("421"):
             self._errors += 1
             if self._errors >= self.guard.max_errors:
                 await super().push("421 4.7.0 Too many errors, closing connection")
                 self._close()
 
+    def _encode(self, status: str | bytes) -> bytes:
+        """A reply as aiosmtpd's push() encodes it."""
+        return status if isinstance(status, bytes) else status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+
     async def _flush_corked(self) -> None:
         if self._corked:
-            self._writer.write(b"".join(self._corked))
+            # Replies held from before the EHLO (a client that pipelined it) go first.
+            held, self._held = self._held, []
+            self._writer.write(b"".join(held + self._corked))
             self._corked = []
             await self._writer.drain()
 

@@ -216,6 +216,54 @@ async def test_the_ehlo_reply_goes_out_in_one_write(stack: Any, monkeypatch: pyt
     c.close()
 
 
+async def test_a_pipelined_groups_replies_go_out_in_one_write(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 2920 §3.2: MAIL, RCPTs and DATA sent as one group (Exchange Online's way) get their
+    replies in one write, in order; so do the final 250 and QUIT's 221 when QUIT follows the dot;
+    any other reply (an error, 354) writes what was held first; a client that waits for each
+    reply gets each at once."""
+    import asyncio
+
+    from tests.protocol.test_security import session
+
+    writes: list[bytes] = []
+    real = asyncio.StreamWriter.write
+
+    def counting(self: asyncio.StreamWriter, data: bytes) -> None:
+        # The relay's replies to us: not our commands, not the in-process sink's to the relay.
+        if (self.get_extra_info("sockname") or ("", 0))[1] == stack.deployment.relay_port:
+            writes.append(bytes(data))
+        real(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
+    c = await session(stack)  # over TLS: the group is one record, so it arrives in one read
+    writes.clear()
+    await c.send(b"MAIL FROM:<alice@contoso.com>\r\nRCPT TO:<bob@example.net>\r\nRCPT TO:<carol@example.net>\r\n"
+                 b"DATA\r\n")
+    got = [await c.reply() for _ in range(4)]
+    assert [g[:3] for g in got] == ["250", "250", "250", "354"]
+    assert writes == ["\r\n".join(got).encode() + b"\r\n"]
+    writes.clear()
+    await c.send(message() + b"\r\n.\r\nRSET\r\nNOOP\r\n")  # as transaction() in test_security sends it
+    got = [await c.reply(wait=30) for _ in range(3)]
+    assert [g[:3] for g in got] == ["250", "250", "250"] and len(writes) == 1
+    writes.clear()
+    # An error in the middle: the 250 before it goes out with it, the error is not held.
+    await c.send(b"MAIL FROM:<alice@contoso.com>\r\nRCPT TO:\r\nDATA\r\n")
+    got = [await c.reply() for _ in range(3)]
+    assert got[0][:3] == "250" and got[1][:1] == "5" and got[2][:1] in "45"
+    assert writes[0] == ("\r\n".join(got[:2]) + "\r\n").encode() and len(writes) == 2
+    # One command at a time: each reply comes at once (nothing waits for a group).
+    assert (await c.cmd(b"RSET")).startswith("250") and (await c.cmd(b"NOOP")).startswith("250")
+    # A pipelined EHLO: the NOOP's 250 before the EHLO reply, in one write.
+    writes.clear()
+    await c.send(b"NOOP\r\nEHLO mail-x.outbound.protection.outlook.com\r\n")
+    noop, ehlo = await c.reply(), await c.reply()
+    assert noop.startswith("250 ") and ehlo.startswith("250-") and len(writes) == 1
+    await c.send(b"NOOP\r\nQUIT\r\n")
+    assert (await c.reply())[:3] == "250" and (await c.reply())[:3] == "221"
+    c.close()
+
+
 async def test_help_lists_data(stack: Any) -> None:
     """The relay's own DATA reader replaces aiosmtpd's smtp_DATA; HELP still knows the command."""
     from tests.protocol.test_security import session
