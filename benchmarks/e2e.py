@@ -1172,8 +1172,8 @@ def write_report(path: Path, runs: list[Run], checked: dict[str, str], extra: di
     lines += targets(runs, "plaintext")
     if tls_runs:
         lines += ["", "## STARTTLS on both sides", "",
-                  "benchmarks/loadgen.py (Python on uvloop, STARTTLS verified against the dev CA; smtp-source has no TLS) "
-                  "sends to each system, which delivers over STARTTLS to a Postfix sink that discards (its own "
+                  "benchmarks/loadgen.py (Python on uvloop, STARTTLS verified against the dev CA; smtp-source has "
+                  "no TLS) sends to each system, which delivers over STARTTLS to a Postfix sink that discards (its own "
                   "row, \"direct sink\", is the sink measured alone). Postfix verifies the sink's name and CA and "
                   "presents a client certificate, as the relay does. The load generator runs on the same 2 cores "
                   "for every system.", "", *table(tls_runs, [x for x in files if "25 MB" not in x]), "",
