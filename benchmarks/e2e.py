@@ -950,16 +950,21 @@ def big_messages_through_postfix(pf: Postfix, port: int, sink: Sink, files: dict
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
     stall = max(greetings, default=float("nan"))
     mbs, rss_ratio, relay_p99, relay_stall = relay
+
+    def ratio(a: float, b: float) -> float:  # a figure that could not be measured is no crash at the end of a run
+        return a / b if b else float("nan")
+
     return (f"accepted at {r.rate * size / 1e6:.1f} MB/s; peak memory (summed PSS of its processes) "
             f"{peak / 1e6:.0f} MB = {peak / (4 * size):.2f} × the 4 messages; small messages meanwhile: "
             f"{_summary(latencies)}; longest "
             f"wait for a greeting {1000 * stall:.0f} ms over {len(greetings)} connections; CPU "
             f"{1000 * (r.cpu or 0) / r.n:.0f} ms per message (until accepted){'' if drained else ' (NOT DRAINED)'}. "
-            f"The relay's 4 × 25 MB figures as ratios to these: MB/s {mbs / (r.rate * size / 1e6):.2f} × (the "
-            f"relay's 250 comes after the tenant's), peak memory per message in flight "
-            f"{rss_ratio / (peak / (4 * size)):.2f} ×, small messages' p99 {relay_p99 / p99:.2f} × (the relay "
-            f"answers a small message once the sink has taken it, and the sink reads one 25 MB DATA at a time; "
-            f"Postfix answers once it has queued it), longest greeting wait {relay_stall / stall:.2f} ×")
+            f"The relay's 4 × 25 MB figures as ratios to these: MB/s {ratio(mbs, r.rate * size / 1e6):.2f} × (the "
+            f"relay's 250 comes after the tenant's), peak memory per message in flight (its one process's peak "
+            f"RSS) {ratio(rss_ratio, peak / (4 * size)):.2f} ×, small messages' p99 {ratio(relay_p99, p99):.2f} × "
+            f"(the relay answers a small message once the sink has taken it, and the sink reads one 25 MB DATA "
+            f"at a time; Postfix answers once it has queued it), longest greeting wait "
+            f"{ratio(relay_stall, stall):.2f} ×")
 
 
 def pss_sampler(pids: Callable[[], list[int]], stop: threading.Event, peak: list[int]) -> None:
