@@ -45,6 +45,7 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy relay
 	$(BIN)/mypy tests
+	$(BIN)/mypy benchmarks
 
 test: $(VENV)/.installed-test system-deps lint typecheck
 	$(BIN)/pytest -q

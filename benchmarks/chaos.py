@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
@@ -50,7 +51,8 @@ class Relay:
     """The relay as a child process that can be SIGKILLed and restarted."""
 
     def __init__(self, dep: Deployment, log: Path) -> None:
-        self.dep, self.log, self.proc = dep, log, None
+        self.dep, self.log = dep, log
+        self.proc: subprocess.Popen[bytes] | None = None
         self.kills = 0
 
     def start(self) -> None:
@@ -187,7 +189,7 @@ async def crashes(dep: Deployment, ctx: ssl.SSLContext, n: int, clients: int, lo
 
 
 @contextlib.contextmanager
-def tiny_fs(where: Path) -> object:
+def tiny_fs(where: Path) -> Iterator[bool]:
     where.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True)
     try:

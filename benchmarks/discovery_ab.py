@@ -19,6 +19,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import e2e  # noqa: E402
+from run import outlook_reply  # noqa: E402  (e2e put the repository on sys.path for tests.support)
+
+from tests.support import free_port, wait_port  # noqa: E402
 
 UNDO = "import aiosmtpd.smtp, inspect, relay.smtp.server; aiosmtpd.smtp.inspect = inspect; del aiosmtpd.smtp.dir; "
 
@@ -27,11 +30,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sr-ab-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
-        sink = e2e.Sink(e2e.free_port())
-        relay = e2e.Relay(work, e2e.free_port(), sink.port, e2e.free_port())
+        sink = e2e.Sink(free_port())
+        relay = e2e.Relay(work, free_port(), sink.port, free_port())
         relay.stop()
         msg = work / "m.eml"
-        msg.write_bytes(e2e.outlook_reply().replace(b"\r\n", b"\n"))
+        msg.write_bytes(outlook_reply().replace(b"\r\n", b"\n"))
         res: dict[str, list[float]] = {"cached per class": [], "per connection (aiosmtpd's own)": []}
         try:
             for _ in range(3):
@@ -41,7 +44,7 @@ def main() -> int:
                         f"from relay.cli import main; main({serve})"
                     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, cwd=HERE.parent)
-                    e2e.wait_port(relay.port, p)
+                    wait_port(relay.port, p)
                     e2e.send(relay.port, msg, 200, 20, 1).wait()  # warm-up
                     c0 = e2e.cpu_seconds([p.pid])
                     e2e.send(relay.port, msg, 2000, 20, 1).wait()

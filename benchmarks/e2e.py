@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import io
 import json
 import os
 import platform
@@ -146,7 +147,7 @@ class Sink:
         wait_port(port, self.proc)
 
     def _read(self) -> None:
-        assert self.proc.stdout
+        assert isinstance(self.proc.stdout, io.BufferedReader)  # Popen(stdout=PIPE): read1 returns what is there
         buf = b""
         while chunk := self.proc.stdout.read1(4096):
             buf = (buf + chunk)[-200:]
@@ -903,12 +904,12 @@ def big_message_figures(relay: Relay, port: int, sink: Sink, files: dict[str, Pa
                     None, 900, until_sent=True)
             stop.set()
             t.join(130)
-            d = sorted(direct) or [float("nan")]
+            ds = sorted(direct) or [float("nan")]  # not "d": that name holds the 1 × 25 MB direct Run above
             out[f"{parallel} × 25 MB"] += (
                 f"; the same small messages straight to the sink during the same load: {len(direct)} sent, p50 "
-                f"{1000 * statistics.median(d):.0f} ms, p99 {1000 * d[min(len(d) - 1, int(len(d) * 0.99))]:.0f} ms")
+                f"{1000 * statistics.median(ds):.0f} ms, p99 {1000 * ds[min(len(ds) - 1, int(len(ds) * 0.99))]:.0f} ms")
             print(f"  small messages straight to the sink meanwhile: {len(direct)} sent, p99 "
-                  f"{1000 * d[min(len(d) - 1, int(len(d) * 0.99))]:.0f} ms", flush=True)
+                  f"{1000 * ds[min(len(ds) - 1, int(len(ds) * 0.99))]:.0f} ms", flush=True)
     out["4 × 25 MB through Postfix (the baseline)"] = big_messages_through_postfix(pf, pf_port, sink, files, four)
     print(f"  4 × 25 MB through Postfix: {out['4 × 25 MB through Postfix (the baseline)']}", flush=True)
     out["4 × 25 MB, own sink"] = small_latency_own_sink(relay.work.parent, sink, files)

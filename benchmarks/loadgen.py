@@ -22,7 +22,9 @@ import json
 import ssl
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 
 class Session:
@@ -186,6 +188,7 @@ if __name__ == "__main__":
     files = sorted(where.glob("*.eml")) if where.is_dir() else [where]
     if not files:
         raise SystemExit(f"loadgen: no *.eml in {where}")
+    run: Callable[[Coroutine[Any, Any, dict[str, object]]], dict[str, object]]
     try:
         # The load generator shares the benchmark machine's cores with the system under test:
         # on uvloop it cost 0.66-0.73 instead of 1.22-1.25 ms of CPU per message (open loop at

@@ -12,6 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,7 +63,7 @@ def naive(policy: Policy, msg: Message, recipients: list[str]) -> list[tuple[str
     s_user = policy.directory.user(msg.sender)
     for r in recipients:
         r_user = policy.directory.user(r)
-        internal = policy.rules.internal(r, policy.directory)
+        internal = policy.rules.internal(r)
         filled: dict[str, str] = {}
         for rule in policy.rules.rules:
             if rule.enabled and rule.senders.matches(msg.sender, s_user, True) and \
@@ -74,14 +75,15 @@ def naive(policy: Policy, msg: Message, recipients: list[str]) -> list[tuple[str
     return out
 
 
-def per_call(fn, n: int) -> float:  # type: ignore[no-untyped-def]
+def per_call(fn: Callable[[], object], n: int) -> tuple[float, float]:
+    """Best and median seconds per call over 5 batches of ``n``."""
     runs = []
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
         runs.append((time.perf_counter() - t0) / n)
-    return min(runs), statistics.median(runs)  # type: ignore[return-value]
+    return min(runs), statistics.median(runs)
 
 
 def main() -> list[str]:
