@@ -284,9 +284,7 @@ class RelaySMTP(SMTP):
             self._held.append(self._encode(status) + b"\r\n")
             return
         if self._held:
-            held, self._held = self._held, []
-            self._writer.write(b"".join(held) + self._encode(status) + b"\r\n")
-            await self._writer.drain()
+            await self._write_after_held([self._encode(status) + b"\r\n"])
         else:
             await super().push(status)
         if line[:1] in ("4", "5") and not line.startswith("421"):
@@ -299,13 +297,17 @@ class RelaySMTP(SMTP):
         """A reply as aiosmtpd's push() encodes it."""
         return status if isinstance(status, bytes) else status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
 
+    async def _write_after_held(self, lines: list[bytes]) -> None:
+        """Write ``lines`` (encoded reply lines) in one write, after any replies held for a
+        pipelined group, which were answered first."""
+        held, self._held = self._held, []
+        self._writer.write(b"".join(held + lines))
+        await self._writer.drain()
+
     async def _flush_corked(self) -> None:
         if self._corked:
-            # Replies held from before the EHLO (a client that pipelined it) go first.
-            held, self._held = self._held, []
-            self._writer.write(b"".join(held + self._corked))
-            self._corked = []
-            await self._writer.drain()
+            corked, self._corked = self._corked, []
+            await self._write_after_held(corked)  # replies held from before a pipelined EHLO go first
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
