@@ -116,6 +116,10 @@ class DeliveryConfig:
     # the relay can be compared like with like with a plaintext Postfix (issue #14). Any other
     # endpoint still requires STARTTLS (RFC 3207 §4).
     plaintext_loopback_benchmark: bool = False
+    # Cut-through (relay/cutthrough.py): a message still arriving after this many octets starts
+    # going to the endpoint while it arrives; the final dot only once it proved to be what store
+    # and forward would send. 0: never.
+    cut_through_after: int = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -373,6 +377,7 @@ def _delivery(root: _Section, var_dir: Path) -> DeliveryConfig:
         min_free_space=d.integer("min_free_space", 64 * 1024 * 1024, 0, 2**50),
         rescan_interval=d.number("rescan_interval", 15.0, 0.1, 3600.0),
         plaintext_loopback_benchmark=d.boolean("plaintext_loopback_benchmark", False),
+        cut_through_after=d.integer("cut_through_after", 256 * 1024, 0, 2**40),
     )
     for i, s in enumerate(delivery.dns_servers):
         try:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay import binding, ingress, metrics, offload, pipeline, replies
+from relay import binding, cutthrough, ingress, metrics, offload, pipeline, replies
 from relay import log as msglog
 from relay.config import Config, Tenant
 from relay.delivery import dsn
@@ -97,6 +97,24 @@ def bind_and_plan(cfg: Config, inbound: ingress.Inbound, mail_from: str, rcpts: 
     return Prepared(b, copies)
 
 
+def _peer(session: Session) -> binding.Peer:
+    return binding.Peer(ip=session.peer[0] if session.peer else None,
+                        cert_names=tuple(tls.peer_names((session.ssl or {}).get("peercert"))),
+                        sni=tls.sni_of(session.ssl))
+
+
+def _tracer(cfg: Config, session: Session, envelope: Envelope, qid: str, when: dt.datetime
+            ) -> Callable[[Sequence[str]], bytes]:
+    """Our Received: field for a group of recipients (RFC 5321 §4.4)."""
+    tls_info, peer_ip = tls.describe(session.ssl), session.peer[0] if session.peer else None
+
+    def received_for(group: Sequence[str]) -> bytes:
+        return trace.received(helo=session.host_name, peer_ip=peer_ip, by=cfg.hostname, queue_id=qid,
+                              recipients=group, tls=tls_info, smtputf8=envelope.smtp_utf8, when=when.astimezone())
+
+    return received_for
+
+
 @dataclass
 class _Message:
     """What one DATA transaction has gathered so far (for the log line, whatever fails)."""
@@ -111,6 +129,7 @@ class _Message:
     prepared: Prepared | None = None
     delivered: Delivered | None = None
     error: str | None = None
+    cut: cutthrough.CutThrough | None = None
 
 
 class MessageFlow:
@@ -131,29 +150,51 @@ class MessageFlow:
         if isinstance(server, RelaySMTP):
             server.hold_timeout(self.hold_time())
         raw = envelope.original_content or b""
-        m = _Message(new_queue_id(), session.peer[0] if session.peer else None, envelope_sender(envelope),
-                     list(envelope.rcpt_tos), len(raw))
+        cut: cutthrough.CutThrough | None = getattr(envelope, "cut", None)
+        m = _Message(cut.qid if cut else new_queue_id(), session.peer[0] if session.peer else None,
+                     envelope_sender(envelope), list(envelope.rcpt_tos), len(raw), cut=cut)
         try:
             reply = await self._process(m, raw, session, envelope)
         except Exception as e:
             reply = replies.reply_for(e)
             m.error = e.detail if isinstance(e, RelayError) else f"{type(e).__name__}: {e}"
         finally:
+            if cut is not None:
+                cut.close()  # not finished: the endpoint connection is closed without the dot
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
         self._account(m, reply)
         return reply
 
+    def cut_through(self, session: Session, envelope: Envelope) -> cutthrough.CutThrough | None:
+        """The DATA reader's cut-through for this transaction (relay/cutthrough.py), or None when
+        ``delivery.cut_through_after`` is 0. Its queue id and time are the message's: the trace
+        field it speculates with is the one the message gets."""
+        cfg = self.ctx.cfg
+        after = cfg.delivery.cut_through_after
+        if not after:
+            return None
+        qid, when = new_queue_id(), dt.datetime.now(dt.UTC)
+        peer, received_for = _peer(session), _tracer(cfg, session, envelope, qid, when)
+        mail_from, rcpts = envelope_sender(envelope), list(envelope.rcpt_tos)
+
+        def start(prefix: bytes) -> cutthrough.Head | str:
+            head = cutthrough.speculate(cfg, prefix, plan=bind_and_plan, mail_from=mail_from, rcpts=rcpts, peer=peer,
+                                        when=when, received_for=received_for)
+            if isinstance(head, cutthrough.Head) and (head.tenant.delivery_mode or cfg.delivery.mode) == "queue":
+                return "queue mode"  # 250 once spooled: nothing to gain from the endpoint
+            return head
+
+        return cutthrough.CutThrough(after=after, qid=qid, when=when, start=start, delivery=self.ctx.delivery,
+                                     smtputf8=envelope.smtp_utf8, mail_from=mail_from,
+                                     timeout=cfg.delivery.data_timeout)
+
     async def _process(self, m: _Message, raw: bytes | bytearray, session: Session, envelope: Envelope) -> str:
         cfg = self.ctx.cfg
-        peer = binding.Peer(ip=m.peer, cert_names=tuple(tls.peer_names((session.ssl or {}).get("peercert"))),
-                            sni=tls.sni_of(session.ssl))
-        tls_info, when = tls.describe(session.ssl), dt.datetime.now(dt.UTC)
-
-        def received_for(group: Sequence[str]) -> bytes:
-            return trace.received(helo=session.host_name, peer_ip=m.peer, by=cfg.hostname, queue_id=m.qid,
-                                  recipients=group, tls=tls_info, smtputf8=envelope.smtp_utf8, when=when.astimezone())
+        peer = _peer(session)
+        when = m.cut.when if m.cut is not None else dt.datetime.now(dt.UTC)
+        received_for = _tracer(cfg, session, envelope, m.qid, when)
 
         # The DATA reader found no line starting with a dot: carried to delivery's dot-stuffing.
         dotless = bool(getattr(envelope, "dotless", False))
@@ -169,6 +210,8 @@ class MessageFlow:
             self.ctx.metrics.copies.labels(tenant.name, label).inc()
         mode = tenant.delivery_mode or cfg.delivery.mode
         if mode == "queue":
+            if m.cut is not None:
+                m.cut.close()
             m.delivered = await self._enqueue(tenant.name, m, envelope.smtp_utf8)
         elif mode == "inline-then-queue":
             try:
@@ -196,9 +239,13 @@ class MessageFlow:
         for i, copy in enumerate(copies):
             try:
                 p = copy.processed
-                outcome = await self.ctx.delivery.deliver(t, m.mail_from, list(copy.recipients), p.pieces,
-                                                          smtputf8=smtputf8, crlf=p.crlf, dotless=p.dotless,
-                                                          ascii=p.ascii)
+                got = None
+                if m.cut is not None and len(copies) == 1:
+                    # The cut-through's dot, if this copy is what it has been sending (relay/cutthrough.py).
+                    got = await m.cut.finish(t, copy.recipients, p.pieces, _ascii(p), smtputf8)
+                outcome = got or await self.ctx.delivery.deliver(t, m.mail_from, list(copy.recipients), p.pieces,
+                                                                 smtputf8=smtputf8, crlf=p.crlf, dotless=p.dotless,
+                                                                 ascii=p.ascii)
             except PermanentError as e:
                 # This copy's recipients are refused for good; the others still get theirs.
                 first_refusal = first_refusal or e
@@ -318,6 +365,13 @@ class MessageFlow:
             log.info("message %s", msglog.fmt(fields), extra={"fields": fields})  # "fields": for --log-format json
 
 
+def _ascii(p: pipeline.Processed) -> bool:
+    """Whether delivery sends ``p`` without BODY=8BITMIME (the rule of Delivery._mail_options)."""
+    if p.ascii is not None:
+        return p.ascii
+    return all(not isinstance(x, memoryview) and x.isascii() for x in p.pieces)
+
+
 def log_fields(m: _Message, reply: str, elapsed: float) -> dict[str, Any]:
     """The one log line of a message, from what each step returned."""
     f: dict[str, Any] = {"qid": m.qid, "peer": m.peer, "from": f"<{m.mail_from}>", "rcpts": len(m.rcpts),
@@ -343,5 +397,7 @@ def log_fields(m: _Message, reply: str, elapsed: float) -> dict[str, Any]:
         d = m.delivered
         f.update({"endpoint": d.endpoint, "downstream": d.downstream, "refused": ",".join(d.refused) or None,
                   "dsn": d.dsn, "queued": d.queued})
+    if m.cut is not None and m.cut.outcome is not None:
+        f["cut_through"] = m.cut.outcome
     f.update({"error": m.error, "reply": reply, "latency_ms": round(elapsed * 1000, 1)})
     return f

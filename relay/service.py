@@ -19,6 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay import binding, metrics, replies
 from relay import log as msglog
 from relay.config import Config
+from relay.cutthrough import CutThrough
 from relay.delivery.client import Delivery
 from relay.delivery.queue import QueueRunner
 from relay.delivery.spool import Spool
@@ -80,6 +81,15 @@ class RelayHandler(Ehlo):
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         return await self.relay.flow.handle(server, session, envelope)
+
+    @property
+    def cut_through_after(self) -> int:
+        """How much content the DATA reader waits for before it asks for :meth:`cut_through`."""
+        return self.relay.cfg.delivery.cut_through_after
+
+    def cut_through(self, session: Session, envelope: Envelope) -> CutThrough | None:
+        """Asked by the DATA reader once ``cut_through_after`` octets are in (relay/cutthrough.py)."""
+        return self.relay.flow.cut_through(session, envelope)
 
     async def handle_exception(self, error: Exception) -> str:
         return replies.reply_for(error)

@@ -53,6 +53,11 @@ def _bytes_count(buf: Buffer, needle: bytes, start: int, end: int) -> int:
     return buf.count(needle, start, end)
 
 
+def _bytes_equal(a: Piece, b: Piece) -> bool:
+    # memoryview == memoryview compares item by item (3 ns per octet); bytes == bytes is memcmp
+    return bytes(a) == bytes(b)
+
+
 # The whole-message searches: StringZilla's SIMD find/count where it is installed (a 25 MB
 # message: CRLF count 30 -> 6 ms, "CRLF." find 22 -> 1.4 ms), else the bytes methods. Both give
 # bytes.find/bytes.count's answers (start/end clamped, non-overlapping counts); tests/unit/test_wire.py
@@ -60,6 +65,7 @@ def _bytes_count(buf: Buffer, needle: bytes, start: int, end: int) -> int:
 FIND: Callable[[Buffer, bytes, int, int], int] = _sz.find if _sz is not None else _bytes_find
 RFIND: Callable[[Buffer, bytes, int, int], int] = _sz.rfind if _sz is not None else _bytes_rfind
 COUNT: Callable[[Buffer, bytes, int, int], int] = _sz.count if _sz is not None else _bytes_count
+EQUAL: Callable[[Piece, Piece], bool] = _sz.equal if _sz is not None else _bytes_equal
 BACKEND = "stringzilla" if _sz is not None else "bytes"  # which one runs (a test checks the installed one does)
 
 

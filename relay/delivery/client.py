@@ -256,6 +256,70 @@ class Delivery:
         del resp
         return _Conn(smtp, tenant.name, target)
 
+    # --- cut-through (relay/cutthrough.py) ------------------------------------------------------
+
+    async def open_stream(self, tenant: Tenant, mail_from: str, rcpts: Sequence[str], *, smtputf8: bool,
+                          ascii: bool) -> Stream | str:
+        """A transaction to ``tenant``'s endpoint with DATA answered 354, for content written as it
+        arrives; or why there is none (the caller then delivers as always, and that path reports
+        any failure). Only as one RFC 2920 group, to an endpoint that offers PIPELINING (Exchange
+        Online does), and only when every recipient is accepted: anything else is store and
+        forward's to handle (a refused recipient's DSN, a deferred one's 4xx). The MAIL command
+        is what :meth:`deliver` would send but for SIZE, which is not known yet (RFC 1870: optional)."""
+        try:
+            targets = await self.resolver.targets(tenant.endpoint)
+        except RelayError as e:
+            return e.detail
+        why = "no endpoint address"
+        for target in targets:
+            try:
+                conn, reused = await self._checkout(tenant, target)
+            except TransientError as e:
+                why = e.detail
+                continue
+            got = await self._open(conn, reused, mail_from, rcpts, smtputf8, ascii)
+            if got == "retry" and reused:  # a pooled connection the endpoint had closed
+                try:
+                    conn, reused = await self._connect(tenant, target), False
+                except TransientError as e:
+                    return e.detail
+                got = await self._open(conn, reused, mail_from, rcpts, smtputf8, ascii)
+            return got if isinstance(got, Stream) else f"{target.address}:{target.port}: {got}"
+        return why
+
+    async def _open(self, conn: _Conn, reused: bool, mail_from: str, rcpts: Sequence[str], smtputf8: bool,
+                    ascii: bool) -> Stream | str:
+        smtp = conn.smtp
+        if not _can_pipeline(smtp, (b"\r\n",), True):
+            self._checkin(conn)
+            return "no PIPELINING"
+        if smtputf8 and not smtp.supports_extension("smtputf8"):
+            self._checkin(conn)
+            return "no SMTPUTF8"
+        enc = "utf-8" if smtputf8 else "ascii"
+        opts = [b"SMTPUTF8"] if smtputf8 else []
+        if smtp.supports_extension("8bitmime") and not ascii:
+            opts.append(b"BODY=8BITMIME")  # RFC 6152, as _mail_options decides it
+        lines = [b" ".join([b"MAIL FROM:<" + mail_from.encode(enc) + b">", *opts]) + b"\r\n",
+                 *(b"RCPT TO:<" + r.encode(enc) + b">\r\n" for r in rcpts), b"DATA\r\n"]
+        try:
+            got = await command_group(smtp, lines, self.cfg.command_timeout)
+        except (aiosmtplib.SMTPException, ConnectionError, ValueError) as e:
+            smtp.close()
+            return "retry" if isinstance(e, (aiosmtplib.SMTPServerDisconnected, ConnectionError)) else str(e)
+        if not got:
+            smtp.close()
+            return "retry"
+        if len(got) == len(lines) and got[-1].code == 354 and got[0].code == 250 and \
+                all(r.code in (250, 251) for r in got[1:-1]):
+            conn.smtp.protocol._response_pending = True  # type: ignore[union-attr]  # the dot's reply is expected
+            where = f"{conn.target.address}:{conn.target.port}"
+            return Stream(self, conn, reused, where, tuple(rcpts))
+        # Not every recipient accepted (or MAIL/DATA refused): no content at all. A DATA that was
+        # answered 354 anyway is ended by closing the connection, never with a dot (see _pipelined).
+        smtp.close()
+        return "the endpoint answered " + "; ".join(_reply(r)[:80] for r in got if r.code not in (250, 251, 354))
+
     # --- the transaction -------------------------------------------------------------------------
 
     async def _transaction(
@@ -445,6 +509,69 @@ class Delivery:
             return TransientError(reply, detail)
         # A 2xx/3xx where an error was expected is a protocol violation: be safe, retry later.
         return TransientError(replies.ENDPOINT_DEFERRED, detail)
+
+
+class Stream:
+    """A transaction whose DATA was answered 354 (:meth:`Delivery.open_stream`): content is written
+    as it comes (:meth:`write`: dot-stuffed, CRLF-only whole lines; the caller's job), and only
+    :meth:`finish` writes the final dot. :meth:`abort` closes the connection instead, so the
+    endpoint keeps nothing (RFC 5321 §3.8)."""
+
+    def __init__(self, owner: Delivery, conn: _Conn, reused: bool, where: str, accepted: tuple[str, ...]) -> None:
+        self._owner, self._conn, self._reused, self.where, self._accepted = owner, conn, reused, where, accepted
+        self.done = False
+
+    async def write(self, data: bytes) -> None:
+        """Write ``data`` once the transport has room for it (its flow control), so no more than
+        about one chunk waits in memory however slow the endpoint reads."""
+        proto: Any = self._conn.smtp.protocol
+        transport = getattr(proto, "transport", None)
+        if self.done or proto is None or transport is None or transport.is_closing():
+            raise TransientError(replies.ENDPOINT_UNAVAILABLE, f"{self.where}: connection lost during DATA")
+        proto.write(data)
+        drain = getattr(proto, "_drain_helper", None)
+        if drain is not None:
+            try:
+                await asyncio.wait_for(drain(), self._owner.cfg.data_timeout)
+            except TimeoutError:
+                self.abort()
+                raise TransientError(replies.ENDPOINT_TIMEOUT, f"{self.where}: timeout writing DATA") from None
+            except ConnectionError as e:
+                self.abort()
+                raise TransientError(replies.ENDPOINT_UNAVAILABLE, f"{self.where}: {e} during DATA") from e
+
+    async def finish(self) -> Outcome:
+        """The final dot and the endpoint's reply to it: the outcome, as :meth:`Delivery.deliver`
+        gives it and with its errors."""
+        if self.done:
+            raise TransientError(replies.ENDPOINT_UNAVAILABLE, f"{self.where}: transaction already ended")
+        self.done = True
+        owner, conn, where = self._owner, self._conn, self.where
+        proto: Any = conn.smtp.protocol
+        try:
+            if proto is None:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            proto.write(b".\r\n")
+            response: SMTPResponse = await proto.read_response(timeout=owner.cfg.data_timeout)
+        except aiosmtplib.SMTPTimeoutError as e:
+            conn.smtp.close()
+            raise TransientError(replies.ENDPOINT_TIMEOUT,
+                                 f"{where}: no reply to end of DATA (possible duplicate on retry)") from e
+        except (aiosmtplib.SMTPException, ConnectionError) as e:
+            conn.smtp.close()
+            raise TransientError(replies.ENDPOINT_UNAVAILABLE,
+                                 f"{where}: {e} during DATA (possible duplicate on retry)") from e
+        if response.code != 250:
+            owner._checkin(conn)  # the transaction is over either way; the session is clean
+            raise owner._error(response, where, "DATA")
+        owner._checkin(conn)
+        return Outcome(self._accepted, {}, _reply(response), f"{where} ({conn.target.mx_host})", self._reused)
+
+    def abort(self) -> None:
+        """End the transaction without the dot: the connection is closed (never pooled)."""
+        if not self.done:
+            self.done = True
+            self._conn.smtp.close()
 
 
 def _is_loopback(address: str) -> bool:

@@ -348,16 +348,19 @@ def _attach_images(s: Scan, part: Part, new_leaf: bytes, images: list[tuple[Imag
         # Before the close delimiter (whose own leading line break stays in place).
         return [(part.start, part.end, new_leaf),
                 (parent.close_at, parent.close_at, b"".join(delim + p.rstrip(b"\r\n") for p in parts))]
-    # Deterministic (stamping twice gives the same bytes); uniqueness is checked just below. A
-    # big message is hashed by its ends and length: sha256 of a 25 MB attachment costs 60 ms.
+    # Deterministic (stamping twice gives the same bytes); uniqueness is checked just below. Hashed:
+    # the message up to the end of the leaf, so what comes after it (a 25 MB attachment still
+    # arriving) does not change the boundary, and a cut-through's head is the stored copy's
+    # (relay/cutthrough.py). A long stretch is hashed by its ends and length: sha256 of 25 MB
+    # costs 60 ms.
     h = hashlib.sha256()
-    if len(s.raw) <= 1 << 20:
-        h.update(s.raw)
-    else:  # the same digest as hashing the concatenation, without building it (1 MB more memory at peak)
+    if part.end <= 1 << 20:
+        h.update(s.raw[:part.end])
+    else:  # without building the slice (1 MB more memory at peak)
         with memoryview(s.raw) as view:
             h.update(view[:1 << 19])
-            h.update(view[-(1 << 19):])
-        h.update(b"%d" % len(s.raw))
+            h.update(view[part.end - (1 << 19):part.end])
+        h.update(b"%d" % part.end)
     digest = h.hexdigest()[:16]
     boundary, n = f"=_signature-relay_{digest}", 0
     while wire.find(s.raw, boundary.encode()) >= 0:  # RFC 2046 §5.1.1: must not occur in the encapsulated parts

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -37,7 +38,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import MISSING, SMTP, syntax
@@ -45,6 +46,9 @@ from aiosmtpd.smtp import MISSING, SMTP, syntax
 from relay import offload, replies, wire
 from relay.config import Listener, Network, SecurityConfig
 from relay.smtp import discovery
+
+if TYPE_CHECKING:
+    from relay.cutthrough import CutThrough
 
 log = logging.getLogger("relay.smtp")
 
@@ -146,12 +150,14 @@ class Slot:
             del self.guard.per_ip[self.ip]
 
 
-async def _until_end_of_data(reader: asyncio.StreamReader, buf: bytearray, limit: int) -> tuple[int, bool]:
+async def _until_end_of_data(reader: asyncio.StreamReader, buf: bytearray, limit: int,
+                             cut: _CutStart | None = None) -> tuple[int, bool]:
     """Wait until ``buf`` (the reader's buffer) holds ``CRLF.CRLF``; return the offset just past
     it and whether data over ``limit`` was dropped on the way. StreamReader.readuntil's search
     (incremental: each byte is looked at about once), without its copies. Over ``limit``
     everything that cannot hold the separator is dropped as it arrives, so a client sending
-    too much costs no memory; it is refused after its final dot."""
+    too much costs no memory; it is refused after its final dot. ``cut`` is told how much of
+    ``buf`` is content for sure (no separator starts before that offset)."""
     sep = b"\r\n.\r\n"
     offset, too_much = 0, False
     while True:
@@ -161,12 +167,59 @@ async def _until_end_of_data(reader: asyncio.StreamReader, buf: bytearray, limit
                 return isep + len(sep), too_much
             offset = len(buf) + 1 - len(sep)
             if limit and offset > limit + len(sep):
+                if cut is not None:
+                    cut.abort("over the size limit")  # before the buffer's front goes
+                    cut = None
                 too_much = True
                 del buf[:offset]
                 offset = 0
+            elif cut is not None and not too_much:
+                cut.progress(buf, offset)
         if reader._eof:  # type: ignore[attr-defined]
             raise asyncio.IncompleteReadError(bytes(buf), None)
         await reader._wait_for_data("readuntil")  # type: ignore[attr-defined]
+
+
+class _CutStart:
+    """One DATA's cut-through (relay/cutthrough.py), asked of the handler only once ``after``
+    octets of content are in: a small message never pays for one."""
+
+    def __init__(self, smtp: RelaySMTP, factory: Callable[[Any, Any], CutThrough | None], after: int) -> None:
+        self.smtp, self.factory, self.after = smtp, factory, after
+        self.cut: CutThrough | None = None
+
+    def progress(self, buf: bytearray, offset: int) -> None:
+        if self.cut is None:
+            if offset - 2 < self.after:
+                return
+            smtp = self.smtp
+            self.cut = self.factory(smtp.session, smtp.envelope)
+            if self.cut is None:
+                self.after = 2**62
+                return
+            if isinstance(smtp.envelope, RelayEnvelope):
+                smtp.envelope.cut = self.cut  # it rides on the envelope to the flow, which sends the dot or not
+            if smtp.transport is not None:
+                self.cut.hold = functools.partial(_hold, cast(asyncio.ReadTransport, smtp.transport))
+        self.cut.progress(buf, offset)
+
+    def final(self, content: bytes | bytearray) -> None:
+        if self.cut is not None:
+            self.cut.final(content)
+
+    def abort(self, why: str) -> None:
+        if self.cut is not None:
+            self.cut.abort(why)
+
+
+def _hold(transport: asyncio.ReadTransport, on: bool) -> None:
+    """Pause (``on``) or resume reading from the client, unless the connection is going away."""
+    if transport.is_closing():
+        return
+    if on:
+        transport.pause_reading()
+    else:
+        transport.resume_reading()
 
 
 class RelayEnvelope(aiosmtpd.smtp.Envelope):
@@ -177,6 +230,7 @@ class RelayEnvelope(aiosmtpd.smtp.Envelope):
         # RFC 5321 §4.5.2: no line of the content started with a dot (none was stuffed), so the
         # relayed copy needs no dot-stuffing search unless the stamper's splices add one.
         self.dotless = False
+        self.cut: CutThrough | None = None  # the big-message cut-through (relay/cutthrough.py), if any
 
 
 class RelaySMTP(SMTP):
@@ -393,23 +447,33 @@ class RelaySMTP(SMTP):
         # limit): raise it for the content, which is held whole anyway.
         saved = reader._limit  # type: ignore[attr-defined]
         reader._limit = max(saved, (limit or 2**31) + 5)  # type: ignore[attr-defined]
+        # A big message may start going to the tenant while it arrives (relay/cutthrough.py).
+        factory = getattr(self.event_handler, "cut_through", None)
+        after = getattr(self.event_handler, "cut_through_after", 0)
+        cut = _CutStart(self, factory, after) if factory is not None and after else None
         try:
-            end, too_much = await _until_end_of_data(reader, buf, limit)
+            end, too_much = await _until_end_of_data(reader, buf, limit, cut)
         except (asyncio.CancelledError, asyncio.IncompleteReadError):
             # aiosmtpd cancels this coroutine on EOF or reset; either way the session is over.
+            if cut is not None:
+                cut.abort("the client went away")
             log.info("Connection lost during DATA")
             self._writer.close()
             raise asyncio.CancelledError from None
         finally:
             reader._limit = saved  # type: ignore[attr-defined]
         # buf[:end] is CRLF + dot-stuffed content + ".\r\n"; what follows is the next command.
+        content: bytes | bytearray | None = None
+        why = "over the size limit"  # no cut-through unless content is set below
         try:
             if too_much or (limit and end - 5 > limit):
                 return b"", "552 Error: Too much mail data", False
+            why = "the DATA reader stopped"
             # A big message is looked at in a worker thread so other sessions do not wait for two
             # passes over it; the loop only appends to buf meanwhile, after ``end``.
             too_long, stuffed = await offload.run_sized(end, wire.data_shape, buf, end, self.line_length_limit)
             if too_long:  # a line counts with its CRLF, as aiosmtpd counts
+                why = "a line too long"
                 return b"", "500 Line too long (see RFC5321 4.5.3.1.6)", False
             if not stuffed and end > offload.OFFLOAD_BYTES:
                 # A big message is not copied out: the reader gets a new buffer with whatever
@@ -420,13 +484,22 @@ class RelaySMTP(SMTP):
                 del buf[end - 3:]
                 del buf[:2]
                 end = 0  # nothing left to take out of the old buffer
+                content = buf
                 return buf, None, True
             with memoryview(buf) as view:
                 if not stuffed:
-                    return bytes(view[2:end - 3]), None, True
+                    content = bytes(view[2:end - 3])
+                    return content, None, True
                 raw = bytes(view[:end])
+            why = "a line starting with a dot"  # as the cut-through's own check says it
             return await offload.run_sized(end, wire.unstuff, raw), None, False
         finally:
+            if cut is not None:
+                # Told before anything else runs: from here on offsets are the content's own.
+                if content is not None:
+                    cut.final(content)
+                else:
+                    cut.abort(why)
             if end:
                 del buf[:end]
             reader._maybe_resume_transport()  # type: ignore[attr-defined]

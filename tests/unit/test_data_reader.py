@@ -68,9 +68,15 @@ def feed(stream: bytes, cuts: list[int]) -> asyncio.StreamReader:
     return reader
 
 
+def reading(reader: asyncio.StreamReader, size_limit: int, line_limit: int) -> Any:
+    """What RelaySMTP._read_content reads of its session: the reader, the limits, no handler (so no
+    cut-through), no transport."""
+    return SimpleNamespace(_reader=reader, data_size_limit=size_limit, line_length_limit=line_limit, _writer=None,
+                           event_handler=None, envelope=None, session=None, transport=None)
+
+
 async def ours(reader: asyncio.StreamReader) -> tuple[bytes | bytearray, str | None]:
-    fake: Any = SimpleNamespace(_reader=reader, data_size_limit=SIZE_LIMIT, line_length_limit=LINE_LIMIT,
-                                _writer=None)
+    fake: Any = reading(reader, SIZE_LIMIT, LINE_LIMIT)
     content, problem, dotless = await RelaySMTP._read_content(fake)
     if dotless:  # sound: delivery skips its dot-stuffing search on this word (RFC 5321 §4.5.2)
         assert problem is None and not content.startswith(b".") and b"\r\n." not in content
@@ -132,8 +138,7 @@ def test_a_message_over_the_offload_size_gets_the_same_answers() -> None:
         reader = asyncio.StreamReader(limit=LINE_LIMIT)
         reader.feed_data(stream)
         reader.feed_eof()
-        fake: Any = SimpleNamespace(_reader=reader, data_size_limit=10 * offload.OFFLOAD_BYTES,
-                                    line_length_limit=1001, _writer=None)
+        fake: Any = reading(reader, 10 * offload.OFFLOAD_BYTES, 1001)
         content, problem, dotless = await RelaySMTP._read_content(fake)
         assert not dotless or (not content.startswith(b".") and b"\r\n." not in content)
         return content, problem
@@ -148,8 +153,7 @@ def test_a_message_over_the_offload_size_gets_the_same_answers() -> None:
 def test_the_reader_says_dotless_only_when_no_line_starts_with_a_dot() -> None:
     """What delivery's dot-stuffing relies on (issue #14: the 25 MB search it saves)."""
     async def run(stream: bytes) -> bool:
-        fake: Any = SimpleNamespace(_reader=feed(stream, [3]), data_size_limit=SIZE_LIMIT,
-                                    line_length_limit=LINE_LIMIT, _writer=None)
+        fake: Any = reading(feed(stream, [3]), SIZE_LIMIT, LINE_LIMIT)
         return (await RelaySMTP._read_content(fake))[2]
 
     assert asyncio.run(run(b"a\r\nb.\r\n.\r\n"))
@@ -173,8 +177,7 @@ def test_a_big_message_is_the_readers_own_buffer_and_what_follows_stays_for_the_
             reader.feed_data(stream[i:i + 65536])
         reader.feed_eof()
         before = reader._buffer  # type: ignore[attr-defined]
-        fake: Any = SimpleNamespace(_reader=reader, data_size_limit=10 * offload.OFFLOAD_BYTES,
-                                    line_length_limit=1001, _writer=None)
+        fake: Any = reading(reader, 10 * offload.OFFLOAD_BYTES, 1001)
         got, problem, dotless = await RelaySMTP._read_content(fake)
         assert (got, problem, dotless) == (content, None, True)
         assert got is before and reader._buffer is not before  # type: ignore[attr-defined]
