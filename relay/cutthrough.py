@@ -76,17 +76,21 @@ def speculate(cfg: Config, prefix: bytes, *, plan: Callable[..., Prepared], mail
               ) -> Head | str:
     """The head of the message whose content starts with ``prefix``, or why there is none. Pure.
 
-    ``prefix`` is cut back to its last CRLF. The message must be ``multipart/mixed`` and the
-    prefix must end inside its last part so far, a part that is neither text nor multipart and
-    whose header is complete (the text parts the stamper edits all lie before it). That part
-    and the message are closed right there, the one flow (``plan``: :func:`relay.flow.bind_and_plan`)
-    runs on the result, and its single copy must end with the part's body bytes as they were,
-    then the close delimiter: then all before the close delimiter is the head, and the message
-    from the cut on goes out as received."""
+    ``prefix`` (as the DATA reader holds it: no line may start with a dot) is cut back to its
+    last CRLF. The message must be ``multipart/mixed`` and the prefix must end inside its last
+    part so far, a part that is neither text nor multipart and whose header is complete (the text
+    parts the stamper edits all lie before it). That part and the message are closed right there,
+    the one flow (``plan``: :func:`relay.flow.bind_and_plan`) runs on the result, and its single
+    copy must end with the part's body bytes as they were, then the close delimiter: then all
+    before the close delimiter is the head, and the message from the cut on goes out as received."""
     end = prefix.rfind(b"\r\n")
     if end < 0:
         return "no complete line"
     prefix = prefix[:end + 2]
+    if prefix.startswith(b".") or wire.find(prefix, b"\r\n.") >= 0:
+        # The DATA reader's buffer is still dot-stuffed (RFC 5321 §4.5.2): only where no line
+        # starts with a dot are its octets the content's, at the content's offsets.
+        return "a line starting with a dot"
     settings = pipeline.Settings.of(cfg)
     s = scan(prefix, settings.limits, crlf=True)
     root = s.root
@@ -216,6 +220,7 @@ class CutThrough:
         if self._stream is not None:
             self._stream.abort()
             self._stream = None
+        self._buf = self._content = None  # nothing more is written: the message is let go of
         self._more.set()
 
     # --- the flow's end of it ---------------------------------------------------------------------
@@ -282,9 +287,11 @@ class CutThrough:
         return None if same else "the message is not what was sent"
 
     def close(self) -> None:
-        """The transaction is over: a cut-through still open is abandoned (no dot)."""
+        """The transaction is over: a cut-through still open is abandoned (no dot), and the
+        message is let go of (whatever still refers to this object keeps no 25 MB alive)."""
         if self._stream is not None or (self._task is not None and not self._task.done()):
             self.abort(self.off or "not used")
+        self._buf = self._content = None
 
     # --- the writer ---------------------------------------------------------------------------------
 

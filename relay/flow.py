@@ -105,12 +105,14 @@ def _peer(session: Session) -> binding.Peer:
 
 def _tracer(cfg: Config, session: Session, envelope: Envelope, qid: str, when: dt.datetime
             ) -> Callable[[Sequence[str]], bytes]:
-    """Our Received: field for a group of recipients (RFC 5321 §4.4)."""
+    """Our Received: field for a group of recipients (RFC 5321 §4.4). It holds values, not the
+    session or the envelope: the envelope holds the cut-through, which holds this."""
     tls_info, peer_ip = tls.describe(session.ssl), session.peer[0] if session.peer else None
+    helo, smtputf8, by = session.host_name, envelope.smtp_utf8, cfg.hostname
 
     def received_for(group: Sequence[str]) -> bytes:
-        return trace.received(helo=session.host_name, peer_ip=peer_ip, by=cfg.hostname, queue_id=qid,
-                              recipients=group, tls=tls_info, smtputf8=envelope.smtp_utf8, when=when.astimezone())
+        return trace.received(helo=helo, peer_ip=peer_ip, by=by, queue_id=qid, recipients=group, tls=tls_info,
+                              smtputf8=smtputf8, when=when.astimezone())
 
     return received_for
 

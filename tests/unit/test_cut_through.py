@@ -77,7 +77,8 @@ def test_the_head_then_the_rest_as_received_is_what_store_and_forward_sends(cfg:
     (message(ALTERNATIVE), 300, "the cut falls in a multipart/alternative part"),
     (message(HTML, 1), 10_000, "the message ended in the prefix"),
     (message(HTML).replace(b"See the file.", b"See\nthe file."), 4000, "bare CR or LF in the first part"),
-], ids=["single-part", "in-the-html", "in-the-alternative", "complete", "bare-lf"])
+    (message(HTML).replace(b"<html>", b"..<html>"), 4000, "a line starting with a dot"),
+], ids=["single-part", "in-the-html", "in-the-alternative", "complete", "bare-lf", "stuffed-dot"])
 def test_no_head_where_the_rest_could_still_change_it(cfg: Config, raw: bytes, prefix: int, why: str) -> None:
     assert speculate(cfg, raw[:prefix]) == why
 
