@@ -18,7 +18,7 @@ from relay import binding, pipeline, replies
 from relay.config import Config
 from relay.errors import TransientError
 from relay.flow import bind_and_plan
-from tests.protocol.conftest import Stack
+from tests.protocol.conftest import Stack, journal
 from tests.protocol.rawsmtp import Raw
 from tests.support import Deployment, make_deployment
 
@@ -191,8 +191,14 @@ async def all_closed(wire: Wire) -> bool:
 
 
 async def send(st: Stack, raw: bytes) -> str:
+    """``raw`` in two halves a moment apart, as a client on a network sends it: on loopback the
+    relay could otherwise read all of it at once (uvloop reads up to 32 times per wake-up), find
+    the end at once, and have nothing to cut through."""
     c = await at_data(st)
-    await c.send(stuffed(raw) + b".\r\n")
+    data = stuffed(raw) + b".\r\n"
+    await c.send(data[:len(data) // 3])
+    await asyncio.sleep(0.1)
+    await c.send(data[len(data) // 3:])
     reply = await c.reply(wait=30)
     c.writer.close()
     return reply
@@ -418,3 +424,21 @@ async def test_the_message_is_let_go_of_without_waiting_for_the_cycle_collector(
         assert len(made) == 1 and made[0]() is None
     finally:
         gc.enable()
+
+
+async def test_cut_through_over_starttls_with_the_tenants_certificate_into_the_dev_sink(
+        stack: Stack, relay_log: pytest.LogCaptureFixture) -> None:
+    # The production path: STARTTLS to the endpoint, verified, with the tenant's client
+    # certificate (the dev sink checks it), the default cut_through_after.
+    raw = attachment_message(1024)
+    c = await at_data(stack)
+    await c.send(raw[:len(raw) // 2])  # the rest a moment later, as a client on a network sends it
+    await asyncio.sleep(0.2)
+    await c.send(raw[len(raw) // 2:] + b".\r\n")
+    assert (await c.reply(wait=30)).startswith("250 ")
+    c.close()
+    assert "cut_through=delivered" in relay_log.text
+    [stored] = stack.deployment.delivered()
+    assert stored == store_and_forward(stack.cfg, raw, stored)
+    [record] = journal(stack.deployment)
+    assert record["tenant"] == "contoso" and record["client_cert"] and record["tls"]
