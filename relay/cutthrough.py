@@ -40,7 +40,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from relay import binding, ingress, offload, pipeline, replies, wire
 from relay.errors import RelayError, TransientError
@@ -233,7 +233,7 @@ class CutThrough:
         Raises what delivery raises for the endpoint's reply to the dot, and the endpoint's
         timeout when it stopped taking the message."""
         if self.timed_out is not None:
-            raise self.timed_out
+            self._timed_out()
         if self._task is None or self.off is not None or self._content is None:
             self.abort(self.off or "not started")
             return None
@@ -263,14 +263,21 @@ class CutThrough:
             # Store and forward would wait as long again for the same endpoint: a 4xx, and the
             # client retries (RFC 5321 §4.5.3.2.6: data_timeout is the wait for the whole DATA).
             self.abort("the endpoint took too long")
-            raise TransientError(replies.ENDPOINT_TIMEOUT,
-                                 f"cut-through: the endpoint took over {self._timeout:g} s for the message") from None
+            self.timed_out = TransientError(replies.ENDPOINT_TIMEOUT,
+                                            f"cut-through: the endpoint took over {self._timeout:g} s for the message")
         except asyncio.CancelledError:
             me = asyncio.current_task()
             if me is not None and me.cancelling():
                 raise  # this flow is being cancelled, not only the writer
         if self.timed_out is not None:
-            raise self.timed_out
+            self._timed_out()
+
+    def _timed_out(self) -> NoReturn:
+        """The endpoint stopped taking the message: counted as a delivery error, raised for the 4xx."""
+        assert self.timed_out is not None
+        if self.head is not None:
+            self._delivery.count_error(self.head.tenant, self.timed_out)
+        raise self.timed_out
 
     async def _differs(self, h: Head, tenant: Tenant, recipients: Sequence[str], pieces: Sequence[wire.Piece],
                        ascii: bool, smtputf8: bool) -> str | None:

@@ -141,10 +141,11 @@ class Delivery:
             for c in conns:
                 self._discard(c)
 
-    def _count(self, tenant: Tenant, e: RelayError) -> None:
+    def count_error(self, tenant: Tenant | str, e: RelayError) -> None:
+        """One failed attempt to ``tenant``'s endpoint, for the delivery-errors metric."""
         if self.on_error is not None:
-            self.on_error(tenant.name, ERROR_REASONS.get(e.reply, "refused" if isinstance(e, PermanentError)
-                                                         else "other"))
+            name = tenant if isinstance(tenant, str) else tenant.name
+            self.on_error(name, ERROR_REASONS.get(e.reply, "refused" if isinstance(e, PermanentError) else "other"))
 
     async def deliver(
         self, tenant: Tenant, mail_from: str, rcpts: Sequence[str], data: bytes | tuple[wire.Piece, ...], *,
@@ -165,7 +166,7 @@ class Delivery:
                 conn, reused = await self._checkout(tenant, target)
             except TransientError as e:
                 log.warning("endpoint %s:%s (%s) failed: %s", target.address, target.port, target.mx_host, e.detail)
-                self._count(tenant, e)
+                self.count_error(tenant, e)
                 last = e
                 continue
             try:
@@ -181,7 +182,7 @@ class Delivery:
                 if not self._pooled(conn):
                     self._discard(conn)
                 if isinstance(e, RelayError):
-                    self._count(tenant, e)
+                    self.count_error(tenant, e)
                 raise
         assert last is not None
         raise last
@@ -547,6 +548,17 @@ class Stream:
             raise TransientError(replies.ENDPOINT_UNAVAILABLE, f"{self.where}: transaction already ended")
         self.done = True
         owner, conn, where = self._owner, self._conn, self.where
+        try:
+            response = await self._dot()
+        except RelayError as e:
+            owner.count_error(conn.tenant, e)  # the delivery-errors metric, as deliver() counts its own
+            raise
+        owner._checkin(conn)
+        return Outcome(self._accepted, {}, _reply(response), f"{where} ({conn.target.mx_host})", self._reused)
+
+    async def _dot(self) -> SMTPResponse:
+        """The final dot and a 250 to it, or the error."""
+        owner, conn, where = self._owner, self._conn, self.where
         proto: Any = conn.smtp.protocol
         try:
             if proto is None:
@@ -564,8 +576,7 @@ class Stream:
         if response.code != 250:
             owner._checkin(conn)  # the transaction is over either way; the session is clean
             raise owner._error(response, where, "DATA")
-        owner._checkin(conn)
-        return Outcome(self._accepted, {}, _reply(response), f"{where} ({conn.target.mx_host})", self._reused)
+        return response
 
     def abort(self) -> None:
         """End the transaction without the dot: the connection is closed (never pooled)."""

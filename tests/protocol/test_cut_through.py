@@ -348,6 +348,8 @@ async def test_the_endpoints_answer_to_the_dot_is_the_clients(cut_stack: Stack, 
     assert reply.startswith("452"), reply  # a 4xx: Exchange Online keeps the message and retries
     assert len(wire.messages) == 1 and len(wire.conns) == 1  # one attempt, not a second by store and forward
     assert 'cut_through="the endpoint answered the dot 452"' in relay_log.text  # the dot was the cut-through's
+    metrics = cut_stack.relay.metrics.render().decode()
+    assert 'signature_relay_delivery_errors_total{reason="other",tenant="contoso"} 1.0' in metrics
 
 
 async def test_queue_mode_opens_no_transaction_it_would_only_abandon(
@@ -389,6 +391,8 @@ async def test_an_endpoint_that_stops_reading_gets_no_dot_and_the_client_a_4xx(
     assert reply.startswith("451 4.4.2"), reply  # the endpoint timed out: Exchange Online retries
     # One wait for the endpoint, not one for the cut-through and another for store and forward.
     assert asyncio.get_running_loop().time() - t0 < 2 * 1.5 + 2
+    metrics = st.relay.metrics.render().decode()
+    assert 'signature_relay_delivery_errors_total{reason="timeout",tenant="contoso"} 1.0' in metrics
     wire.unstall.set()  # the endpoint reads again: what was written, then the closed connection
     assert len(wire.conns) == 1 and await all_closed(wire)
     assert not wire.messages  # no dot in any of it
