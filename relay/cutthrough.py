@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
@@ -50,8 +49,6 @@ if TYPE_CHECKING:
     from relay.config import Config, Tenant
     from relay.delivery.client import Delivery, Outcome, Stream
     from relay.flow import Prepared
-
-log = logging.getLogger("relay.cutthrough")
 
 # What is written at a time: complete lines, at most this much (and a line longer than this
 # ends the cut-through: store and forward takes over).
@@ -287,10 +284,8 @@ class CutThrough:
         if ascii != h.ascii or smtputf8 != self._smtputf8:
             return "another BODY or SMTPUTF8"
         assert self._content is not None
-        with memoryview(self._content) as view:
-            tail = view[h.cut:]
+        with memoryview(self._content) as view, view[h.cut:] as tail:
             same = await offload.run_sized(len(tail), same_output, pieces, h.head, tail)
-            tail.release()
         return None if same else "the message is not what was sent"
 
     def close(self) -> None:
