@@ -108,7 +108,11 @@ def test_signature_sits_between_newest_text_and_history_in_a_real_browser(tmp_pa
         f'<iframe id="{html.escape(cid)}" data-before="{html.escape(b)}" data-after="{html.escape(a)}" '
         f'width="900" height="900" srcdoc="{html.escape(doc)}"></iframe>' for cid, doc, b, a in all_cases)
     page = tmp_path / "placements.html"
-    page.write_text(f"<!doctype html><html><body>{frames}<script>{MEASURE}</script></body></html>", "utf-8")
+    # The charset is declared: without it Chromium guesses the file's encoding from the octets it has
+    # read when parsing starts, and one CI run in many read the Chinese of an AOL reply as
+    # windows-1252, so its newest text was not found ("before" missing from the results).
+    page.write_text(f'<!doctype html><html><head><meta charset="utf-8"></head><body>{frames}'
+                    f"<script>{MEASURE}</script></body></html>", "utf-8")
     r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                         "--disable-component-update", "--disable-sync", "--no-first-run",
                         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
