@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -446,3 +447,43 @@ async def test_cut_through_over_starttls_with_the_tenants_certificate_into_the_d
     assert stored == store_and_forward(stack.cfg, raw, stored)
     [record] = journal(stack.deployment)
     assert record["tenant"] == "contoso" and record["client_cert"] and record["tls"]
+
+
+async def test_many_at_once_with_clients_that_misbehave_deliver_exactly_what_got_250(
+        cut_stack: Stack, wire: Wire, relay_log: pytest.LogCaptureFixture) -> None:
+    # Sessions at once, each message with or without a trap after the cut (bare LF, dot line,
+    # 8-bit) and some clients that go away mid-DATA: the endpoint gets exactly one message per
+    # 250, each the one flow's copy, and never a bare CR or LF on any connection.
+    import random
+
+    rnd = random.Random(14)
+    traps = [b"", b"", b"", b"x\ny\r\n", b".dot\r\n", "ü\r\n".encode()]
+
+    async def one(i: int) -> tuple[bytes, str]:
+        raw = attachment_message(rnd.choice([300, 700, 1500]), tail=rnd.choice(traps)).replace(
+            b"<cut.1@", b"<cut.%d@" % i)
+        c = await at_data(cut_stack)
+        data = stuffed(raw) + b".\r\n"
+        cut = rnd.randrange(len(data) // 4, len(data) - 10)
+        await c.send(data[:cut])
+        await asyncio.sleep(rnd.random() * 0.05)
+        if i % 5 == 4:  # this client goes away
+            c.writer.transport.abort()
+            return raw, "gone"
+        await c.send(data[cut:])
+        reply = await c.reply(wait=60)
+        c.close()
+        return raw, reply
+
+    results = await asyncio.gather(*(one(i) for i in range(15)))
+    accepted = {raw: r for raw, r in results if r.startswith("250 ")}
+    assert len(accepted) == sum(1 for _, r in results if r != "gone")  # everyone who stayed got a 250
+    assert len(wire.messages) == len(accepted)
+    by_id = {re.search(rb"Message-ID: <(cut\.\d+)@", m).group(1): m for m in wire.messages}  # type: ignore[union-attr]
+    for raw in accepted:
+        mid = re.search(rb"Message-ID: <(cut\.\d+)@", raw).group(1)  # type: ignore[union-attr]
+        delivered = by_id[mid]
+        assert delivered == store_and_forward(cut_stack.cfg, raw, delivered)
+    assert all(no_bare_cr_or_lf(cn) for cn in wire.conns)
+    assert "Traceback" not in relay_log.text and "BufferError" not in relay_log.text
+    assert "cut_through=delivered" in relay_log.text
