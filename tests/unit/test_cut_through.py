@@ -83,7 +83,7 @@ def test_no_head_where_the_rest_could_still_change_it(cfg: Config, raw: bytes, p
     assert speculate(cfg, raw[:prefix]) == why
 
 
-def test_a_rule_that_reads_the_rest_is_caught_at_the_end_not_guessed(cfg: Config) -> None:
+def test_a_tail_that_changes_the_copy_fails_the_comparison(cfg: Config) -> None:
     # The head is a guess: a tail that turns the message into another one (no close delimiter:
     # malformed, so relayed untouched) gives another output, which finish() compares and refuses.
     raw = message(HTML)
