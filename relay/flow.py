@@ -32,7 +32,7 @@ from relay import binding, cutthrough, ingress, metrics, offload, pipeline, repl
 from relay import log as msglog
 from relay.config import Config, Tenant
 from relay.delivery import dsn
-from relay.delivery.client import Delivery, Outcome
+from relay.delivery.client import Delivery, Outcome, body_ascii
 from relay.delivery.queue import QueueRunner
 from relay.delivery.spool import Entry
 from relay.delivery.spool import now as spool_now
@@ -244,7 +244,7 @@ class MessageFlow:
                 got = None
                 if m.cut is not None and len(copies) == 1:
                     # The cut-through's dot, if this copy is what it has been sending (relay/cutthrough.py).
-                    got = await m.cut.finish(t, copy.recipients, p.pieces, _ascii(p), smtputf8)
+                    got = await m.cut.finish(t, copy.recipients, p.pieces, body_ascii(p.pieces, p.ascii), smtputf8)
                 outcome = got or await self.ctx.delivery.deliver(t, m.mail_from, list(copy.recipients), p.pieces,
                                                                  smtputf8=smtputf8, crlf=p.crlf, dotless=p.dotless,
                                                                  ascii=p.ascii)
@@ -365,13 +365,6 @@ class MessageFlow:
         if log.isEnabledFor(logging.INFO):  # the line is built only to be written (--log-level warning: never)
             fields = log_fields(m, reply, elapsed)
             log.info("message %s", msglog.fmt(fields), extra={"fields": fields})  # "fields": for --log-format json
-
-
-def _ascii(p: pipeline.Processed) -> bool:
-    """Whether delivery sends ``p`` without BODY=8BITMIME (the rule of Delivery._mail_options)."""
-    if p.ascii is not None:
-        return p.ascii
-    return all(not isinstance(x, memoryview) and x.isascii() for x in p.pieces)
 
 
 def log_fields(m: _Message, reply: str, elapsed: float) -> dict[str, Any]:

@@ -294,15 +294,13 @@ class Delivery:
         if not _can_pipeline(smtp, (b"\r\n",), True):
             self._checkin(conn)
             return "no PIPELINING"
-        if smtputf8 and not smtp.supports_extension("smtputf8"):
+        where = f"{conn.target.address}:{conn.target.port}"
+        try:
+            opts = self._mail_options(smtp, (), smtputf8, where, ascii, size=False)
+        except PermanentError:
             self._checkin(conn)
             return "no SMTPUTF8"
-        enc = "utf-8" if smtputf8 else "ascii"
-        opts = [b"SMTPUTF8"] if smtputf8 else []
-        if smtp.supports_extension("8bitmime") and not ascii:
-            opts.append(b"BODY=8BITMIME")  # RFC 6152, as _mail_options decides it
-        lines = [b" ".join([b"MAIL FROM:<" + mail_from.encode(enc) + b">", *opts]) + b"\r\n",
-                 *(b"RCPT TO:<" + r.encode(enc) + b">\r\n" for r in rcpts), b"DATA\r\n"]
+        lines = _group(mail_from, rcpts, "utf-8" if smtputf8 else "ascii", opts)
         try:
             got = await command_group(smtp, lines, self.cfg.command_timeout)
         except (aiosmtplib.SMTPException, ConnectionError, ValueError) as e:
@@ -314,7 +312,6 @@ class Delivery:
         if len(got) == len(lines) and got[-1].code == 354 and got[0].code == 250 and \
                 all(r.code in (250, 251) for r in got[1:-1]):
             conn.smtp.protocol._response_pending = True  # type: ignore[union-attr]  # the dot's reply is expected
-            where = f"{conn.target.address}:{conn.target.port}"
             return Stream(self, conn, reused, where, tuple(rcpts))
         # Not every recipient accepted (or MAIL/DATA refused): no content at all. A DATA that was
         # answered 354 anyway is ended by closing the connection, never with a dot (see _pipelined).
@@ -334,8 +331,7 @@ class Delivery:
         crlf, dotless, ascii = known  # what the stamper proved about the pieces (see deliver)
         opts = self._mail_options(conn.smtp, pieces, smtputf8, where, ascii)
         if _can_pipeline(conn.smtp, pieces, crlf):
-            lines = [b" ".join([b"MAIL FROM:<" + mail_from.encode(enc) + b">", *opts]) + b"\r\n",
-                     *(b"RCPT TO:<" + r.encode(enc) + b">\r\n" for r in rcpts), b"DATA\r\n"]
+            lines = _group(mail_from, rcpts, enc, opts)
             return await self._pipelined(conn, reused, where, lines, rcpts, pieces, dotless)
         await self._mail(conn, reused, where, mail_from.encode(enc), opts)
         accepted, refused, deferred = await self._rcpts(conn, where, rcpts, enc)
@@ -421,17 +417,16 @@ class Delivery:
 
     @staticmethod
     def _mail_options(smtp: aiosmtplib.SMTP, pieces: tuple[wire.Piece, ...], smtputf8: bool, where: str,
-                      ascii: bool | None = None) -> list[bytes]:
+                      ascii: bool | None = None, *, size: bool = True) -> list[bytes]:
+        """MAIL's parameters. ``size``: with SIZE (not known yet to a cut-through, RFC 1870: optional)."""
         opts: list[bytes] = []
         if smtputf8:
             if not smtp.supports_extension("smtputf8"):
                 raise PermanentError(replies.SMTPUTF8_UNSUPPORTED, f"{where} lacks SMTPUTF8 (RFC 6531 §3.2)")
             opts.append(b"SMTPUTF8")
-        if ascii is None:  # not worked out by the stamper: a view (no isascii()) counts as 8-bit, to be safe
-            ascii = all(not isinstance(p, memoryview) and p.isascii() for p in pieces)
-        if smtp.supports_extension("8bitmime") and not ascii:
+        if smtp.supports_extension("8bitmime") and not body_ascii(pieces, ascii):
             opts.append(b"BODY=8BITMIME")  # RFC 6152
-        if smtp.supports_extension("size"):
+        if size and smtp.supports_extension("size"):
             opts.append(b"SIZE=%d" % wire.size_of(pieces))
         return opts
 
@@ -488,14 +483,8 @@ class Delivery:
             await self._rset(conn.smtp)
             self._checkin(conn)
             raise self._error(SMTPResponse(e.code, e.message), where, "DATA") from e
-        except aiosmtplib.SMTPTimeoutError as e:
-            # The message may or may not have been taken: a retry may deliver it twice, which we
-            # prefer to losing it (RFC 1047).
-            raise TransientError(replies.ENDPOINT_TIMEOUT,
-                                 f"{where}: no reply to end of DATA (possible duplicate on retry)") from e
         except (aiosmtplib.SMTPException, ConnectionError) as e:
-            raise TransientError(replies.ENDPOINT_UNAVAILABLE,
-                                 f"{where}: {e} during DATA (possible duplicate on retry)") from e
+            raise _unsure(where, e) from e
 
     async def _rset(self, smtp: aiosmtplib.SMTP) -> None:
         with contextlib.suppress(Exception):
@@ -565,14 +554,9 @@ class Stream:
                 raise aiosmtplib.SMTPServerDisconnected("Connection lost")
             proto.write(b".\r\n")
             response: SMTPResponse = await proto.read_response(timeout=owner.cfg.data_timeout)
-        except aiosmtplib.SMTPTimeoutError as e:
-            conn.smtp.close()
-            raise TransientError(replies.ENDPOINT_TIMEOUT,
-                                 f"{where}: no reply to end of DATA (possible duplicate on retry)") from e
         except (aiosmtplib.SMTPException, ConnectionError) as e:
             conn.smtp.close()
-            raise TransientError(replies.ENDPOINT_UNAVAILABLE,
-                                 f"{where}: {e} during DATA (possible duplicate on retry)") from e
+            raise _unsure(where, e) from e
         if response.code != 250:
             owner._checkin(conn)  # the transaction is over either way; the session is clean
             raise owner._error(response, where, "DATA")
@@ -583,6 +567,29 @@ class Stream:
         if not self.done:
             self.done = True
             self._conn.smtp.close()
+
+
+def body_ascii(pieces: Sequence[wire.Piece], ascii: bool | None) -> bool:
+    """Whether a message goes without BODY=8BITMIME: what the stamper worked out (``ascii``), else
+    every piece US-ASCII, a view (no isascii()) counting as 8-bit, to be safe."""
+    if ascii is not None:
+        return ascii
+    return all(not isinstance(p, memoryview) and p.isascii() for p in pieces)
+
+
+def _group(mail_from: str, rcpts: Sequence[str], enc: str, opts: list[bytes]) -> list[bytes]:
+    """MAIL, every RCPT and DATA as one RFC 2920 command group (:func:`command_group`'s lines)."""
+    return [b" ".join([b"MAIL FROM:<" + mail_from.encode(enc) + b">", *opts]) + b"\r\n",
+            *(b"RCPT TO:<" + r.encode(enc) + b">\r\n" for r in rcpts), b"DATA\r\n"]
+
+
+def _unsure(where: str, e: Exception) -> TransientError:
+    """What an error after the content went out means: the message may or may not have been
+    taken, so a retry may deliver it twice, which we prefer to losing it (RFC 1047)."""
+    if isinstance(e, aiosmtplib.SMTPTimeoutError):
+        return TransientError(replies.ENDPOINT_TIMEOUT,
+                              f"{where}: no reply to end of DATA (possible duplicate on retry)")
+    return TransientError(replies.ENDPOINT_UNAVAILABLE, f"{where}: {e} during DATA (possible duplicate on retry)")
 
 
 def _is_loopback(address: str) -> bool:
