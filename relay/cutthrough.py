@@ -123,11 +123,6 @@ def speculate(cfg: Config, prefix: bytes, *, plan: Callable[..., Prepared], mail
                 str(copies[0].processed.decision))
 
 
-def stuffed(data: bytes) -> bytes:
-    """``data`` (whole lines, starting a line) dot-stuffed, RFC 5321 §4.5.2, with no terminator."""
-    return (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
-
-
 def same_output(pieces: Sequence[wire.Piece], head: bytes, tail: memoryview) -> bool:
     """Whether ``pieces`` joined are ``head`` then ``tail``: compared in place, a slice of at most
     :data:`relay.wire.SLICE` at a time (no joined copy, and the event loop gets its turns)."""
@@ -338,7 +333,7 @@ class CutThrough:
             return
         self._stream = stream
         self._release()
-        await stream.write(stuffed(got.head))
+        await stream.write(wire.stuff(got.head))
         pos = got.cut
         while self.off is None:
             if pos < self.known:

@@ -141,6 +141,12 @@ def unstuff(raw: bytes) -> bytes:
     return raw.replace(b"\r\n.", b"\r\n")[2:-2]
 
 
+def stuff(data: bytes) -> bytes:
+    """``data`` (whole lines, starting a line) dot-stuffed, RFC 5321 §4.5.2: a line that starts
+    with a dot gets one more. No terminator."""
+    return (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
+
+
 def _views(piece: Piece, size: int) -> Iterator[Piece]:
     """``piece`` in views of at most ``size`` octets (a cut anywhere: nothing is searched)."""
     if len(piece) <= size:
@@ -179,8 +185,7 @@ def stuffed_pieces(data: bytes | tuple[Piece, ...], size: int = CHUNK, *, dotles
         yield b".\r\n"
         return
     if n <= size:
-        head = b"." if data.startswith(b".") else b""
-        yield head + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+        yield stuff(data) + b".\r\n"
         return
     view = memoryview(data)
     a, line_start = 0, True

@@ -128,8 +128,8 @@ def test_same_output_compares_big_messages_a_slice_at_a_time() -> None:
     assert not cutthrough.same_output(pieces, b"head", memoryview(changed))
 
 
-def test_stuffed_doubles_the_dot_that_starts_a_line() -> None:
-    assert cutthrough.stuffed(b".a\r\nb\r\n.c\r\n..d\r\n") == b"..a\r\nb\r\n..c\r\n...d\r\n"
+def test_stuff_doubles_the_dot_that_starts_a_line() -> None:
+    assert wire.stuff(b".a\r\nb\r\n.c\r\n..d\r\n") == b"..a\r\nb\r\n..c\r\n...d\r\n"
 
 
 def test_the_images_boundary_depends_only_on_the_message_up_to_the_html_leaf() -> None:
