@@ -157,6 +157,7 @@ class CutThrough:
         self._buf: bytearray | None = None  # the reader's buffer: CRLF + content so far
         self._content: bytes | bytearray | None = None  # the whole content, once final
         self.known = 0  # content octets known (more may follow until final)
+        self.proven = 0  # content octets the DATA reader found free of a bare CR or LF
         self._more = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.head: Head | None = None
@@ -170,11 +171,13 @@ class CutThrough:
 
     # --- what the DATA reader tells it ------------------------------------------------------------
 
-    def progress(self, buf: bytearray, offset: int) -> None:
-        """``buf`` (the reader's buffer: CRLF, then the content) is content up to ``offset``."""
+    def progress(self, buf: bytearray, offset: int, crlf: int = 0) -> None:
+        """``buf`` (the reader's buffer: CRLF, then the content) is content up to ``offset``, and
+        holds no bare CR or LF up to ``crlf`` (:class:`relay.wire.CrlfCheck`; 0: not known)."""
         if self.off is not None:
             return
         self._buf, self.known = buf, max(self.known, offset - 2)
+        self.proven = max(self.proven, crlf - 2)
         if self._task is None and self.known >= self.after:
             loop = asyncio.get_running_loop()
             self._task = loop.create_task(self._run())
@@ -194,11 +197,14 @@ class CutThrough:
             if self.hold is not None:
                 self.hold(False)
 
-    def final(self, content: bytes | bytearray) -> None:
-        """The content is complete: ``content`` (no longer the reader's buffer; its own offsets)."""
+    def final(self, content: bytes | bytearray, crlf: bool = False) -> None:
+        """The content is complete: ``content`` (no longer the reader's buffer; its own offsets);
+        ``crlf``: the reader found no bare CR or LF in it."""
         if self.off is not None:
             return
         self._buf, self._content, self.known = None, content, len(content)
+        if crlf:
+            self.proven = len(content)
         self._more.set()
 
     def abort(self, why: str) -> None:
@@ -346,7 +352,7 @@ class CutThrough:
                         return
                 else:
                     chunk = chunk[:cut]
-                    why = _unsafe(chunk, got.ascii)
+                    why = _unsafe(chunk, got.ascii, pos + cut <= self.proven)
                     if why is not None:
                         self.abort(why)
                         return
@@ -359,11 +365,13 @@ class CutThrough:
             await self._more.wait()
 
 
-def _unsafe(chunk: bytes, ascii: bool) -> str | None:
+def _unsafe(chunk: bytes, ascii: bool, crlf: bool = False) -> str | None:
     """Why ``chunk`` (whole lines, starting a line) must not be written, or None. What store and
     forward would send differently: a bare CR or LF (normalised by ingress, and the stuff of
-    SMTP smuggling), a line starting with a dot (stuffed), 8-bit data after a 7-bit MAIL."""
-    if not wire.crlf_only(chunk):
+    SMTP smuggling), a line starting with a dot (stuffed), 8-bit data after a 7-bit MAIL.
+    ``crlf``: the DATA reader already found no bare CR or LF in the content up to the chunk's
+    end (its lines start after a CRLF of that content, so the chunk has none either)."""
+    if not crlf and not wire.crlf_only(chunk):
         return "bare CR or LF"
     if chunk.startswith(b".") or wire.find(chunk, b"\r\n.") >= 0:
         return "a line starting with a dot"

@@ -198,10 +198,13 @@ class MessageFlow:
         when = m.cut.when if m.cut is not None else dt.datetime.now(dt.UTC)
         received_for = _tracer(cfg, session, envelope, m.qid, when)
 
-        # The DATA reader found no line starting with a dot: carried to delivery's dot-stuffing.
+        # The DATA reader found no line starting with a dot (carried to delivery's dot-stuffing),
+        # and no bare CR or LF (ingress has nothing to normalise). An envelope that says
+        # neither (not the relay's own) leaves ingress to check for itself.
         dotless = bool(getattr(envelope, "dotless", False))
-        m.inbound = await offload.run_sized(len(raw), functools.partial(pipeline.accept, dotless=dotless), raw,
-                                            pipeline.Settings.of(cfg))
+        crlf = bool(getattr(envelope, "crlf", False))
+        m.inbound = await offload.run_sized(len(raw), functools.partial(pipeline.accept, dotless=dotless, crlf=crlf),
+                                            raw, pipeline.Settings.of(cfg))
         m.prepared = await offload.run_sized(len(raw), bind_and_plan, cfg, m.inbound, m.mail_from, m.rcpts, peer, when,
                                              received_for)
         tenant = m.prepared.binding.tenant

@@ -42,10 +42,11 @@ class Inbound:
     dotless: bool = False  # vouched: no line of ``raw`` starts with a dot (RFC 5321 §4.5.2)
 
 
-def normalise_line_endings(raw: bytes | bytearray) -> tuple[bytes | bytearray, bool]:
+def normalise_line_endings(raw: bytes | bytearray, crlf: bool = False) -> tuple[bytes | bytearray, bool]:
     """``raw`` with every line break as CRLF, and whether anything changed; the common case
-    (already CRLF) is decided by :func:`relay.wire.crlf_only` without copying the message."""
-    if wire.crlf_only(raw):
+    (already CRLF) is decided by :func:`relay.wire.crlf_only` without copying the message, or is
+    vouched for by ``crlf`` (the DATA reader checked as the octets arrived)."""
+    if crlf or wire.crlf_only(raw):
         return raw, False
     # The rule of aiosmtplib.protocol.LINE_ENDINGS_REGEX (aiosmtplib 5.x): CRLF stays, a bare LF and
     # a CR not followed by LF each become CRLF, so delivery changes nothing more. As three C passes
@@ -54,11 +55,12 @@ def normalise_line_endings(raw: bytes | bytearray) -> tuple[bytes | bytearray, b
     return raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n"), True
 
 
-def accept(raw: bytes | bytearray, limits: IngressLimits, *, dotless: bool = False) -> Inbound:
+def accept(raw: bytes | bytearray, limits: IngressLimits, *, dotless: bool = False, crlf: bool = False) -> Inbound:
     """Normalise, check the header section against ``limits``, parse it once. ``dotless``: the
     DATA reader found no line starting with a dot; it holds for the result unless line endings
-    were rewritten (a bare LF before a dot becomes a CRLF before it)."""
-    raw, changed = normalise_line_endings(raw)
+    were rewritten (a bare LF before a dot becomes a CRLF before it). ``crlf``: the DATA reader
+    found no bare CR or LF (:class:`relay.wire.CrlfCheck`), so there is nothing to normalise."""
+    raw, changed = normalise_line_endings(raw, crlf)
     hend = headers.header_end(raw)
     if hend > limits.max_header_bytes:
         raise PermanentError(replies.HEADER_TOO_LARGE, f"header section {hend} bytes > {limits.max_header_bytes}")

@@ -84,11 +84,12 @@ def _no_trace(_group: Sequence[str]) -> bytes:
     return b""
 
 
-def accept(raw: bytes | bytearray, settings: Settings, *, dotless: bool = False) -> ingress.Inbound:
+def accept(raw: bytes | bytearray, settings: Settings, *, dotless: bool = False,
+           crlf: bool = False) -> ingress.Inbound:
     """Step 1: the one normalisation and header parse (:mod:`relay.ingress`). The relay binds the
-    message to its tenant between this step and :func:`run`. ``dotless``: what the DATA reader
-    saw (no line starting with a dot), carried to delivery."""
-    return ingress.accept(raw, settings.ingress, dotless=dotless)
+    message to its tenant between this step and :func:`run`. ``dotless``, ``crlf``: what the DATA
+    reader saw (no line starting with a dot, carried to delivery; no bare CR or LF)."""
+    return ingress.accept(raw, settings.ingress, dotless=dotless, crlf=crlf)
 
 
 @dataclass(frozen=True)

@@ -151,30 +151,39 @@ class Slot:
 
 
 async def _until_end_of_data(reader: asyncio.StreamReader, buf: bytearray, limit: int,
-                             cut: _CutStart | None = None) -> tuple[int, bool]:
+                             cut: _CutStart | None = None, crlf: wire.CrlfCheck | None = None) -> tuple[int, bool]:
     """Wait until ``buf`` (the reader's buffer) holds ``CRLF.CRLF``; return the offset just past
     it and whether data over ``limit`` was dropped on the way. StreamReader.readuntil's search
     (incremental: each byte is looked at about once), without its copies. Over ``limit``
     everything that cannot hold the separator is dropped as it arrives, so a client sending
     too much costs no memory; it is refused after its final dot. ``cut`` is told how much of
-    ``buf`` is content for sure (no separator starts before that offset)."""
+    ``buf`` is content for sure (no separator starts before that offset). ``crlf`` checks the
+    line endings of what arrived, up to the end it returns and no further."""
     sep = b"\r\n.\r\n"
     offset, too_much = 0, False
     while True:
         if len(buf) - offset >= len(sep):
             isep = wire.FIND(buf, sep, offset, len(buf))
             if isep >= 0:
+                if crlf is not None:
+                    crlf.upto(buf, isep + len(sep))
                 return isep + len(sep), too_much
             offset = len(buf) + 1 - len(sep)
             if limit and offset > limit + len(sep):
                 if cut is not None:
                     cut.abort("over the size limit")  # before the buffer's front goes
                     cut = None
+                if crlf is not None:
+                    crlf.stop()  # refused anyway; its offsets are gone with the front
+                    crlf = None
                 too_much = True
                 del buf[:offset]
                 offset = 0
-            elif cut is not None and not too_much:
-                cut.progress(buf, offset)
+            else:
+                if crlf is not None:
+                    crlf.upto(buf, offset)
+                if cut is not None and not too_much:
+                    cut.progress(buf, offset, crlf)
         if reader._eof:  # type: ignore[attr-defined]
             raise asyncio.IncompleteReadError(bytes(buf), None)
         await reader._wait_for_data("readuntil")  # type: ignore[attr-defined]
@@ -188,7 +197,7 @@ class _CutStart:
         self.smtp, self.factory, self.after = smtp, factory, after
         self.cut: CutThrough | None = None
 
-    def progress(self, buf: bytearray, offset: int) -> None:
+    def progress(self, buf: bytearray, offset: int, crlf: wire.CrlfCheck | None) -> None:
         if self.cut is None:
             if offset - 2 < self.after:
                 return
@@ -201,11 +210,11 @@ class _CutStart:
                 smtp.envelope.cut = self.cut  # it rides on the envelope to the flow, which sends the dot or not
             if smtp.transport is not None:
                 self.cut.hold = functools.partial(_hold, cast(asyncio.ReadTransport, smtp.transport))
-        self.cut.progress(buf, offset)
+        self.cut.progress(buf, offset, crlf.checked if crlf is not None and not crlf.bare else 0)
 
-    def final(self, content: bytes | bytearray) -> None:
+    def final(self, content: bytes | bytearray, crlf: bool) -> None:
         if self.cut is not None:
-            self.cut.final(content)
+            self.cut.final(content, crlf)
 
     def abort(self, why: str) -> None:
         if self.cut is not None:
@@ -230,6 +239,9 @@ class RelayEnvelope(aiosmtpd.smtp.Envelope):
         # RFC 5321 §4.5.2: no line of the content started with a dot (none was stuffed), so the
         # relayed copy needs no dot-stuffing search unless the stamper's splices add one.
         self.dotless = False
+        # Every CR and LF of the content is half of a CRLF (checked as it arrived), so ingress has
+        # nothing to normalise and need not count them again (issue #14).
+        self.crlf = False
         self.cut: CutThrough | None = None  # the big-message cut-through (relay/cutthrough.py), if any
 
 
@@ -403,7 +415,7 @@ class RelaySMTP(SMTP):
         self._data_t0 = time.monotonic()
         self._data_bytes = 0
         try:
-            content, problem, dotless = await self._read_content()
+            content, problem, dotless, crlf = await self._read_content()
             if problem is not None:
                 await self.push(problem)  # push() maps "500 Line too long" to our 451 while in DATA
         finally:
@@ -415,12 +427,12 @@ class RelaySMTP(SMTP):
         # _read_content), which the flow, ingress and stamper take as it is (bytes | bytearray).
         self.envelope.content = self.envelope.original_content = content  # type: ignore[assignment]
         if isinstance(self.envelope, RelayEnvelope):
-            self.envelope.dotless = dotless
+            self.envelope.dotless, self.envelope.crlf = dotless, crlf
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 
-    async def _read_content(self) -> tuple[bytes | bytearray, str | None, bool]:
+    async def _read_content(self) -> tuple[bytes | bytearray, str | None, bool, bool]:
         """The message content of one DATA, as aiosmtpd would produce it, at C speed.
 
         RFC 5321 §4.1.1.4 / §2.3.8: the content ends at the first line that is exactly "." — a
@@ -433,7 +445,9 @@ class RelaySMTP(SMTP):
         bytes, as aiosmtpd counts) are read to the end and discarded, then refused.
 
         Pipelined commands after the final dot stay in the reader for the next command. The third
-        value says no line of the content starts with a dot (found on the same pass).
+        value says no line of the content starts with a dot (found on the same pass); the fourth,
+        that every CR and LF of it is half of a CRLF (checked as the octets arrived:
+        :class:`relay.wire.CrlfCheck`; dot-unstuffing removes no CR or LF).
         """
         reader = self._reader
         limit = self.data_size_limit or 0
@@ -451,8 +465,9 @@ class RelaySMTP(SMTP):
         factory = getattr(self.event_handler, "cut_through", None)
         after = getattr(self.event_handler, "cut_through_after", 0)
         cut = _CutStart(self, factory, after) if factory is not None and after else None
+        check = wire.CrlfCheck()
         try:
-            end, too_much = await _until_end_of_data(reader, buf, limit, cut)
+            end, too_much = await _until_end_of_data(reader, buf, limit, cut, check)
         except (asyncio.CancelledError, asyncio.IncompleteReadError):
             # aiosmtpd cancels this coroutine on EOF or reset; either way the session is over.
             if cut is not None:
@@ -465,16 +480,19 @@ class RelaySMTP(SMTP):
         # buf[:end] is CRLF + dot-stuffed content + ".\r\n"; what follows is the next command.
         content: bytes | bytearray | None = None
         why = "over the size limit"  # no cut-through unless content is set below
+        # buf[:end] = CRLF + content + ".CRLF": both cuts fall between CRLF pairs, so the
+        # content holds a bare CR or LF exactly when buf[:end] does.
+        crlf = check.proves(end)
         try:
             if too_much or (limit and end - 5 > limit):
-                return b"", "552 Error: Too much mail data", False
+                return b"", "552 Error: Too much mail data", False, False
             why = "the DATA reader stopped"
             # A big message is looked at in a worker thread so other sessions do not wait for two
             # passes over it; the loop only appends to buf meanwhile, after ``end``.
             too_long, stuffed = await offload.run_sized(end, wire.data_shape, buf, end, self.line_length_limit)
             if too_long:  # a line counts with its CRLF, as aiosmtpd counts
                 why = "a line too long"
-                return b"", "500 Line too long (see RFC5321 4.5.3.1.6)", False
+                return b"", "500 Line too long (see RFC5321 4.5.3.1.6)", False, False
             if not stuffed and end > offload.OFFLOAD_BYTES:
                 # A big message is not copied out: the reader gets a new buffer with whatever
                 # followed the final dot, and this one, trimmed in place (the DATA line's CRLF
@@ -485,19 +503,19 @@ class RelaySMTP(SMTP):
                 del buf[:2]
                 end = 0  # nothing left to take out of the old buffer
                 content = buf
-                return buf, None, True
+                return buf, None, True, crlf
             with memoryview(buf) as view:
                 if not stuffed:
                     content = bytes(view[2:end - 3])
-                    return content, None, True
+                    return content, None, True, crlf
                 raw = bytes(view[:end])
             why = "a line starting with a dot"  # as the cut-through's own check says it
-            return await offload.run_sized(end, wire.unstuff, raw), None, False
+            return await offload.run_sized(end, wire.unstuff, raw), None, False, crlf
         finally:
             if cut is not None:
                 # Told before anything else runs: from here on offsets are the content's own.
                 if content is not None:
-                    cut.final(content)
+                    cut.final(content, crlf)
                 else:
                     cut.abort(why)
             if end:

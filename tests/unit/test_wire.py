@@ -3,6 +3,8 @@ give exactly what the obvious whole-message expressions give (RFC 5321 §4.5.2, 
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -157,6 +159,48 @@ def test_sliced_find_and_crlf_only_match_the_whole_calls(data: bytes, needle: by
         assert wire.crlf_only(data) == (data.count(b"\n") == crlf and data.count(b"\r") == crlf)
     finally:
         wire.SLICE = old
+
+
+BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # a CR or LF that is not half of a CRLF (the oracle)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"\r\r", b"\n\n", b"\r\n\r"]), max_size=30).map(b"".join),
+       st.lists(st.integers(0, 60), max_size=8), st.lists(st.integers(0, 60), max_size=8), st.integers(1, 4))
+def test_the_incremental_crlf_check_is_crlf_only_of_what_it_checked(data: bytes, arrivals: list[int],
+                                                                    asks: list[int], slice_: int) -> None:
+    """wire.CrlfCheck (the DATA reader's, issue #14): a buffer growing in pieces, checked up to
+    points within what has arrived, proves exactly what crlf_only says of the whole prefix. A CR
+    that ends one arrival and the LF that starts the next are one CRLF; a LF after a CR that
+    ended a check is no CRLF unless that CR is its own."""
+    old = wire.SLICE
+    wire.SLICE = slice_
+    try:
+        check, buf = wire.CrlfCheck(), bytearray()
+        steps = sorted({*arrivals, len(data)})
+        for i, have in enumerate(steps):
+            buf += data[len(buf):have]
+            for ask in sorted(a for a in asks if a <= len(buf)) + [len(buf)] * (i == len(steps) - 1):
+                check.upto(buf, ask)
+                done = min(check.checked, len(buf))
+                assert check.bare or BARE.search(bytes(buf[:done])) is None  # sound
+        assert check.proves(len(data)) == (BARE.search(data) is None)  # and exact at the end
+        assert check.proves(len(data)) == wire.crlf_only(data)
+        for a in range(len(data) + 1):  # ranges: no pairing across their edges
+            for b in (a, (a + len(data)) // 2, len(data)):
+                if b >= a:
+                    assert wire.crlf_only(data, a, b) == (BARE.search(data[a:b]) is None)
+    finally:
+        wire.SLICE = old
+
+
+def test_the_incremental_crlf_check_stops() -> None:
+    check = wire.CrlfCheck()
+    check.upto(b"a\r\nb\r", 5)
+    assert check.checked == 4 and not check.bare  # the CR waits for its LF
+    assert check.proves(4) and not check.proves(5)
+    check.stop()
+    assert not check.proves(0)
 
 
 def test_big_buffers_are_released_on_glibc() -> None:
