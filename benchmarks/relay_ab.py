@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/relay_ab.py --tls [REV]  (STARTTLS on both sides, as bench-e2e's TLS phase)
     .venv/bin/python benchmarks/relay_ab.py --mix [REV]  (real mail: every message of the public corpora)
     .venv/bin/python benchmarks/relay_ab.py --exo [REV]  (the 10 KB reply with Exchange Online's header)
+    .venv/bin/python benchmarks/relay_ab.py --html [REV] (the 200 KB HTML message with inline images)
 
 The base revision is checked out into a temporary git worktree. Each round starts the relay from
 one tree then the other (A B A B ...: drift on a noisy machine hits both alike) in e2e.py's
@@ -20,7 +21,8 @@ public corpora in tests/data, From: set to the benchmark sender; e2e.real_mail_m
 by this tree's loadgen.py, plaintext, 20 sessions, one message per connection, 300 warm-up then
 3 x 3 passes over the mix, into smtp-sink (results-relay-ab-mix.txt). With ``--exo``: as the default,
 with the 10 KB reply carrying the header section Exchange Online hands a connector
-(tests/exo_mail.py: 58 fields, 12 KB; results-relay-ab-exo.txt).
+(tests/exo_mail.py: 58 fields, 12 KB; results-relay-ab-exo.txt). With ``--html``: as the default, with
+bench-e2e's 200 KB HTML message with inline images (e2e.html_with_images; results-relay-ab-html.txt).
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-args = [a for a in sys.argv[1:] if a not in ("--big", "--tls", "--mix", "--exo")]
+args = [a for a in sys.argv[1:] if a not in ("--big", "--tls", "--mix", "--exo", "--html")]
 big = "--big" in sys.argv[1:]
 tls = "--tls" in sys.argv[1:]
 mix = "--mix" in sys.argv[1:]
 exo = "--exo" in sys.argv[1:]
+html = "--html" in sys.argv[1:]
 rev = args[0] if args else "HEAD"
 wt = Path(tempfile.mkdtemp(prefix="relay-ab-")) / "base"
 subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(wt), rev], check=True, capture_output=True)
@@ -53,8 +56,8 @@ big = sys.argv[2] == "big"
 work = Path(tempfile.mkdtemp(prefix="sab-"))
 import atexit, shutil
 atexit.register(shutil.rmtree, work, True)
-# --exo: the message comes from the parent (this tree builds it; an older tree may not know it)
-raw = with_attachment(25, html=True) if big else Path(sys.argv[3]).read_bytes() if sys.argv[2] == "exo" \
+# --exo, --html: the message comes from the parent (this tree builds it; an older tree may not know it)
+raw = with_attachment(25, html=True) if big else Path(sys.argv[3]).read_bytes() if sys.argv[2] == "file" \
     else outlook_reply()
 (work / "r.eml").write_bytes(raw.replace(b"\r\n", b"\n"))
 sink_port, port, mport = e2e.free_port(), e2e.free_port(), e2e.free_port()
@@ -100,13 +103,15 @@ best = min(r.cpu / r.n for r in runs)
 print(f"{1000*best:.3f} {max(r.rate for r in runs) * len(raw) / 1e6:.1f}")
 relay.stop(); sink.stop()
 '''
-mode = ["big" if big else "tls" if tls else "mix" if mix else "exo" if exo else "small"]
-if exo:
+mode = ["big" if big else "tls" if tls else "mix" if mix else "file" if exo or html else "small"]
+if exo or html:
     sys.path.insert(0, str(HERE))
+    import e2e as e2e_here
     import run
 
-    (wt.parent / "exo.eml").write_bytes(run.outlook_reply_from_exchange_online())
-    mode.append(str(wt.parent / "exo.eml"))
+    message = run.outlook_reply_from_exchange_online() if exo else e2e_here.html_with_images()
+    (wt.parent / "message.eml").write_bytes(message)
+    mode.append(str(wt.parent / "message.eml"))
 if mix:
     sys.path.insert(0, str(HERE))
     import e2e  # this tree's: the mix is built once, the same files for both trees
@@ -149,6 +154,10 @@ elif mix:
     line = with_rate(f"relay CPU per message of the real-mail mix ({used} messages of the public corpora in "
                      f"tests/data, {left_out} left out; loadgen.py, plaintext, 20 sessions, one per connection, into "
                      f"smtp-sink)", "msg/s", 3)
+elif html:
+    line = (f"relay CPU per 200 KB HTML message with inline images (e2e.html_with_images), smtp-source, 20 sessions, "
+            f"one per connection, plaintext profile, same run, 3 alternating rounds: base {rev} {b:.3f} ms, this tree "
+            f"{t:.3f} ms; this/base = {t / b:.3f}")
 elif exo:
     line = (f"relay CPU per 10 KB reply with the header section Exchange Online hands a connector (58 fields, "
             f"12 KB; tests/exo_mail.py), smtp-source, 20 sessions, one per connection, plaintext profile, same run, "
@@ -158,5 +167,6 @@ else:
             f"same run, 3 alternating rounds: base {rev} {b:.3f} ms, this tree {t:.3f} ms; this/base = {t / b:.3f}")
 print(line)
 (HERE / ("results-relay-ab-big.txt" if big else "results-relay-ab-tls.txt" if tls else
-          "results-relay-ab-mix.txt" if mix else "results-relay-ab-exo.txt" if exo else "results-relay-ab.txt")
+          "results-relay-ab-mix.txt" if mix else "results-relay-ab-exo.txt" if exo else
+          "results-relay-ab-html.txt" if html else "results-relay-ab.txt")
  ).write_text(line + "\n")

@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from relay import wire
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -405,7 +407,7 @@ def find_html(html: str, *, bottom: bool = False, utf8: bytes | None = None, tex
     ``textual=False`` skips the visible-text search (the caller knows there is no textual marker)."""
     raw = utf8 if utf8 is not None else html.encode("utf-8", "surrogatepass")  # the caller may have it
     lower = raw.lower()
-    spans = _comment_spans(lower) if b"<!--" in lower else []
+    spans = _comment_spans(lower) if wire.find(lower, b"<!--") >= 0 else []
     if len(lower) > SEARCH_WINDOW and not bottom:
         window = lower[:SEARCH_WINDOW]
         found = _find_html_bytes(window, [sp for sp in spans if sp[0] < SEARCH_WINDOW], bottom, textual)
@@ -429,7 +431,7 @@ _GATES: Final = {b"gmail_quote": b"_", b"yahoo_quoted": b"_", b"zmail_extra": b"
 def _present(lower: bytes, needle: bytes, seen: dict[bytes, bool]) -> bool:
     hit = seen.get(needle)
     if hit is None:
-        hit = seen[needle] = needle in lower
+        hit = seen[needle] = wire.find(lower, needle) >= 0  # not `in`: see wire.FIND
     return hit
 
 

@@ -398,7 +398,8 @@ def _edit_leaf(s: Scan, part: Part, sig: Signature, *, html: bool, bottom: bool,
     raw = s.raw
     header, body = s.header_bytes(part), s.body_bytes(part)
     data = codec.decode_transfer(body, part.cte)
-    if PGP_ARMOUR.search(data):
+    # The literal first (StringZilla, 0.7 µs on a 10 KB leaf): the expression's own scan takes 6.6.
+    if wire.find(data, b"-----BEGIN PGP ") >= 0 and PGP_ARMOUR.search(data):
         raise _PassThrough("pgp-inline")
     text = codec.decode_text(data, part.charset)
     wire_eol = headers.line_ending(raw).decode("ascii")  # every encoded line ends with it
@@ -491,7 +492,8 @@ def _splice(body: bytes, cte: str, text: str, offset: int, block: str, charset: 
         return None
     # Hard line breaks of the encoded body: an end of line not preceded by "=" (a soft break).
     soft = b"=\r\n" if body.find(b"\r\n") >= 0 else b"=\n"  # the body's own line ending
-    hard_total = body.count(b"\n") - body.count(soft)
+    # wire.COUNT, not bytes.count: 0.3 against 10 µs for the soft breaks of a 10 KB body (see wire.FIND).
+    hard_total = wire.COUNT(body, b"\n", 0, len(body)) - wire.COUNT(body, soft, 0, len(body))
     k = text.count("\n", 0, offset)
     if hard_total != text.count("\n") or k > hard_total:
         return None  # encoded and decoded lines do not correspond (e.g. "=0D=0A" in the body)

@@ -57,6 +57,13 @@ def test_unstuff_is_replace_then_slice(content: bytes) -> None:
     assert wire.unstuff(raw) == raw.replace(b"\r\n.", b"\r\n")[2:-2]
 
 
+@settings(max_examples=400, deadline=None)
+@given(lines)
+def test_stuff_is_the_two_replaces(content: bytes) -> None:
+    """wire.stuff searches first and copies only when a dot is to be added: same bytes."""
+    assert wire.stuff(content) == (b"." if content.startswith(b".") else b"") + content.replace(b"\r\n.", b"\r\n..")
+
+
 @settings(max_examples=600, deadline=None)
 @given(lines, st.integers(min_value=1, max_value=20))
 def test_stuffed_pieces_join_to_the_reference(data: bytes, size: int) -> None:
