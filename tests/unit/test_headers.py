@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -79,3 +82,35 @@ def test_received_omits_for_with_several_recipients() -> None:
     r = trace.received(helo="h", peer_ip="::1", by="b", queue_id="Q", recipients=["a@x", "b@x"], tls=None,
                        smtputf8=True, when=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     assert b" for " not in r and b"with UTF8SMTP id" in r
+
+
+ZONES = st.sampled_from([dt.UTC, dt.timezone(dt.timedelta(hours=1)), dt.timezone(dt.timedelta(hours=-5, minutes=-30)),
+                         None])
+
+
+@given(st.lists(st.tuples(st.datetimes(min_value=dt.datetime(1971, 1, 2), max_value=dt.datetime(2100, 1, 1)), ZONES),
+                max_size=12))
+def test_the_received_date_is_format_datetime_of_each_instant(whens: list[tuple[dt.datetime, dt.tzinfo | None]]
+                                                              ) -> None:
+    """trace keeps the date string for the second it names: never another zone's string for the
+    same instant (equal instants compare equal), never another second's."""
+    for naive, zone in whens:
+        when = naive.replace(tzinfo=zone)
+        same_instant = when.astimezone(dt.timezone(dt.timedelta(hours=3))) if zone is not None else when
+        for w in (when, same_instant, when.replace(microsecond=(when.microsecond + 1) % 1_000_000)):
+            assert trace._date(w) == email.utils.format_datetime(w)
+
+
+ADDRESS_VALUES = st.lists(st.sampled_from(["Alice <alice@contoso.com>", "bob@example.net", '"A, B" <ab@x.test>',
+                                           "undisclosed-recipients:;", "=?utf-8?q?Caf=C3=A9?= <c@x.test>", "x" * 600,
+                                           "<a@b>, c@d", "Name only", ""]), max_size=3)
+
+
+@given(ADDRESS_VALUES)
+def test_kept_address_parses_are_the_parse(values: list[str]) -> None:
+    """headers.addresses keeps the parse of short From: values across messages: each call, on a new
+    message's index, gives what email.utils.getaddresses gives for that message."""
+    raw = b"".join(b"From: " + v.encode() + b"\r\n" for v in values) + b"\r\nbody\r\n"
+    want = tuple(a for _, a in email.utils.getaddresses([headers.text(v) for v in headers.index(raw).get("from", [])]))
+    for _ in range(2):
+        assert headers.addresses(headers.index(raw), "from") == want
