@@ -178,8 +178,8 @@ def test_the_incremental_crlf_check_is_crlf_only_of_what_it_checked(data: bytes,
                                                                     asks: list[int], slice_: int) -> None:
     """wire.CrlfCheck (the DATA reader's, issue #14): a buffer growing in pieces, checked up to
     points within what has arrived, proves exactly what crlf_only says of the whole prefix. A CR
-    that ends one arrival and the LF that starts the next are one CRLF; a LF after a CR that
-    ended a check is no CRLF unless that CR is its own."""
+    that ends one arrival and the LF that starts the next are one CRLF (a check never ends just
+    after a CR, so a LF where a check ended is bare)."""
     old = wire.SLICE
     wire.SLICE = slice_
     try:
