@@ -191,6 +191,32 @@ async def test_smuggling_variants_deliver_exactly_one_message(stack: Stack, endi
     assert b"Pay the invoice." in got  # the would-be second message is body text of the first
 
 
+# The DATA reader decides whether ingress rewrites line endings (wire.CrlfCheck: it counts CR and
+# LF a read at a time). A CR that ends one read is half of a CRLF only if the next read starts with
+# LF; whatever the reads, the tenant gets no bare CR or LF.
+SPLITS = [(b"first\r", b"x second", b"first\r\nx second"),    # a bare CR at the end of a read
+          (b"first", b"\nsecond", b"first\r\nsecond"),       # a bare LF at the start of the next
+          (b"first\r", b"\r\nsecond", b"first\r\n\r\nsecond"),  # CR, then the next read's CRLF
+          (b"first\r", b"\nsecond", b"first\r\nsecond")]     # a CRLF split between two reads
+
+
+@pytest.mark.parametrize(("before", "after", "want"), SPLITS, ids=repr)
+async def test_a_line_end_split_between_reads_is_judged_whole(stack: Stack, before: bytes, after: bytes,
+                                                              want: bytes) -> None:
+    c = await session(stack)
+    assert (await c.cmd(b"MAIL FROM:<alice@contoso.com>")).startswith("250")
+    assert (await c.cmd(b"RCPT TO:<bob@example.net>")).startswith("250")
+    assert (await c.cmd(b"DATA")).startswith("354")
+    await c.send(message(body="") + before)
+    await asyncio.sleep(0.3)  # the relay reads the first part on its own (one TLS record, one read)
+    await c.send(after + b"\r\n.\r\n")
+    assert (await c.reply()).startswith("250")
+    c.close()
+    [got] = stack.deployment.delivered()
+    assert want + b"\r\n" in got
+    assert re.search(rb"\r(?!\n)|(?<!\r)\n", got) is None
+
+
 # --- 5. STARTTLS command injection (CVE-2024-34083 class) -----------------------------------------
 
 
