@@ -16,11 +16,11 @@ best round is reported. Writes benchmarks/results-plan-ab.txt.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from worktree import checkout
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -65,11 +65,8 @@ shutil.rmtree(work, ignore_errors=True)
 
 def main() -> int:
     rev = sys.argv[1] if len(sys.argv) > 1 else "HEAD"
-    wt = Path(tempfile.mkdtemp(prefix="plan-ab-")) / "base"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(wt), rev], check=True,
-                   capture_output=True)
     res: dict[str, dict[str, list[float]]] = {"base": {}, "this": {}}
-    try:
+    with checkout(rev, "plan-ab-") as wt:
         for i in range(3):
             for tree, root in (("base", wt), ("this", REPO)):
                 out = subprocess.run([sys.executable, "-c", CHILD, str(root)], capture_output=True, text=True,
@@ -81,9 +78,6 @@ def main() -> int:
                     name, us = line.split("\t")
                     res[tree].setdefault(name, []).append(float(us))
             print(f"round {i + 1} of 3 done", flush=True)
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], capture_output=True)
-        shutil.rmtree(wt.parent, ignore_errors=True)
     lines = [f"accept + bind_and_plan per message, in-process, same run, 3 alternating rounds, best batch; base {rev}:"]
     for name in res["base"]:
         b, t = min(res["base"][name]), min(res["this"][name])

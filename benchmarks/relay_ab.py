@@ -28,11 +28,11 @@ bench-e2e's 200 KB HTML message with inline images (e2e.html_with_images; result
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from worktree import checkout
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -43,8 +43,6 @@ mix = "--mix" in sys.argv[1:]
 exo = "--exo" in sys.argv[1:]
 html = "--html" in sys.argv[1:]
 rev = args[0] if args else "HEAD"
-wt = Path(tempfile.mkdtemp(prefix="relay-ab-")) / "base"
-subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(wt), rev], check=True, capture_output=True)
 child = r'''
 import sys, tempfile
 from pathlib import Path
@@ -103,25 +101,23 @@ best = min(r.cpu / r.n for r in runs)
 print(f"{1000*best:.3f} {max(r.rate for r in runs) * len(raw) / 1e6:.1f}")
 relay.stop(); sink.stop()
 '''
-mode = ["big" if big else "tls" if tls else "mix" if mix else "file" if exo or html else "small"]
-if exo or html:
+with checkout(rev, "relay-ab-") as wt:
+    mode = ["big" if big else "tls" if tls else "mix" if mix else "file" if exo or html else "small"]
+    # This tree's messages, built once, the same files for both trees.
     sys.path.insert(0, str(HERE))
-    import e2e as e2e_here
+    import e2e
     import run
 
-    message = run.outlook_reply_from_exchange_online() if exo else e2e_here.html_with_images()
-    (wt.parent / "message.eml").write_bytes(message)
-    mode.append(str(wt.parent / "message.eml"))
-if mix:
-    sys.path.insert(0, str(HERE))
-    import e2e  # this tree's: the mix is built once, the same files for both trees
-
-    mixdir = wt.parent / "mix"
-    used, left_out = e2e.real_mail_mix(mixdir)
-    mode += [str(HERE / "loadgen.py"), str(mixdir)]
-res: dict[str, list[float]] = {"base": [], "this": []}
-rate: dict[str, list[float]] = {"base": [], "this": []}
-try:
+    if exo or html:
+        message = run.outlook_reply_from_exchange_online() if exo else e2e.html_with_images()
+        (wt.parent / "message.eml").write_bytes(message)
+        mode.append(str(wt.parent / "message.eml"))
+    if mix:
+        mixdir = wt.parent / "mix"
+        used, left_out = e2e.real_mail_mix(mixdir)
+        mode += [str(HERE / "loadgen.py"), str(mixdir)]
+    res: dict[str, list[float]] = {"base": [], "this": []}
+    rate: dict[str, list[float]] = {"base": [], "this": []}
     for _ in range(3):
         for name, root in (("base", wt), ("this", REPO)):
             env = dict(os.environ, PYTHONPATH=str(root))
@@ -131,9 +127,6 @@ try:
             res[name].append(cpu)
             rate[name].append(mbs)
             print(name, cpu, "ms", mbs, "MB/s" if big else "msg/s" if tls or mix else "", flush=True)
-finally:
-    subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], capture_output=True)
-    shutil.rmtree(wt.parent, ignore_errors=True)
 b, t = min(res["base"]), min(res["this"])
 
 

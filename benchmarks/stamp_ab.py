@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from worktree import checkout
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -74,19 +74,18 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     import run  # the same 10 KB message as make bench
 
-    tmp = Path(tempfile.mkdtemp(prefix="stamp-ab-"))
-    k, kx = "10 KB Outlook reply", "the same with Exchange Online's header section (58 fields, 12 KB)"
-    msgs = {k: tmp / "reply10k.eml", kx: tmp / "reply10k-exo.eml"}
-    msgs[k].write_bytes(run.outlook_reply())
-    msgs[kx].write_bytes(run.outlook_reply_from_exchange_online())
-    roots = [REPO / "tests" / "data" / "replies"] + ([] if args.replies_only else [REPO / "tests" / "data" / "corpus"])
-    for root in roots:
-        for r in sorted(root.rglob("*.eml")):
-            msgs[str(r.relative_to(REPO / "tests" / "data"))] = r
-    base = tmp / "base"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(base), args.base], check=True)
-    try:
-        results: dict[str, dict[str, list[float]]] = {"base": {}, "this": {}}
+    results: dict[str, dict[str, list[float]]] = {"base": {}, "this": {}}
+    with checkout(args.base, "stamp-ab-") as base:
+        tmp = base.parent  # the worktree's temporary directory, gone with it
+        k, kx = "10 KB Outlook reply", "the same with Exchange Online's header section (58 fields, 12 KB)"
+        msgs = {k: tmp / "reply10k.eml", kx: tmp / "reply10k-exo.eml"}
+        msgs[k].write_bytes(run.outlook_reply())
+        msgs[kx].write_bytes(run.outlook_reply_from_exchange_online())
+        data = REPO / "tests" / "data"
+        roots = [data / "replies"] + ([] if args.replies_only else [data / "corpus"])
+        for root in roots:
+            for r in sorted(root.rglob("*.eml")):
+                msgs[str(r.relative_to(data))] = r
         for i in range(args.rounds):
             for label, tree in (("base", base), ("this", REPO)):
                 got = json.loads(subprocess.run(
@@ -95,9 +94,6 @@ def main() -> None:
                 for n, v in got.items():
                     results[label].setdefault(n, []).append(v)
             print(f"round {i + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
     rows = [f"stamp A/B, same run, {args.rounds} alternating rounds; base = {args.base}, this = working tree; "
             f"per message the best batch of each tree"]
     for key in (k, kx):

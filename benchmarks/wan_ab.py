@@ -18,8 +18,9 @@ import asyncio
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from worktree import checkout
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -101,11 +102,8 @@ def main() -> None:
         return
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", a.rev], check=True, capture_output=True,
                          text=True).stdout.strip()
-    wt = Path(tempfile.mkdtemp(prefix="wan-ab-")) / "base"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(wt), a.rev], check=True,
-                   capture_output=True)
     res: dict[str, list[float]] = {"base": [], "this": []}
-    try:
+    with checkout(a.rev, "wan-ab-") as wt:
         for _ in range(3):
             for name, root in (("base", wt), ("this", REPO)):
                 out = subprocess.run([sys.executable, "-c", CHILD, str(root), str(a.rtt), str(a.n), __file__],
@@ -114,8 +112,6 @@ def main() -> None:
                 ms = float(out.stdout.strip().splitlines()[-1])
                 res[name].append(ms)
                 print(name, ms, "ms per message", flush=True)
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], capture_output=True)
     b, t = min(res["base"]), min(res["this"])
     line = (f"10 KB messages one after another (one smtp-source session, one per connection) through the relay "
             f"to smtp-sink {a.rtt:.0f} ms round trip away (delay proxy), same run, 3 alternating rounds: base "

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from worktree import checkout
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -61,11 +61,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=4000, help="messages per round and tree (default 4000)")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="workers-ab-"))
-    wt = tmp / "base"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(wt), args.rev], check=True)
     got: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
-    try:
+    with checkout(args.rev, "workers-ab-") as wt:
         for i in range(args.rounds):
             for name, root in (("base", wt), ("this", REPO)):
                 out = subprocess.run([sys.executable, "-c", CHILD, str(root), str(args.rate), str(args.n),
@@ -75,9 +72,6 @@ def main() -> None:
                 got[name].append(r)
                 print(f"round {i + 1} {name}: p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, max {r['max']:.1f} ms, "
                       f"relay CPU {r['cpu_ms']:.2f} ms per message, failed {r['failed']:.0f}", flush=True)
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
     rows = [f"serve --workers 2 at {args.rate:.0f} messages/s (10 KB reply, one per connection, open loop, plaintext "
             f"profile, into smtp-sink), {args.n} messages per round, {args.rounds} alternating rounds; base = "
             f"{args.rev}, this = working tree"]
