@@ -152,7 +152,12 @@ class _TextFromHtml(HTMLParser):
 
 def html_to_text(html: str) -> str:
     """A readable plain-text rendition of a signature's HTML (for templates without .txt.j2)."""
-    p = _TextFromHtml()
+    return _text_of(_TextFromHtml(), html)
+
+
+def _text_of(p: _TextFromHtml, html: str) -> str:
+    """What parser ``p`` makes of ``html``, its lines tidied (a test runs it with html.parser's
+    own bookkeeping put back)."""
     p.feed(html)
     p.close()
     lines = [ln.strip() for ln in "".join(p.out).split("\n")]
