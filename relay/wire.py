@@ -9,6 +9,7 @@ the same answers with ``bytes.find`` and hand the transport slices of the messag
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
 try:
@@ -72,10 +73,10 @@ EQUAL: Callable[[Piece, Piece], bool] = _sz.equal if _sz is not None else _bytes
 BACKEND = "stringzilla" if _sz is not None else "bytes"  # which one runs (a test checks the installed one does)
 
 
-def crlf_only(raw: Buffer, start: int = 0, end: int | None = None) -> bool:
-    """Every CR and LF in ``raw[start:end]`` is part of a CRLF pair within it (C-speed counts, no
-    copy; about 0.6 ms per MB, so a caller that can prove it another way should)."""
-    size = len(raw) if end is None else min(end, len(raw))
+def _paired_counted(raw: Buffer, start: int, size: int) -> bool:
+    """:func:`crlf_only` by counting CR, LF and CRLF (equal counts: every CR and LF is half of a
+    pair). The bytes methods' way; StringZilla's counts cost about 6 ms each on a 25 MB message
+    (a find per match, 336 000 lines)."""
     a = start
     while a < size:
         b = min(size, a + SLICE)
@@ -86,6 +87,45 @@ def crlf_only(raw: Buffer, start: int = 0, end: int | None = None) -> bool:
             return False
         a = b
     return True
+
+
+# StringZilla's way, with no per-line cost: octet i of the range is a CR exactly when octet i + 1
+# is a LF, for every i but the last (the CR of each pair, the LF of each pair), the first octet is
+# no LF and the last no CR. Two table look-ups (translate, SIMD) map the range to "is CR" and,
+# shifted by one, "is LF", and one memcmp compares them: 19 -> 3 ms on a 25 MB message.
+_IS_CR = bytes(int(i == 13) for i in range(256))
+_IS_LF = bytes(int(i == 10) for i in range(256))
+PAIRS = 1 << 17  # octets mapped per translate: the two scratch buffers stay in the CPU's cache
+_scratch = threading.local()  # crlf_only runs on the event loop and in offload threads alike
+
+
+def _paired_mapped(raw: Buffer, start: int, size: int) -> bool:
+    if raw[start] == 10 or raw[size - 1] == 13:
+        return False
+    got = getattr(_scratch, "views", None)
+    if got is None or len(got[0]) != PAIRS:
+        got = _scratch.views = (memoryview(bytearray(PAIRS)), memoryview(bytearray(PAIRS)))
+    cr, lf = got
+    p, last = start, size - 1  # the pairs (i, i + 1) for i in [start, last)
+    while p < last:
+        q = min(last, p + PAIRS)
+        assert _sz is not None
+        _sz.translate(raw, _IS_CR, start=p, end=q, out=cr)
+        _sz.translate(raw, _IS_LF, start=p + 1, end=q + 1, out=lf)
+        if not _sz.equal(cr[:q - p], lf[:q - p]):
+            return False
+        p = q
+    return True
+
+
+PAIRED: Callable[[Buffer, int, int], bool] = _paired_mapped if _sz is not None else _paired_counted
+
+
+def crlf_only(raw: Buffer, start: int = 0, end: int | None = None) -> bool:
+    """Every CR and LF in ``raw[start:end]`` is part of a CRLF pair within it (C speed, no copy of
+    ``raw``; about 0.1 ms per MB with StringZilla, 0.6 without)."""
+    size = len(raw) if end is None else min(end, len(raw))
+    return start >= size or PAIRED(raw, start, size)
 
 
 class CrlfCheck:

@@ -158,14 +158,18 @@ def test_dotless_pieces_are_views_and_the_proof_holds_for_a_stamped_message() ->
        st.integers(1, 5))
 def test_sliced_find_and_crlf_only_match_the_whole_calls(data: bytes, needle: bytes, start: int, end: int,
                                                           slice_: int) -> None:
-    old = wire.SLICE
-    wire.SLICE = slice_  # tiny slices, so every cut position is exercised
+    old = wire.SLICE, wire.PAIRS
+    wire.SLICE = wire.PAIRS = slice_  # tiny slices, so every cut position is exercised
     try:
         assert wire.find(data, needle, start, end) == data.find(needle, start, end)
         crlf = data.count(b"\r\n")
         assert wire.crlf_only(data) == (data.count(b"\n") == crlf and data.count(b"\r") == crlf)
+        stop = min(end, len(data))
+        for paired in (wire._paired_mapped, wire._paired_counted):  # both ways, on a range too
+            if stop > start:
+                assert paired(data, start, stop) == (BARE.search(data[start:stop]) is None)
     finally:
-        wire.SLICE = old
+        wire.SLICE, wire.PAIRS = old
 
 
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # a CR or LF that is not half of a CRLF (the oracle)
@@ -180,8 +184,8 @@ def test_the_incremental_crlf_check_is_crlf_only_of_what_it_checked(data: bytes,
     points within what has arrived, proves exactly what crlf_only says of the whole prefix. A CR
     that ends one arrival and the LF that starts the next are one CRLF (a check never ends just
     after a CR, so a LF where a check ended is bare)."""
-    old = wire.SLICE
-    wire.SLICE = slice_
+    old = wire.SLICE, wire.PAIRS
+    wire.SLICE = wire.PAIRS = slice_
     try:
         check, buf = wire.CrlfCheck(), bytearray()
         steps = sorted({*arrivals, len(data)})
@@ -198,7 +202,7 @@ def test_the_incremental_crlf_check_is_crlf_only_of_what_it_checked(data: bytes,
                 if b >= a:
                     assert wire.crlf_only(data, a, b) == (BARE.search(data[a:b]) is None)
     finally:
-        wire.SLICE = old
+        wire.SLICE, wire.PAIRS = old
 
 
 def test_the_incremental_crlf_check_stops() -> None:
@@ -288,18 +292,18 @@ def test_the_accelerated_searches_on_long_data() -> None:
 @given(octets, st.integers(min_value=0, max_value=24))
 def test_the_bytes_fallback_gives_the_same_answers(data: bytes, n: int) -> None:
     """Where StringZilla cannot be imported, relay.wire uses the bytes methods: same answers."""
-    saved = wire.FIND, wire.RFIND, wire.COUNT, wire.SPLIT_BELOW
+    saved = wire.FIND, wire.RFIND, wire.COUNT, wire.SPLIT_BELOW, wire.PAIRED
     wire.FIND, wire.RFIND, wire.COUNT = wire._bytes_find, wire._bytes_rfind, wire._bytes_count
-    wire.SPLIT_BELOW = 0
+    wire.SPLIT_BELOW, wire.PAIRED = 0, wire._paired_counted
     try:
         line_checks(data, n)
         crlf = data.count(b"\r\n")
         assert wire.crlf_only(data) == (data.count(b"\n") == crlf and data.count(b"\r") == crlf)
         assert wire.find(data, b"\r\n.", 0, len(data)) == data.find(b"\r\n.")
     finally:
-        wire.FIND, wire.RFIND, wire.COUNT, wire.SPLIT_BELOW = saved
+        wire.FIND, wire.RFIND, wire.COUNT, wire.SPLIT_BELOW, wire.PAIRED = saved
 
 
 def test_stringzilla_is_what_the_relay_runs_with() -> None:
     """The dependency is installed by the project's own files: the fast path is the tested one."""
-    assert wire.BACKEND == "stringzilla" and wire.FIND is not wire._bytes_find
+    assert wire.BACKEND == "stringzilla" and wire.FIND is not wire._bytes_find and wire.PAIRED is wire._paired_mapped
