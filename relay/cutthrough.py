@@ -190,6 +190,11 @@ class CutThrough:
                 self._held = loop.call_later(HOLD_MAX, self._release)
         self._more.set()
 
+    @property
+    def holding(self) -> bool:
+        """Reading from the client is paused by this cut-through (until the endpoint answered DATA)."""
+        return self._held is not None
+
     def _release(self) -> None:
         if self._held is not None:
             self._held.cancel()

@@ -191,34 +191,70 @@ async def _until_end_of_data(reader: asyncio.StreamReader, buf: bytearray, limit
 
 class _CutStart:
     """One DATA's cut-through (relay/cutthrough.py), asked of the handler only once ``after``
-    octets of content are in: a small message never pays for one."""
+    octets of content are in: a small message never pays for one.
+
+    The DATA reader runs between the event loop's reads, and a client faster than the relay keeps
+    the loop reading: uvloop reads up to 32 times (8 MB) per wake-up, so the reader would see
+    256 KiB, then 8 MB, and the endpoint would get its first octet 15 ms into a 25 MB message
+    (issue #14). So :meth:`arrived`, called for every read, pauses reading from the client once
+    ``after`` octets are in, and the reader gets its turn at once; :meth:`progress` then hands the
+    pause to the cut-through (which holds it until the endpoint answered DATA) or resumes."""
 
     def __init__(self, smtp: RelaySMTP, factory: Callable[[Any, Any], CutThrough | None], after: int) -> None:
         self.smtp, self.factory, self.after = smtp, factory, after
         self.cut: CutThrough | None = None
+        self.paused = False  # reading paused by arrived(), not handed over yet
+
+    def arrived(self, buffered: int) -> None:
+        """``buffered`` octets are in the reader's buffer (the DATA line's CRLF in front, and at
+        most the final ``CRLF.CRLF``'s five after the content)."""
+        if self.cut is None and not self.paused and buffered - 7 >= self.after:
+            transport = self.smtp.transport
+            if transport is not None and not transport.is_closing():
+                cast(asyncio.ReadTransport, transport).pause_reading()
+                self.paused = True
+
+    def _unpause(self) -> None:
+        """The pause arrived() took ends here: resumed, unless the cut-through holds reading now."""
+        if self.paused:
+            self.paused = False
+            transport = self.smtp.transport
+            if transport is not None and (self.cut is None or not self.cut.holding):
+                _hold(cast(asyncio.ReadTransport, transport), False)
 
     def progress(self, buf: bytearray, offset: int, crlf: wire.CrlfCheck | None) -> None:
-        if self.cut is None:
-            if offset - 2 < self.after:
-                return
-            smtp = self.smtp
-            self.cut = self.factory(smtp.session, smtp.envelope)
+        try:
             if self.cut is None:
-                self.after = 2**62
-                return
-            if isinstance(smtp.envelope, RelayEnvelope):
-                smtp.envelope.cut = self.cut  # it rides on the envelope to the flow, which sends the dot or not
-            if smtp.transport is not None:
-                self.cut.hold = functools.partial(_hold, cast(asyncio.ReadTransport, smtp.transport))
-        self.cut.progress(buf, offset, crlf.checked if crlf is not None and not crlf.bare else 0)
+                if offset - 2 < self.after:
+                    return
+                smtp = self.smtp
+                self.cut = self.factory(smtp.session, smtp.envelope)
+                if self.cut is None:
+                    self.after = 2**62
+                    return
+                if isinstance(smtp.envelope, RelayEnvelope):
+                    smtp.envelope.cut = self.cut  # it rides on the envelope to the flow, which sends the dot or not
+                if smtp.transport is not None:
+                    self.cut.hold = functools.partial(_hold, cast(asyncio.ReadTransport, smtp.transport))
+            self.cut.progress(buf, offset, crlf.checked if crlf is not None and not crlf.bare else 0)
+        finally:
+            self._unpause()
 
     def final(self, content: bytes | bytearray, crlf: bool) -> None:
+        self._done()
         if self.cut is not None:
             self.cut.final(content, crlf)
 
     def abort(self, why: str) -> None:
+        self._done()
         if self.cut is not None:
             self.cut.abort(why)
+
+    def _done(self) -> None:
+        """Nothing more is asked of the handler: arrived() never pauses again (the reader may go
+        on reading, e.g. to the end of a message over the size limit, without calling progress)."""
+        self.after = 2**62
+        self._unpause()
 
 
 def _hold(transport: asyncio.ReadTransport, on: bool) -> None:
@@ -272,6 +308,7 @@ class RelaySMTP(SMTP):
         self._idle = idle_timeout
         self._corked: list[bytes] | None = None  # the lines of a multi-line reply, written at once
         self._held: list[bytes] = []  # replies to a pipelined group, written with the group's last
+        self._cut_start: _CutStart | None = None  # while DATA content is read, with cut-through possible
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
@@ -464,7 +501,7 @@ class RelaySMTP(SMTP):
         # A big message may start going to the tenant while it arrives (relay/cutthrough.py).
         factory = getattr(self.event_handler, "cut_through", None)
         after = getattr(self.event_handler, "cut_through_after", 0)
-        cut = _CutStart(self, factory, after) if factory is not None and after else None
+        cut = self._cut_start = _CutStart(self, factory, after) if factory is not None and after else None
         check = wire.CrlfCheck()
         try:
             end, too_much = await _until_end_of_data(reader, buf, limit, cut, check)
@@ -477,6 +514,7 @@ class RelaySMTP(SMTP):
             raise asyncio.CancelledError from None
         finally:
             reader._limit = saved  # type: ignore[attr-defined]
+            self._cut_start = None
         # buf[:end] is CRLF + dot-stuffed content + ".\r\n"; what follows is the next command.
         content: bytes | bytearray | None = None
         why = "over the size limit"  # no cut-through unless content is set below
@@ -538,6 +576,8 @@ class RelaySMTP(SMTP):
                 self._close()
                 return
         super().data_received(data)
+        if self._cut_start is not None:
+            self._cut_start.arrived(len(self._reader._buffer))  # type: ignore[attr-defined]
 
     # RFC 5321 §4.1.1.8: HELP says what the server takes. The relay never offers AUTH (Exchange
     # Online does not authenticate to a connector; EHLO does not advertise it), so HELP does not

@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import logging
 import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tests.protocol.rawsmtp import Raw
 from tests.support import Deployment, make_deployment
 
 AFTER = 64 * 1024
+FAST = 1024 * 1024  # cut_through_after for a client faster than the relay: several of its reads
 LINE = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0\r\n"
 
 
@@ -102,6 +104,23 @@ class Wire:
             if end >= 0:
                 self.messages.append(bytes(got[2:end + 2]).replace(b"\r\n..", b"\r\n."))
                 return
+
+
+# A client that sends one message in plain text as fast as the kernel takes it (a test of its own process).
+_CLIENT = r"""
+import socket, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30) as sk, sk.makefile("rb") as f:
+    def reply():
+        while (line := f.readline().decode())[3:4] == "-":
+            pass
+        return line
+    assert reply().startswith("220")
+    for cmd in (b"EHLO mail.contoso.com", b"MAIL FROM:<alice@contoso.com>", b"RCPT TO:<bob@example.net>", b"DATA"):
+        sk.sendall(cmd + b"\r\n")
+        assert reply()[:1] in "23", cmd
+    sk.sendall(open(sys.argv[2], "rb").read())
+    print(reply(), end="")
+"""
 
 
 def attachment_message(kb: int, *, html: bytes = b"<html><body><p>See the file.</p></body></html>",
@@ -238,6 +257,71 @@ async def test_a_big_message_goes_out_while_it_arrives_and_is_what_store_and_for
     mail = next(line for line in bytes(wire.conns[0]).split(b"\r\n") if line.startswith(b"MAIL"))
     assert b"SIZE=" not in mail  # not known while the message arrives (RFC 1870: optional)
     assert all(no_bare_cr_or_lf(cn) for cn in wire.conns)
+
+
+async def fast_client(tmp_path: Path, pki_dir: Path, wire: Wire, make_stack: object, raw: bytes,
+                      extra: str = "") -> tuple[str, Stack]:
+    """The relay in plain text (the benchmark profile: TLS hands the content over a record at a
+    time) with cut-through after ``FAST`` octets, and a client that writes ``raw`` as fast as the
+    kernel takes it, in a process of its own with a blocking socket: the kernel keeps the relay's
+    socket full while the event loop works (a client on the test's loop, or a thread sharing its
+    GIL, could only write when the loop let it). The relay's reply to the final dot, and the stack."""
+    port = await wire.start()
+    dep = make_deployment(tmp_path / "cut", pki_from=pki_dir, contoso_endpoint=f"127.0.0.1:{port}", signature=True)
+    text = dep.config_path.read_text().replace(
+        "data_timeout = 20\n", f"data_timeout = 20\nplaintext_loopback_benchmark = true\ncut_through_after = {FAST}\n")
+    dep.config_path.write_text(text.replace("[listen]\n", "[listen]\nrequire_starttls = false\n")
+                               .replace("idle_timeout = 30\n", f"idle_timeout = 30\n{extra}"))
+    st = await make_stack(cfg=dep.load())  # type: ignore[operator]
+    assert isinstance(st, Stack)
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(stuffed(raw) + b".\r\n")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _CLIENT, str(dep.relay_port), str(msg),
+                                                stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return out.decode(), st
+
+
+async def test_a_client_faster_than_the_relay_is_cut_through_from_its_first_octets(
+        tmp_path: Path, pki_dir: Path, wire: Wire, make_stack: object, relay_log: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that writes the whole message at once: the event loop would read on (uvloop reads
+    up to 32 times per wake-up) and the DATA reader would first see megabytes (8 MB here without
+    the pause, on uvloop), or the whole message and nothing to cut through. Reading pauses once
+    the first ``cut_through_after`` octets are in, so the cut-through is asked for there, and
+    delivers."""
+    import relay.smtp.server
+
+    asked: list[int] = []
+    real = relay.smtp.server._CutStart.progress
+
+    def spy(self: relay.smtp.server._CutStart, buf: bytearray, offset: int, crlf: object) -> None:
+        if self.cut is None and offset - 2 >= self.after:
+            asked.append(offset - 2)  # content octets in when the cut-through is asked for
+        real(self, buf, offset, crlf)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay.smtp.server._CutStart, "progress", spy)
+    raw = attachment_message(16 * 1024)
+    reply, st = await fast_client(tmp_path, pki_dir, wire, make_stack, raw)
+    assert reply.startswith("250 "), reply
+    assert asked and asked[0] < FAST + 1024 * 1024, asked  # not megabytes later
+    assert "cut_through=delivered" in relay_log.text
+    assert len(wire.messages) == 1
+    delivered = wire.messages[0]
+    assert delivered == store_and_forward(st.cfg, raw, delivered)
+    assert all(no_bare_cr_or_lf(cn) for cn in wire.conns)
+
+
+async def test_a_fast_client_over_the_size_limit_before_the_cut_through_was_asked_for_is_refused(
+        tmp_path: Path, pki_dir: Path, wire: Wire, make_stack: object) -> None:
+    """The size limit below ``cut_through_after``: the reader drops what is over the limit and
+    reads on to the final dot, and the pause for the cut-through must not stop it (a hang). The
+    limit is over half of ``FAST``: the StreamReader's own flow control pauses at twice its limit
+    and resumes by itself, which would hide a pause nobody ends."""
+    reply, _ = await fast_client(tmp_path, pki_dir, wire, make_stack, attachment_message(16 * 1024),
+                                 "max_message_size = 700000\n")
+    assert reply.startswith("552"), reply
+    assert not wire.messages and not wire.conns
 
 
 @pytest.mark.parametrize("tail, why", [
