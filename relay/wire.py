@@ -89,10 +89,11 @@ def _paired_counted(raw: Buffer, start: int, size: int) -> bool:
     return True
 
 
-# StringZilla's way, with no per-line cost: octet i of the range is a CR exactly when octet i + 1
-# is a LF, for every i but the last (the CR of each pair, the LF of each pair), the first octet is
-# no LF and the last no CR. Two table look-ups (translate, SIMD) map the range to "is CR" and,
-# shifted by one, "is LF", and one memcmp compares them: 19 -> 3 ms on a 25 MB message.
+# StringZilla's way, with no per-line cost. Every CR is followed by a LF and every LF preceded by a
+# CR exactly when, for every octet i of the range but the last, i is a CR if and only if i + 1 is
+# a LF, and the first octet is no LF and the last no CR. Two table look-ups (translate, SIMD) map
+# the range to "is CR" and, shifted by one, to "is LF", and one memcmp compares the two: 19 -> 3-5
+# ms on a 25 MB message.
 _IS_CR = bytes(int(i == 13) for i in range(256))
 _IS_LF = bytes(int(i == 10) for i in range(256))
 PAIRS = 1 << 17  # octets mapped per translate: the two scratch buffers stay in the CPU's cache
@@ -106,10 +107,10 @@ def _paired_mapped(raw: Buffer, start: int, size: int) -> bool:
     if got is None or len(got[0]) != PAIRS:
         got = _scratch.views = (memoryview(bytearray(PAIRS)), memoryview(bytearray(PAIRS)))
     cr, lf = got
+    assert _sz is not None
     p, last = start, size - 1  # the pairs (i, i + 1) for i in [start, last)
     while p < last:
         q = min(last, p + PAIRS)
-        assert _sz is not None
         _sz.translate(raw, _IS_CR, start=p, end=q, out=cr)
         _sz.translate(raw, _IS_LF, start=p + 1, end=q + 1, out=lf)
         if not _sz.equal(cr[:q - p], lf[:q - p]):
