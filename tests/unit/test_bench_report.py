@@ -42,3 +42,14 @@ def test_throughput_table_ratios_match_the_cpu_tables_runs() -> None:
 def test_a_row_with_a_baseline_missing_its_cpu_is_left_out() -> None:
     runs = [r for r in RUNS if r.system != "altermime"] + [run("altermime", 200, 0)]
     assert len(e2e.cpu_table(runs, ["10 KB reply"])) == 2
+
+
+def test_targets_list_the_msg_rate_ones_then_what_the_open_loop_and_big_messages_wrote() -> None:
+    lines = e2e.targets(RUNS, "plaintext")
+    assert "- ≥ 1.5 × Postfix plain relay: 1.12 × / 1.50 ×" in lines
+    assert "- relay CPU ≤ 1.5 ms per message: 1.00 ms / 1.50 ms" in lines
+    assert not any("latency and big messages" in x for x in lines)
+    more = e2e.targets(RUNS, "plaintext", ["p99 added ≤ 10 ms …: +2.6 ms / +42.1 ms"])
+    assert more[:len(lines)] == lines
+    assert more[len(lines):] == ["", "Targets (issue #14), plaintext, latency and big messages (1 worker unless it "
+                                 "says):", "", "- p99 added ≤ 10 ms …: +2.6 ms / +42.1 ms"]
