@@ -97,10 +97,13 @@ def _paired_counted(raw: Buffer, start: int, size: int) -> bool:
 _IS_CR = bytes(int(i == 13) for i in range(256))
 _IS_LF = bytes(int(i == 10) for i in range(256))
 PAIRS = 1 << 17  # octets mapped per translate: the two scratch buffers stay in the CPU's cache
+MAPPED_FROM = 1024  # below this, counting is quicker (about 1 against 2 µs: fewer calls)
 _scratch = threading.local()  # crlf_only runs on the event loop and in offload threads alike
 
 
 def _paired_mapped(raw: Buffer, start: int, size: int) -> bool:
+    if size - start < MAPPED_FROM:
+        return _paired_counted(raw, start, size)
     if raw[start] == 10 or raw[size - 1] == 13:
         return False
     got = getattr(_scratch, "views", None)
