@@ -128,10 +128,18 @@ def test_workers_share_the_supervisors_socket_and_no_connection_is_refused_betwe
         assert rc == 0, out
 
         def listening(pid: int) -> set[str]:
-            """The socket inodes ``pid`` has open (its listening socket among them)."""
+            """The socket inodes ``pid`` has open (its listening socket among them). A descriptor may
+            close between the listing and its readlink (a worker ending a connection): skipped."""
             fd_dir = Path(f"/proc/{pid}/fd")
-            return {os.readlink(fd_dir / f) for f in os.listdir(fd_dir)
-                    if os.readlink(fd_dir / f).startswith("socket:")}
+            found = set()
+            for f in os.listdir(fd_dir):
+                try:
+                    target = os.readlink(fd_dir / f)
+                except FileNotFoundError:
+                    continue
+                if target.startswith("socket:"):
+                    found.add(target)
+            return found
 
         shared = listening(sup.pid)
         assert shared, "the supervisor holds the listening socket"
