@@ -815,8 +815,8 @@ def open_loop(ports: dict[str, int], msg: Path, runs: list[Run], quick: bool,
     system's CPU per message during the run (a fixed rate costs more per message than flat out).
     Every run starts once the sink has had nothing for a second: Postfix answers once it has
     queued, so its 80 % run (and the 4 × 25 MB before) goes on delivering after the load
-    generator is done, and overlapped the next runs (the relay's 50 % one, and the direct sink's
-    baselines) on the same two cores. The p99 target's line goes to ``goals``."""
+    generator is done; without the wait, that load shared the two cores with the next runs (the
+    relay's 50 % one, and the direct sink's baselines). The p99 target's line goes to ``goals``."""
     out: list[str] = []
     seen: dict[tuple[str, float], tuple[float, float, float, float]] = {}  # p50, p99, added p50, added p99
     best = {r.system: r.rate for r in runs if r.message == "10 KB reply" and r.per_conn == 1}

@@ -106,7 +106,7 @@ class Wire:
                 return
 
 
-# A client that sends one message in plain text as fast as the kernel takes it (a test of its own process).
+# A client that sends one message in plain text as fast as the kernel takes it (run as a process of its own).
 _CLIENT = r"""
 import socket, sys
 with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30) as sk, sk.makefile("rb") as f:
