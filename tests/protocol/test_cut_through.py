@@ -172,19 +172,26 @@ async def wire() -> AsyncIterator[Wire]:
     await w.stop()
 
 
-@pytest.fixture
-async def cut_stack(tmp_path: Path, pki_dir: Path, wire: Wire, make_stack: object) -> Stack:
+async def start_cut_stack(tmp_path: Path, pki_dir: Path, wire: Wire, make_stack: object, *, after: int = AFTER,
+                          data_timeout: str = "20", delivery: str = "", listen: str = "") -> Stack:
+    """The relay delivering to ``wire`` in the plaintext loopback profile, cut-through after
+    ``after`` octets; ``delivery`` and ``listen``: more lines for those tables."""
     port = await wire.start()
     dep: Deployment = make_deployment(tmp_path / "cut", pki_from=pki_dir, contoso_endpoint=f"127.0.0.1:{port}",
                                       signature=True)
-    text = dep.config_path.read_text()
-    dep.config_path.write_text(text.replace(
+    text = dep.config_path.read_text().replace(
         "data_timeout = 20\n",
-        f"data_timeout = 20\nplaintext_loopback_benchmark = true\ncut_through_after = {AFTER}\n"))
+        f"data_timeout = {data_timeout}\nplaintext_loopback_benchmark = true\ncut_through_after = {after}\n{delivery}")
+    dep.config_path.write_text(text.replace("idle_timeout = 30\n", f"idle_timeout = 30\n{listen}"))
     st = await make_stack(cfg=dep.load())  # type: ignore[operator]
     assert isinstance(st, Stack)
     st.deployment = dep
     return st
+
+
+@pytest.fixture
+async def cut_stack(tmp_path: Path, pki_dir: Path, wire: Wire, make_stack: object) -> Stack:
+    return await start_cut_stack(tmp_path, pki_dir, wire, make_stack)
 
 
 async def at_data(st: Stack) -> Raw:
@@ -266,17 +273,11 @@ async def fast_client(tmp_path: Path, pki_dir: Path, wire: Wire, make_stack: obj
     kernel takes it, in a process of its own with a blocking socket: the kernel keeps the relay's
     socket full while the event loop works (a client on the test's loop, or a thread sharing its
     GIL, could only write when the loop let it). The relay's reply to the final dot, and the stack."""
-    port = await wire.start()
-    dep = make_deployment(tmp_path / "cut", pki_from=pki_dir, contoso_endpoint=f"127.0.0.1:{port}", signature=True)
-    text = dep.config_path.read_text().replace(
-        "data_timeout = 20\n", f"data_timeout = 20\nplaintext_loopback_benchmark = true\ncut_through_after = {FAST}\n")
-    dep.config_path.write_text(text.replace("[listen]\n", "[listen]\nrequire_starttls = false\n")
-                               .replace("idle_timeout = 30\n", f"idle_timeout = 30\n{extra}"))
-    st = await make_stack(cfg=dep.load())  # type: ignore[operator]
-    assert isinstance(st, Stack)
+    st = await start_cut_stack(tmp_path, pki_dir, wire, make_stack, after=FAST,
+                               listen=f"require_starttls = false\n{extra}")
     msg = tmp_path / "m.eml"
     msg.write_bytes(stuffed(raw) + b".\r\n")
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _CLIENT, str(dep.relay_port), str(msg),
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _CLIENT, str(st.deployment.relay_port), str(msg),
                                                 stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return out.decode(), st
@@ -382,14 +383,7 @@ async def test_a_client_that_goes_away_mid_data_delivers_nothing(cut_stack: Stac
 
 async def test_over_the_size_limit_is_refused_and_nothing_is_delivered(
         tmp_path: Path, pki_dir: Path, wire: Wire, make_stack: object) -> None:
-    port = await wire.start()
-    dep = make_deployment(tmp_path / "cut", pki_from=pki_dir, contoso_endpoint=f"127.0.0.1:{port}", signature=True)
-    text = dep.config_path.read_text()
-    text = text.replace("data_timeout = 20\n",
-                        f"data_timeout = 20\nplaintext_loopback_benchmark = true\ncut_through_after = {AFTER}\n")
-    dep.config_path.write_text(text.replace("idle_timeout = 30\n", "idle_timeout = 30\nmax_message_size = 400000\n"))
-    st = await make_stack(cfg=dep.load())  # type: ignore[operator]
-    st.deployment = dep
+    st = await start_cut_stack(tmp_path, pki_dir, wire, make_stack, listen="max_message_size = 400000\n")
     reply = await send(st, attachment_message(1024))
     assert reply.startswith("552"), reply
     assert not wire.messages
@@ -439,15 +433,8 @@ async def test_the_endpoints_answer_to_the_dot_is_the_clients(cut_stack: Stack, 
 
 async def test_queue_mode_opens_no_transaction_it_would_only_abandon(
         tmp_path: Path, pki_dir: Path, wire: Wire, make_stack: object, relay_log: pytest.LogCaptureFixture) -> None:
-    port = await wire.start()
-    dep = make_deployment(tmp_path / "cut", pki_from=pki_dir, contoso_endpoint=f"127.0.0.1:{port}", signature=True)
-    text = dep.config_path.read_text()
-    dep.config_path.write_text(text.replace(
-        "data_timeout = 20\n",
-        f"data_timeout = 20\nplaintext_loopback_benchmark = true\ncut_through_after = {AFTER}\nmode = \"queue\"\n"
-        f"spool_dir = \"{tmp_path / 'spool'}\"\nretry_min = 0.2\n"))
-    st = await make_stack(cfg=dep.load())  # type: ignore[operator]
-    st.deployment = dep
+    st = await start_cut_stack(tmp_path, pki_dir, wire, make_stack,
+                               delivery=f"mode = \"queue\"\nspool_dir = \"{tmp_path / 'spool'}\"\nretry_min = 0.2\n")
     raw = attachment_message(512)
     reply = await send(st, raw)
     assert reply.startswith("250") and "queued" in reply, reply
@@ -462,14 +449,7 @@ async def test_queue_mode_opens_no_transaction_it_would_only_abandon(
 
 async def test_an_endpoint_that_stops_reading_gets_no_dot_and_the_client_a_4xx(
         tmp_path: Path, pki_dir: Path, wire: Wire, make_stack: object) -> None:
-    port = await wire.start()
-    dep = make_deployment(tmp_path / "cut", pki_from=pki_dir, contoso_endpoint=f"127.0.0.1:{port}", signature=True)
-    text = dep.config_path.read_text()
-    dep.config_path.write_text(text.replace(
-        "data_timeout = 20\n",
-        f"data_timeout = 1.5\nplaintext_loopback_benchmark = true\ncut_through_after = {AFTER}\n"))
-    st = await make_stack(cfg=dep.load())  # type: ignore[operator]
-    st.deployment = dep
+    st = await start_cut_stack(tmp_path, pki_dir, wire, make_stack, data_timeout="1.5")
     wire.stall = True
     t0 = asyncio.get_running_loop().time()
     reply = await send(st, attachment_message(24 * 1024))  # more than the socket buffers hold
