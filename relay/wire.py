@@ -134,7 +134,7 @@ def crlf_only(raw: Buffer, start: int = 0, end: int | None = None) -> bool:
 
 class CrlfCheck:
     """:func:`crlf_only` of a buffer that grows at its end (the DATA reader's), a piece at a time
-    as the octets arrive, so each octet is counted once and the answer is there when the last
+    as the octets arrive, so each octet is looked at once and the answer is there when the last
     arrives (issue #14: ingress and the cut-through's writer each took 16 ms for it on a 25 MB
     message, after the fact). ``checked``: ``buf[:checked]`` holds no bare CR or LF, unless
     ``bare``. A check never ends just after a CR (it may be half of a CRLF split between two

@@ -208,11 +208,10 @@ class _CutStart:
     def arrived(self, buffered: int) -> None:
         """``buffered`` octets are in the reader's buffer (the DATA line's CRLF in front, and at
         most the final ``CRLF.CRLF``'s five after the content)."""
-        if self.cut is None and not self.paused and buffered - 7 >= self.after:
-            transport = self.smtp.transport
-            if transport is not None and not transport.is_closing():
-                cast(asyncio.ReadTransport, transport).pause_reading()
-                self.paused = True
+        transport = self.smtp.transport
+        if self.cut is None and not self.paused and buffered - 7 >= self.after and transport is not None:
+            _hold(cast(asyncio.ReadTransport, transport), True)
+            self.paused = True
 
     def _unpause(self) -> None:
         """The pause arrived() took ends here: resumed, unless the cut-through holds reading now."""
