@@ -876,10 +876,13 @@ def open_loop(ports: dict[str, int], msg: Path, runs: list[Run], quick: bool,
             def pct(xs: list[float], p: float) -> float:
                 return xs[min(len(xs) - 1, int(len(xs) * p))]
 
+            late = sorted(got["late"] + base["late"]) or [float("nan")]
             out.append(f"{system} at {share:.0%} of its maximum ({rate:.0f} msg/s, {len(lat)} messages): p50 "
                        f"{pct(lat, 0.5):.1f} ms, p99 {pct(lat, 0.99):.1f} ms; added over the direct sink at the "
                        f"same rate: p50 {pct(lat, 0.5) - pct(blat, 0.5):+.1f} ms, p99 "
-                       f"{pct(lat, 0.99) - pct(blat, 0.99):+.1f} ms{busy}{'' if got['failed'] == 0 else ' (failures)'}")
+                       f"{pct(lat, 0.99) - pct(blat, 0.99):+.1f} ms{busy}; the load generator started messages "
+                       f"{pct(late, 0.99):.1f} ms late at p99, {late[-1]:.1f} ms at most (both runs)"
+                       f"{'' if got['failed'] == 0 else ' (failures)'}")
             print("  " + out[-1], flush=True)
             seen[system, share] = (pct(lat, 0.5), pct(lat, 0.99), pct(lat, 0.5) - pct(blat, 0.5),
                                    pct(lat, 0.99) - pct(blat, 0.99))
@@ -1253,7 +1256,8 @@ def write_report(path: Path, runs: list[Run], checked: dict[str, str], extra: di
         lines += ["", "Open loop (benchmarks/loadgen.py at a fixed rate, one message per connection, 10 KB, "
                   "plaintext): latency from connect to the final reply, and what the system adds over the "
                   "direct sink at the same rate. Each run starts once the sink has had no message for a second "
-                  "(Postfix delivers its queue after its own run):", ""]
+                  "(Postfix delivers its queue after its own run); the generator makes each message's task at its "
+                  "start time and says how late it started them:", ""]
         lines += [f"- {x}" for x in latency]
     lines += targets(runs, "plaintext", goals)
     if tls_runs:
