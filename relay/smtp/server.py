@@ -292,12 +292,11 @@ class RelaySMTP(SMTP):
             # warning filters meanwhile; sessions are made on the running loop.
             with contextlib.suppress(RuntimeError):
                 kwargs["loop"] = asyncio.get_running_loop()
-        super().__init__(
-            handler, hostname=hostname, ident="ESMTP", timeout=idle_timeout,
-            enable_SMTPUTF8=True, decode_data=False,
-            # We relay for Exchange Online, which never authenticates: advertise no AUTH at all.
-            auth_exclude_mechanism=["LOGIN", "PLAIN"], **kwargs,
-        )
+        kw = dict(hostname=hostname, ident="ESMTP", timeout=idle_timeout, enable_SMTPUTF8=True, decode_data=False,
+                  # We relay for Exchange Online, which never authenticates: advertise no AUTH at all.
+                  auth_exclude_mechanism=("LOGIN", "PLAIN"), **kwargs)
+        if not discovery.init_session(self, handler, kw):  # aiosmtpd's constructor, its tables made once
+            super().__init__(handler, **kw)
         self._in_data = False
         self._data_t0 = 0.0
         self._data_bytes = 0
