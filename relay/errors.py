@@ -29,7 +29,9 @@ class Reply:
     def __str__(self) -> str:
         # Replies must be a single line of printable ASCII: anything else (e.g. a downstream
         # server's text we pass on) could inject a second reply line (RFC 5321 §4.2).
-        text = "".join(ch if 32 <= ord(ch) < 127 else " " for ch in self.text)
+        text = self.text
+        if not (text.isascii() and text.isprintable()):  # (for ASCII: exactly 32-126, no control)
+            text = "".join(ch if 32 <= ord(ch) < 127 else " " for ch in text)
         return f"{self.code} {self.enhanced} {text}".replace("  ", " ").strip()
 
     @property

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay import certs, config, replies
 from relay.delivery import dsn
@@ -58,6 +60,15 @@ def test_relay_errors_carry_their_reply() -> None:
 
 def test_reply_text_cannot_inject_a_second_line() -> None:
     assert "\r" not in str(Reply(550, "5.0.0", "bad\r\n250 OK")) and "\n" not in str(Reply(550, "5.0.0", "a\nb"))
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=300), max_size=40))
+def test_a_reply_is_one_line_of_printable_ascii_whatever_its_text(text: str) -> None:
+    line = str(Reply(250, "2.0.0", text))
+    assert all(32 <= ord(ch) < 127 for ch in line)
+    # every character outside printable ASCII became a space, nothing else changed
+    want = "".join(ch if 32 <= ord(ch) < 127 else " " for ch in text)
+    assert line == f"250 2.0.0 {want}".replace("  ", " ").strip()
 
 
 def test_certs_init_creates_keys_0600_refuses_overwrite_and_names(tmp_path: Path) -> None:
