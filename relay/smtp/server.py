@@ -307,6 +307,7 @@ class RelaySMTP(SMTP):
         self._corked: list[bytes] | None = None  # the lines of a multi-line reply, written at once
         self._held: list[bytes] = []  # replies to a pipelined group, written with the group's last
         self._cut_start: _CutStart | None = None  # while DATA content is read, with cut-through possible
+        self._session_watched = False  # _session_over is set on the session task (once, not again after STARTTLS)
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
@@ -320,9 +321,10 @@ class RelaySMTP(SMTP):
             else:
                 self._rejection = got
         super().connection_made(transport)
-        if self._handler_coroutine is not None:
+        if self._handler_coroutine is not None and not self._session_watched:
             # However the session task ends (QUIT, error, cancellation), the slot comes free.
-            self._handler_coroutine.add_done_callback(lambda _t: self._release())
+            self._session_watched = True
+            self._handler_coroutine.add_done_callback(self._session_over)
         # On an implicit-TLS listener the socket is TLS from the first byte; aiosmtpd only fills
         # session.ssl after STARTTLS, so record the TLS details the same way here.
         if self.session is not None and self.session.ssl is None:
@@ -334,6 +336,26 @@ class RelaySMTP(SMTP):
     def _release(self) -> None:
         if self._slot is not None:
             self._slot.release()
+
+    def _session_over(self, task: asyncio.Task[None]) -> None:
+        """The session task ended: its slot comes free, and the references that tie the session
+        to itself are cut, so reference counting frees it (and whatever message it still holds)
+        at once. Otherwise every session waited for the cyclic collector, which walked them all:
+        about 30 µs a message, in passes of up to a few ms (issue #14). The cycles come from
+        aiosmtpd's and asyncio's designs: the CancelledError the task keeps (QUIT and
+        connection_lost end the session by cancelling its task), whose traceback holds the
+        session's frames; the StreamWriter, whose protocol is the session; the bound methods of
+        the command table; the client-connected callback. None of them is used once the task is
+        over (``tests/protocol/test_session_lifetime.py``)."""
+        self._release()
+        if task.cancelled():
+            # Taking the result hands over the kept CancelledError and clears it from the task
+            # (asyncio.Future._make_cancelled_error); nothing else asks for it.
+            with contextlib.suppress(asyncio.CancelledError):
+                task.result()
+        self._smtp_methods = {}
+        self._writer = None  # type: ignore[assignment]
+        self._client_connected_cb = None
 
     def connection_lost(self, error: Exception | None) -> None:
         self._release()
