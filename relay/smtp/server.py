@@ -307,7 +307,6 @@ class RelaySMTP(SMTP):
         self._corked: list[bytes] | None = None  # the lines of a multi-line reply, written at once
         self._held: list[bytes] = []  # replies to a pipelined group, written with the group's last
         self._cut_start: _CutStart | None = None  # while DATA content is read, with cut-through possible
-        self._session_watched = False  # _session_over is set on the session task (once, not again after STARTTLS)
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
@@ -321,9 +320,8 @@ class RelaySMTP(SMTP):
             else:
                 self._rejection = got
         super().connection_made(transport)
-        if self._handler_coroutine is not None and not self._session_watched:
+        if self._handler_coroutine is not None and self._original_transport is None:  # (not again after STARTTLS)
             # However the session task ends (QUIT, error, cancellation), the slot comes free.
-            self._session_watched = True
             self._handler_coroutine.add_done_callback(self._session_over)
         # On an implicit-TLS listener the socket is TLS from the first byte; aiosmtpd only fills
         # session.ssl after STARTTLS, so record the TLS details the same way here.
