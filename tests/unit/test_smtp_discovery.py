@@ -11,7 +11,7 @@ import inspect
 import ssl
 import types
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -19,6 +19,16 @@ from aiosmtpd.smtp import SMTP
 
 from relay.smtp import discovery
 from relay.smtp.server import Guard, RelaySMTP
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A loop for sessions to be made on (they are never connected)."""
+    lp = asyncio.new_event_loop()
+    try:
+        yield lp
+    finally:
+        lp.close()
 
 
 class Handler:
@@ -32,33 +42,29 @@ class Handler:
         return None
 
 
-def test_same_tables_as_aiosmtpds_own_discovery() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        for cls in (RelaySMTP, SMTP):
-            h = Handler()
+def test_same_tables_as_aiosmtpds_own_discovery(loop: asyncio.AbstractEventLoop) -> None:
+    for cls in (RelaySMTP, SMTP):
+        h = Handler()
 
-            def make(cls: type[SMTP] = cls, h: Handler = h) -> SMTP:
-                if cls is RelaySMTP:
-                    return RelaySMTP(h, hostname="x", loop=loop, idle_timeout=30)
-                return SMTP(h, hostname="x", loop=loop)
+        def make(cls: type[SMTP] = cls, h: Handler = h) -> SMTP:
+            if cls is RelaySMTP:
+                return RelaySMTP(h, hostname="x", loop=loop, idle_timeout=30)
+            return SMTP(h, hostname="x", loop=loop)
 
-            a, b = make(), make()
-            # what aiosmtpd's __init__ would find with the real dir() and inspect.getmembers()
-            want_smtp = {m[5:] for m in builtins.dir(a) if m.startswith("smtp_")}
-            want_hooks = {m[7:] for m in builtins.dir(h) if m.startswith("handle_")}
-            want_auth = {getattr(f, "__auth_mechanism_name__", m.replace("auth_", "").replace("__", "-"))
-                         for o in (a, h) for m, f in inspect.getmembers(o) if m.startswith("auth_")}
-            excluded = {"LOGIN", "PLAIN"} if cls is RelaySMTP else set()
-            assert set(a._smtp_methods) == want_smtp and "DATA" in want_smtp
-            assert set(a._handle_hooks) == want_hooks == {"DATA", "EHLO"}
-            assert set(a._auth_methods) == want_auth - excluded and "CUSTOM" in want_auth
-            assert a._ehlo_hook_ver == "new"
-            # bound to each session, not to the first one the cache saw
-            assert a._smtp_methods["DATA"].__self__ is a and b._smtp_methods["DATA"].__self__ is b
-            assert a._handle_hooks["DATA"].__self__ is h
-    finally:
-        loop.close()
+        a, b = make(), make()
+        # what aiosmtpd's __init__ would find with the real dir() and inspect.getmembers()
+        want_smtp = {m[5:] for m in builtins.dir(a) if m.startswith("smtp_")}
+        want_hooks = {m[7:] for m in builtins.dir(h) if m.startswith("handle_")}
+        want_auth = {getattr(f, "__auth_mechanism_name__", m.replace("auth_", "").replace("__", "-"))
+                     for o in (a, h) for m, f in inspect.getmembers(o) if m.startswith("auth_")}
+        excluded = {"LOGIN", "PLAIN"} if cls is RelaySMTP else set()
+        assert set(a._smtp_methods) == want_smtp and "DATA" in want_smtp
+        assert set(a._handle_hooks) == want_hooks == {"DATA", "EHLO"}
+        assert set(a._auth_methods) == want_auth - excluded and "CUSTOM" in want_auth
+        assert a._ehlo_hook_ver == "new"
+        # bound to each session, not to the first one the cache saw
+        assert a._smtp_methods["DATA"].__self__ is a and b._smtp_methods["DATA"].__self__ is b
+        assert a._handle_hooks["DATA"].__self__ is h
 
 
 class PlainHandler:
@@ -95,58 +101,46 @@ def _attributes(smtp: Any, handler: Any) -> dict[str, Any]:
 
 
 def test_a_session_made_once_per_class_has_every_attribute_aiosmtpds_constructor_gives_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    loop = asyncio.new_event_loop()
+        monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop) -> None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        for tls, limit in ((ctx, 1000), (None, None)):
-            h = PlainHandler()
+    for tls, limit in ((ctx, 1000), (None, None)):
+        h = PlainHandler()
 
-            guard = Guard()
-            guard.max_line_length = 4096  # the DATA reader's StreamReader limit comes from it
+        guard = Guard()
+        guard.max_line_length = 4096  # the DATA reader's StreamReader limit comes from it
 
-            def make(h: PlainHandler = h, tls: ssl.SSLContext | None = tls, limit: int | None = limit,
-                     guard: Guard = guard) -> RelaySMTP:
-                return RelaySMTP(h, hostname="relay.test", loop=loop, idle_timeout=30, data_size_limit=limit,
-                                 tls_context=tls, require_starttls=tls is not None, guard=guard)
+        def make(h: PlainHandler = h, tls: ssl.SSLContext | None = tls, limit: int | None = limit,
+                 guard: Guard = guard) -> RelaySMTP:
+            return RelaySMTP(h, hostname="relay.test", loop=loop, idle_timeout=30, data_size_limit=limit,
+                             tls_context=tls, require_starttls=tls is not None, guard=guard)
 
-            fast = make()
-            assert isinstance(fast._smtp_methods, discovery.Commands)  # this path, not aiosmtpd's
-            with monkeypatch.context() as m:
-                m.setattr(discovery, "MIRRORS", "another aiosmtpd")
-                own = make()
-            assert isinstance(own._smtp_methods, dict)  # aiosmtpd's own constructor
-            got, want = _attributes(fast, h), _attributes(own, h)
-            assert got.keys() == want.keys()
-            for k in want:
-                assert got[k] == want[k], k
-            assert fast._smtp_methods["DATA"].__self__ is fast
-            assert fast._handle_hooks["DATA"].__self__ is h and fast._ehlo_hook_ver == "new"
-    finally:
-        loop.close()
+        fast = make()
+        assert isinstance(fast._smtp_methods, discovery.Commands)  # this path, not aiosmtpd's
+        with monkeypatch.context() as m:
+            m.setattr(discovery, "MIRRORS", "another aiosmtpd")
+            own = make()
+        assert isinstance(own._smtp_methods, dict)  # aiosmtpd's own constructor
+        got, want = _attributes(fast, h), _attributes(own, h)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == want[k], k
+        assert fast._smtp_methods["DATA"].__self__ is fast
+        assert fast._handle_hooks["DATA"].__self__ is h and fast._ehlo_hook_ver == "new"
 
 
-def test_the_lazy_command_table_answers_as_aiosmtpds_dict() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        s = RelaySMTP(PlainHandler(), hostname="relay.test", loop=loop, idle_timeout=30)
-        table = s._smtp_methods
-        assert isinstance(table, discovery.Commands)
-        want = {m[5:] for m in builtins.dir(s) if m.startswith("smtp_")}
-        assert set(table) == want and len(table) == len(want)
-        assert table.get("NOSUCH") is None and table.get("NOSUCH", 1) == 1 and "NOSUCH" not in table
-        assert table.get("DATA") is table["DATA"] and table["DATA"] == s.smtp_DATA
-        assert {k: f.__func__ for k, f in table.items()} == {k: getattr(type(s), "smtp_" + k) for k in want}
-        with pytest.raises(KeyError):
-            table["NOSUCH"]
-    finally:
-        loop.close()
+def test_the_lazy_command_table_answers_as_aiosmtpds_dict(loop: asyncio.AbstractEventLoop) -> None:
+    s = RelaySMTP(PlainHandler(), hostname="relay.test", loop=loop, idle_timeout=30)
+    table = s._smtp_methods
+    assert isinstance(table, discovery.Commands)
+    want = {m[5:] for m in builtins.dir(s) if m.startswith("smtp_")}
+    assert set(table) == want and len(table) == len(want)
+    assert table.get("NOSUCH") is None and table.get("NOSUCH", 1) == 1 and "NOSUCH" not in table
+    assert table.get("DATA") is table["DATA"] and table["DATA"] == s.smtp_DATA
+    assert {k: f.__func__ for k, f in table.items()} == {k: getattr(type(s), "smtp_" + k) for k in want}
+    with pytest.raises(KeyError):
+        table["NOSUCH"]
 
 
-def test_a_handler_with_auth_mechanisms_gets_aiosmtpds_own_constructor() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        s = RelaySMTP(Handler(), hostname="relay.test", loop=loop, idle_timeout=30)
-        assert isinstance(s._smtp_methods, dict) and "CUSTOM" in s._auth_methods
-    finally:
-        loop.close()
+def test_a_handler_with_auth_mechanisms_gets_aiosmtpds_own_constructor(loop: asyncio.AbstractEventLoop) -> None:
+    s = RelaySMTP(Handler(), hostname="relay.test", loop=loop, idle_timeout=30)
+    assert isinstance(s._smtp_methods, dict) and "CUSTOM" in s._auth_methods
